@@ -1,0 +1,1 @@
+"""bpfexec Python client library and the `bpfexec` command line."""

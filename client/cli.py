@@ -1,0 +1,307 @@
+"""The `bpfexec` command line.
+
+Subcommands: `run` (locally, or on a server with `--server`), `disasm`, `asm`,
+`conformance-plugin`, and the server-side ones registered by
+`client.cli_remote` (`serve`, `health`).
+
+Exit status: 0 on success, 3 when the program trapped (the result is still
+printed), 2 on bad input or usage, with one line on stderr and no traceback.
+Imports are deferred to the subcommand that needs them: `conformance-plugin`
+is started once per test by conformance runners and must stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_OK = 0
+EXIT_TRAP = 3
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class UsageError(Exception):
+    """Bad input or usage: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def parse_int(text: str) -> int:
+    """A register value: decimal, 0x hex, 0o, 0b; negative means two's complement."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise UsageError(f"not an integer: {text!r}") from None
+    if not -(1 << 63) <= value < 1 << 64:
+        raise UsageError(f"{text} does not fit in 64 bits")
+    return value & ((1 << 64) - 1)
+
+
+def parse_arg(text: str) -> int | bytes:
+    """`--arg`: an integer for the next register, or `hex:BYTES` / `file:PATH` for a buffer."""
+    if text.startswith("hex:"):
+        digits = "".join(text[4:].split())
+        try:
+            return bytes.fromhex(digits)
+        except ValueError:
+            raise UsageError(f"--arg {text!r}: not hex bytes") from None
+    if text.startswith("file:"):
+        return _read_file(text[5:])
+    return parse_int(text)
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _load(path: str) -> Any:
+    from vm.loader import load
+
+    return load(_read_file(path), name=Path(path).name)
+
+
+def _registry(specs: Sequence[str]) -> Any:
+    from vm.helpers import HelperRegistry, import_registry
+
+    registry = HelperRegistry()
+    for spec in specs:
+        try:
+            registry.update(import_registry(spec))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return registry
+
+
+def print_result(result: dict[str, Any], as_json: bool) -> int:
+    """Print a result (the dict form shared by local and remote runs); return the exit status."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        value = result["return_value"]
+        print(f"return_value: {value} ({value:#x})")
+        print(f"fuel_used: {result['fuel_used']}")
+        for line in result["log"]:
+            print(f"log: {line}")
+        for n, buf in enumerate(result["buffers"]):
+            print(f"buffer {n}: {buf}")
+        if result["trap"]:
+            trap = result["trap"]
+            where = f"pc {trap['pc']} ({trap['instruction']})"
+            if trap.get("function"):
+                where += f" in {trap['function']}"
+            if trap.get("location"):
+                where += f", {trap['location']}"
+            print(f"trap: {trap['kind']} at {where}: {trap['message']}")
+    return EXIT_TRAP if result["trap"] else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    run_args = [parse_arg(text) for text in args.arg]
+    if args.server:
+        from client.cli_remote import run_remote
+
+        code = _read_file(args.file)
+        result = run_remote(
+            code,
+            Path(args.file).name,
+            args.server,
+            args.function,
+            run_args,
+            args.fuel,
+            remote_helpers=args.remote_helpers,
+        )
+        return print_result(result, args.json)
+    from vm.machine import execute
+
+    program = _load(args.file)
+    trace = (lambda line: print(line, file=sys.stderr)) if args.trace else None
+    result = execute(
+        program,
+        args.function,
+        run_args,
+        fuel=args.fuel,
+        helpers=_standard_helpers(args.helpers),
+        engine=args.engine,
+        trace=trace,
+    )
+    return print_result(result.to_dict(), args.json)
+
+
+def _standard_helpers(specs: Sequence[str]) -> Any:
+    """The user's helpers first, then the built-in standard set (if installed)."""
+    from vm.helpers import HelperChain
+
+    user = _registry(specs)
+    try:
+        from vm.builtin_helpers import standard_helpers
+    except ImportError:
+        return user
+    return HelperChain(user, standard_helpers())
+
+
+def cmd_disasm(args: argparse.Namespace) -> int:
+    from vm.disassembler import disassemble
+
+    print(disassemble(_load(args.file)), end="")
+    return EXIT_OK
+
+
+def cmd_asm(args: argparse.Namespace) -> int:
+    from vm.assembler import assemble
+
+    from vm.isa import encode
+
+    source = _read_file(args.file)
+    try:
+        text = source.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{args.file}: not UTF-8 text") from None
+    assembled = assemble(text, name=Path(args.file).name)
+    if assembled.helper_calls and any(ref.name for ref in assembled.helper_calls.values()):
+        names = sorted({ref.name for ref in assembled.helper_calls.values() if ref.name})
+        raise UsageError(
+            f"{args.file}: raw bytecode cannot name helpers ({', '.join(names)}); "
+            "call them by number"
+        )
+    out = args.output or str(Path(args.file).with_suffix(".bin"))
+    try:
+        Path(out).write_bytes(encode(assembled.instructions))
+    except OSError as exc:
+        raise UsageError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return EXIT_OK
+
+
+def cmd_conformance_plugin(args: argparse.Namespace) -> int:
+    """The plugin protocol of the shared BPF conformance runner.
+
+    The program arrives hex-encoded on stdin; the optional argument is the
+    initial memory in hex: r1 = its address, r2 = its length. Helper 5 returns
+    its first argument. r0 is printed in hex.
+    """
+    from vm.loader import load
+
+    from vm.helpers import HelperRegistry
+    from vm.machine import execute
+
+    text = "".join(sys.stdin.read().split())
+    try:
+        code = bytes.fromhex(text)
+        memory = bytes.fromhex("".join(args.memory.split())) if args.memory else b""
+    except ValueError:
+        raise UsageError("program and memory must be hex") from None
+    helpers = HelperRegistry()
+    helpers.register(lambda ctx, a, b, c, d, e: a, id=5, name="conformance_identity")
+    is_elf = code[:4] == b"\x7fELF"
+    if is_elf != args.elf:
+        raise UsageError("an ELF object needs --elf" if is_elf else "--elf given, but no ELF")
+    program = load(code, name="<stdin>")
+    result = execute(program, None, [memory, len(memory)], helpers=helpers, engine=args.engine)
+    if result.trap:
+        print(str(result.trap), file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{result.return_value:x}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bpfexec", description="Run eBPF programs, locally or on a server.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a function of an eBPF object, assembly or bytecode")
+    run.add_argument("file", help="ELF object, assembly text or raw bytecode")
+    run.add_argument("--function", help="function to run (default: the first exported one)")
+    run.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="V",
+        help="next argument register: an integer, or hex:BYTES / file:PATH for a buffer",
+    )
+    run.add_argument("--fuel", type=parse_int, help="fuel budget (instructions)")
+    run.add_argument("--engine", default="interpreter", choices=["interpreter", "jit"])
+    run.add_argument(
+        "--helpers",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR",
+        help="import a HelperRegistry (repeatable)",
+    )
+    run.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    run.add_argument("--trace", action="store_true", help="trace every instruction on stderr")
+    run.add_argument("--server", metavar="HOST:PORT", help="run on a bpfexec server")
+    run.add_argument(
+        "--remote-helpers",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR",
+        help="with --server: answer these helpers from this process (repeatable)",
+    )
+    run.set_defaults(handler=cmd_run)
+
+    disasm = sub.add_parser("disasm", help="print the disassembly of a program")
+    disasm.add_argument("file")
+    disasm.set_defaults(handler=cmd_disasm)
+
+    asm = sub.add_parser("asm", help="assemble text into raw bytecode")
+    asm.add_argument("file")
+    asm.add_argument("-o", "--output", help="output file (default: FILE with .bin)")
+    asm.set_defaults(handler=cmd_asm)
+
+    _add_plugin_parser(sub)
+
+    try:
+        from client.cli_remote import add_health_parser, add_serve_parser
+    except ImportError:
+        pass
+    else:
+        add_serve_parser(sub)
+        add_health_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # conformance-plugin: parse and run without building the server parsers.
+    parser = build_parser() if argv[:1] != ["conformance-plugin"] else _plugin_parser()
+    args = parser.parse_args(argv)
+    from vm.errors import VmError
+
+    try:
+        return int(args.handler(args))
+    except (UsageError, VmError) as exc:
+        print(f"bpfexec {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED if args.command == "conformance-plugin" else EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _plugin_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bpfexec")
+    _add_plugin_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    return parser
+
+
+def _add_plugin_parser(sub: Any) -> None:
+    plugin = sub.add_parser(
+        "conformance-plugin", help="plugin for the BPF conformance runner (program hex on stdin)"
+    )
+    plugin.add_argument("memory", nargs="?", default="", help="initial memory, hex")
+    plugin.add_argument("--engine", default="interpreter", choices=["interpreter", "jit"])
+    plugin.add_argument("--elf", action="store_true", help="stdin holds an ELF object")
+    plugin.set_defaults(handler=cmd_conformance_plugin)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""bpfexec gRPC service: module cache, execution scheduling, helpers, metrics."""

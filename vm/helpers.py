@@ -1,0 +1,183 @@
+"""Helpers: host functions a program calls, and the registry that names them.
+
+A helper is `fn(ctx, r1, r2, r3, r4, r5) -> int`. `ctx` is a `HelperContext`:
+bounds-checked access to the calling program's memory, the execution's log,
+and its interruption state. The result is taken modulo 2**64.
+
+    reg = HelperRegistry()
+
+    @reg.helper(id=42, name="mul")
+    def mul(ctx, a, b, c, d, e):
+        return a * b
+
+This module does not run programs; engines call helpers through `Helper.fn`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from vm.errors import Trap, TrapKind
+from vm.memory import Memory
+from vm.program import HelperRef
+
+HelperFn = Callable[..., int]
+
+
+@dataclass(frozen=True)
+class Helper:
+    fn: HelperFn
+    number: int | None = None
+    name: str | None = None
+    cost: int = 0  # extra fuel charged per call, on top of the call instruction
+
+    @property
+    def ref(self) -> HelperRef:
+        return HelperRef(self.number, self.name)
+
+    def __str__(self) -> str:
+        return str(self.ref)
+
+
+class HelperResolver(Protocol):
+    """Anything that maps a call site's reference to a helper."""
+
+    def resolve(self, ref: HelperRef) -> Helper | None: ...
+
+
+class HelperRegistry:
+    """Helpers keyed by number and by name."""
+
+    def __init__(self) -> None:
+        self._by_number: dict[int, Helper] = {}
+        self._by_name: dict[str, Helper] = {}
+        self._all: list[Helper] = []
+
+    def helper(
+        self, id: int | None = None, name: str | None = None, cost: int = 0
+    ) -> Callable[[HelperFn], HelperFn]:
+        """Decorator: register fn under number `id` and/or `name` (default: its __name__)."""
+
+        def register(fn: HelperFn) -> HelperFn:
+            self.register(fn, id=id, name=name, cost=cost)
+            return fn
+
+        return register
+
+    def register(
+        self, fn: HelperFn, id: int | None = None, name: str | None = None, cost: int = 0
+    ) -> Helper:
+        if name is None:
+            name = getattr(fn, "__name__", None)
+        if id is not None and not 0 <= id < 1 << 32:
+            raise ValueError(f"helper number {id} is outside 0..2**32-1")
+        if cost < 0:
+            raise ValueError(f"helper cost {cost} is negative")
+        if id is not None and id in self._by_number:
+            raise ValueError(f"helper number {id} is already registered ({self._by_number[id]})")
+        if name is not None and name in self._by_name:
+            raise ValueError(f"helper name {name!r} is already registered")
+        entry = Helper(fn, id, name, cost)
+        if id is not None:
+            self._by_number[id] = entry
+        if name is not None:
+            self._by_name[name] = entry
+        self._all.append(entry)
+        return entry
+
+    def update(self, other: HelperRegistry) -> None:
+        """Add every helper of `other` (a clash is an error)."""
+        for entry in other:
+            self.register(entry.fn, entry.number, entry.name, entry.cost)
+
+    def resolve(self, ref: HelperRef) -> Helper | None:
+        if ref.name is not None and ref.name in self._by_name:
+            return self._by_name[ref.name]
+        if ref.number is not None:
+            return self._by_number.get(ref.number)
+        return None
+
+    def __iter__(self) -> Iterator[Helper]:
+        return iter(self._all)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __contains__(self, ref: object) -> bool:
+        return isinstance(ref, HelperRef) and self.resolve(ref) is not None
+
+
+class HelperChain:
+    """Resolvers tried in order: the first that knows a helper answers it."""
+
+    def __init__(self, *resolvers: HelperResolver) -> None:
+        self.resolvers = resolvers
+
+    def resolve(self, ref: HelperRef) -> Helper | None:
+        for resolver in self.resolvers:
+            found = resolver.resolve(ref)
+            if found is not None:
+                return found
+        return None
+
+
+class HelperContext:
+    """What a helper may touch of the running program: its memory and its log."""
+
+    __slots__ = ("_limits_bytes", "_limits_lines", "_log", "_log_bytes", "_memory", "helper")
+
+    def __init__(self, memory: Memory, log: list[str], max_lines: int, max_bytes: int) -> None:
+        self._memory = memory
+        self._log = log
+        self._limits_lines = max_lines
+        self._limits_bytes = max_bytes
+        self._log_bytes = 0
+        self.helper: Helper | None = None  # the helper being called, for messages
+
+    def read(self, addr: int, size: int) -> bytes:
+        """`size` bytes of VM memory at virtual address `addr`; a bad range traps."""
+        if size < 0:
+            raise Trap(TrapKind.MEMORY_FAULT, f"read of negative size {size}")
+        return self._memory.read(addr, size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Store `data` at virtual address `addr`; a bad or read-only range traps."""
+        self._memory.write(addr, bytes(data))
+
+    def read_cstring(self, addr: int, max_len: int = 4096) -> bytes:
+        """The NUL-terminated string at `addr` (without the NUL), at most max_len bytes."""
+        return self._memory.read_cstring(addr, max_len)
+
+    def log(self, text: str) -> None:
+        """Append a line to the execution's log (dropped past the log limits)."""
+        if len(self._log) >= self._limits_lines:
+            return
+        size = len(text.encode("utf-8", "replace"))
+        if self._log_bytes + size > self._limits_bytes:
+            return
+        self._log_bytes += size
+        self._log.append(text)
+
+
+def import_registry(spec: str) -> HelperRegistry:
+    """The HelperRegistry named by `MODULE:ATTR` (e.g. `myhelpers:registry`)."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"helpers {spec!r}: expected MODULE:ATTR")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code
+        raise ValueError(f"helpers {spec!r}: cannot import {module_name}: {exc}") from exc
+    try:
+        registry = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"helpers {spec!r}: {module_name} has no attribute {attr!r}") from None
+    if not isinstance(registry, HelperRegistry):
+        raise ValueError(
+            f"helpers {spec!r}: expected a HelperRegistry, got {type(registry).__name__}"
+        )
+    return registry

@@ -1,0 +1,283 @@
+"""Running a program: the state of one execution, and `execute()`.
+
+`execute()` is the one entry point every caller uses (CLI, server, tests). It
+links the program's helper call sites, builds fresh memory and registers, hands
+the `Machine` to an engine and packs what happened into a `Result`. Engines
+(`vm.interpreter`, `vm.jit`) only run a prepared Machine; they never set one up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vm.errors import HelperSite, LimitError, LinkError, RequestError, Trap, TrapKind
+from vm.helpers import Helper, HelperContext, HelperResolver
+from vm.isa import FRAME_POINTER, MASK64, NUM_REGISTERS
+from vm.limits import Limits
+from vm.memory import STACK_BASE, Memory, buffer_base
+from vm.program import Program
+
+Argument = int | bytes | bytearray
+TraceFn = Callable[[str], None]
+
+
+class Interrupt:
+    """A request, from any thread, that a running execution stop.
+
+    Engines poll `reason` at least on every backward jump and every call; the
+    JIT additionally mirrors it into native memory through `listeners`.
+    """
+
+    __slots__ = ("_lock", "listeners", "reason")
+
+    def __init__(self) -> None:
+        self.reason: TrapKind | None = None
+        self.listeners: list[Callable[[TrapKind], None]] = []
+        self._lock = threading.Lock()
+
+    def request(self, reason: TrapKind = TrapKind.CANCELLED) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+            listeners = list(self.listeners)
+        for listener in listeners:
+            listener(reason)
+
+    def after(
+        self, seconds: float, reason: TrapKind = TrapKind.DEADLINE_EXCEEDED
+    ) -> threading.Timer:
+        """Request an interrupt after `seconds`; cancel the returned timer when done."""
+        timer = threading.Timer(seconds, self.request, (reason,))
+        timer.daemon = True
+        timer.start()
+        return timer
+
+
+@dataclass(frozen=True)
+class Result:
+    return_value: int
+    fuel_used: int
+    trap: Trap | None = None
+    log: tuple[str, ...] = ()
+    buffers: tuple[bytes, ...] = ()
+    duration_ns: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "return_value": self.return_value,
+            "fuel_used": self.fuel_used,
+            "trap": self.trap.to_dict() if self.trap else None,
+            "log": list(self.log),
+            "buffers": [buf.hex() for buf in self.buffers],
+            "duration_ns": self.duration_ns,
+        }
+
+
+@dataclass
+class Machine:
+    """Everything one execution touches. Created by `prepare()`, run by an engine."""
+
+    program: Program
+    entry: int  # pc of the function to run
+    memory: Memory
+    registers: list[int]
+    fuel: int  # what is left of the budget
+    budget: int
+    helpers: dict[int, Helper]  # pc of each helper call site -> its helper
+    resolver: HelperResolver | None  # for `callx`, resolved at run time
+    context: HelperContext
+    limits: Limits
+    interrupt: Interrupt
+    log: list[str] = field(default_factory=list)
+    buffer_count: int = 0
+    helper_calls: int = 0
+    trace: TraceFn | None = None
+
+    def call_helper(self, helper: Helper, pc: int) -> None:
+        """Call `helper` with r1..r5, leave the result in r0; any failure is a trap."""
+        regs = self.registers
+        self.helper_calls += 1
+        if self.helper_calls > self.limits.max_helper_calls:
+            raise Trap(
+                TrapKind.HELPER_ERROR,
+                f"more than {self.limits.max_helper_calls} helper calls in one execution",
+            )
+        if helper.cost:
+            if helper.cost > self.fuel:
+                raise Trap(
+                    TrapKind.OUT_OF_FUEL,
+                    f"helper {helper} costs {helper.cost} fuel, {self.fuel} left",
+                )
+            self.fuel -= helper.cost
+        self.context.helper = helper
+        try:
+            value = helper.fn(self.context, regs[1], regs[2], regs[3], regs[4], regs[5])
+        except Trap:
+            raise
+        except Exception as exc:  # a helper's own failure ends the run, never the host
+            raise Trap(TrapKind.HELPER_ERROR, f"helper {helper} failed: {_describe(exc)}") from exc
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Trap(
+                TrapKind.HELPER_ERROR,
+                f"helper {helper} returned {type(value).__name__}, expected int",
+            )
+        regs[0] = value & MASK64
+        # r1-r5 are clobbered by a call, as the calling convention allows.
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class Engine(Protocol):
+    name: str
+
+    def run(self, machine: Machine) -> int:
+        """Run until the entry function exits; return r0 or raise Trap."""
+        ...
+
+
+def link(program: Program, resolver: HelperResolver | None) -> dict[int, Helper]:
+    """Resolve every helper call site before the run, naming all that are missing."""
+    bound: dict[int, Helper] = {}
+    missing: dict[str, list[HelperSite]] = {}
+    for pc, ref in program.helper_calls.items():
+        helper = resolver.resolve(ref) if resolver is not None else None
+        if helper is None:
+            fn = program.function_at(pc)
+            site = HelperSite(pc, fn.name if fn else "?", program.location(pc))
+            missing.setdefault(str(ref), []).append(site)
+        else:
+            bound[pc] = helper
+    if missing:
+        raise LinkError(missing)
+    return bound
+
+
+def prepare(
+    program: Program,
+    function: str | None = None,
+    args: Sequence[Argument] = (),
+    *,
+    fuel: int | None = None,
+    helpers: HelperResolver | None = None,
+    limits: Limits | None = None,
+    interrupt: Interrupt | None = None,
+    trace: TraceFn | None = None,
+) -> Machine:
+    """Check the request and build a fresh Machine for it."""
+    limits = limits or Limits()
+    fn = program.function(function)
+    if len(args) > 5:
+        raise RequestError(f"at most 5 arguments (r1..r5), got {len(args)}")
+    budget = limits.fuel(fuel)
+    registers = [0] * NUM_REGISTERS
+    buffers: list[bytearray] = []
+    for i, arg in enumerate(args, start=1):
+        if isinstance(arg, (bytes, bytearray)):
+            if len(buffers) >= limits.max_buffers:
+                raise LimitError(f"at most {limits.max_buffers} argument buffers")
+            if len(arg) > limits.max_buffer_bytes:
+                raise LimitError(
+                    f"argument {i}: buffer of {len(arg)} bytes exceeds the maximum of "
+                    f"{limits.max_buffer_bytes}"
+                )
+            registers[i] = buffer_base(len(buffers))
+            buffers.append(bytearray(arg))
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            if not -(1 << 63) <= arg < 1 << 64:
+                raise RequestError(f"argument {i}: {arg} does not fit in 64 bits")
+            registers[i] = arg & MASK64
+        else:
+            raise RequestError(f"argument {i}: expected int or bytes, got {type(arg).__name__}")
+    bound = link(program, helpers)
+    memory = Memory(program.rodata, limits.stack_size, program.data, buffers)
+    registers[FRAME_POINTER] = STACK_BASE + limits.stack_size
+    log: list[str] = []
+    return Machine(
+        program=program,
+        entry=fn.pc,
+        memory=memory,
+        registers=registers,
+        fuel=budget,
+        budget=budget,
+        helpers=bound,
+        resolver=helpers,
+        context=HelperContext(memory, log, limits.max_log_lines, limits.max_log_bytes),
+        limits=limits,
+        interrupt=interrupt or Interrupt(),
+        log=log,
+        buffer_count=len(buffers),
+        trace=trace,
+    )
+
+
+def get_engine(name: str) -> Engine:
+    if name == "interpreter":
+        from vm.interpreter import Interpreter
+
+        return Interpreter()
+    if name == "jit":
+        from vm.jit import Jit  # type: ignore[import-not-found]
+
+        return Jit()  # type: ignore[no-any-return]
+    raise RequestError(f"unknown engine {name!r} (available: interpreter, jit)")
+
+
+def run(machine: Machine, engine: Engine) -> Result:
+    """Run a prepared machine; traps become part of the Result."""
+    start = time.perf_counter_ns()
+    trap: Trap | None = None
+    value = 0
+    try:
+        value = engine.run(machine)
+    except Trap as caught:
+        trap = caught
+    duration = time.perf_counter_ns() - start
+    return Result(
+        return_value=value & MASK64,
+        fuel_used=machine.budget - machine.fuel,
+        trap=trap,
+        log=tuple(machine.log),
+        buffers=tuple(
+            bytes(machine.memory.regions[buffer_base(n) >> 32] or b"")
+            for n in range(machine.buffer_count)
+        ),
+        duration_ns=duration,
+    )
+
+
+def execute(
+    program: Program,
+    function: str | None = None,
+    args: Sequence[Argument] = (),
+    *,
+    fuel: int | None = None,
+    helpers: HelperResolver | None = None,
+    limits: Limits | None = None,
+    engine: str | Engine = "interpreter",
+    interrupt: Interrupt | None = None,
+    trace: TraceFn | None = None,
+) -> Result:
+    """Run `function` of `program` with `args` (ints in r1..r5, bytes as buffers).
+
+    Request problems raise (`RequestError`, `LimitError`, `LinkError`); what the
+    program does, traps included, is the Result.
+    """
+    machine = prepare(
+        program,
+        function,
+        args,
+        fuel=fuel,
+        helpers=helpers,
+        limits=limits,
+        interrupt=interrupt,
+        trace=trace,
+    )
+    return run(machine, get_engine(engine) if isinstance(engine, str) else engine)
