@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,7 +161,6 @@ def cmd_disasm(args: argparse.Namespace) -> int:
 
 def cmd_asm(args: argparse.Namespace) -> int:
     from vm.assembler import assemble
-
     from vm.isa import encode
 
     source = _read_file(args.file)
@@ -190,9 +190,8 @@ def cmd_conformance_plugin(args: argparse.Namespace) -> int:
     initial memory in hex: r1 = its address, r2 = its length. Helper 5 returns
     its first argument. r0 is printed in hex.
     """
-    from vm.loader import load
-
     from vm.helpers import HelperRegistry
+    from vm.loader import ELF_MAGIC, load
     from vm.machine import execute
 
     text = "".join(sys.stdin.read().split())
@@ -203,7 +202,7 @@ def cmd_conformance_plugin(args: argparse.Namespace) -> int:
         raise UsageError("program and memory must be hex") from None
     helpers = HelperRegistry()
     helpers.register(lambda ctx, a, b, c, d, e: a, id=5, name="conformance_identity")
-    is_elf = code[:4] == b"\x7fELF"
+    is_elf = code[:4] == ELF_MAGIC
     if is_elf != args.elf:
         raise UsageError("an ELF object needs --elf" if is_elf else "--elf given, but no ELF")
     program = load(code, name="<stdin>")
@@ -285,6 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED if args.command == "conformance-plugin" else EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug of ours: still one line, never a traceback
+        if os.environ.get("BPFEXEC_DEBUG"):
+            raise
+        problem = f"{type(exc).__name__}: {exc}"
+        print(f"bpfexec {args.command}: internal error: {problem}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _plugin_parser() -> argparse.ArgumentParser:

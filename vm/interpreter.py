@@ -388,15 +388,8 @@ def _helper_op(pc: int) -> Op:
     return call_helper
 
 
-def callx_register(insn: Instruction) -> int:
-    """The register of `callx`: LLVM puts it in dst; older encodings in imm."""
-    if insn.dst == 0 and 0 < insn.imm <= 10:
-        return insn.imm
-    return insn.dst
-
-
 def _callx_op(insn: Instruction, pc: int) -> Op:
-    reg = callx_register(insn)
+    reg = isa.callx_register(insn)
 
     def callx(r: list[int], m: Machine) -> None:
         from vm.program import HelperRef

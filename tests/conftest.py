@@ -1,0 +1,92 @@
+"""Fixtures shared by the whole suite: where the fixtures live, how C becomes eBPF,
+and which engines a test runs on.
+
+`compile_c("loops")` gives the object of `tests/fixtures/c/loops.c`: compiled
+now when clang is installed, else the committed `tests/fixtures/obj/` copy
+(built by `tests/fixtures/build.sh`), else the test is skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+C_SOURCES = FIXTURES / "c"
+OBJECTS = FIXTURES / "obj"
+CLANG = shutil.which("clang")
+
+CompileC = Callable[..., Path]
+
+
+def clang_flags(opt: str, debug: bool) -> list[str]:
+    """The flags of build.sh, so a fresh compile and a committed object match."""
+    resource = subprocess.run(
+        [CLANG or "clang", "-print-resource-dir"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    flags = [opt, "-target", "bpf", "-ffreestanding", "-fdebug-compilation-dir=."]
+    flags.append(f"-fdebug-prefix-map={resource}=clang")
+    return [*flags, "-g"] if debug else flags
+
+
+def committed_object(name: str, debug: bool = False) -> Path:
+    return OBJECTS / f"{name}{'-g' if debug else ''}-O2.o"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def compile_c(tmp_path_factory: pytest.TempPathFactory) -> CompileC:
+    """`compile_c(name, opt="-O2", debug=False) -> Path` of the object for c/<name>.c."""
+    built: dict[tuple[str, str, bool], Path] = {}
+    out_dir = tmp_path_factory.mktemp("bpf-objects")
+
+    def compile_c(name: str, opt: str = "-O2", debug: bool = False) -> Path:
+        key = (name, opt, debug)
+        if key in built:
+            return built[key]
+        source = C_SOURCES / f"{name}.c"
+        if not source.exists():
+            raise FileNotFoundError(f"no C fixture {source.name} in {C_SOURCES}")
+        if CLANG is None:
+            committed = committed_object(name, debug)
+            if opt != "-O2":
+                pytest.skip(f"clang is not installed; only -O2 objects are committed, not {opt}")
+            if not committed.exists():
+                pytest.skip(f"clang is not installed and there is no committed {committed.name}")
+            return committed
+        target = out_dir / f"{name}{'-g' if debug else ''}{opt}.o"
+        # Relative source name and cwd: the same DWARF file names as build.sh.
+        subprocess.run(
+            [CLANG, *clang_flags(opt, debug), "-c", source.name, "-o", str(target)],
+            cwd=C_SOURCES,
+            check=True,
+            capture_output=True,
+        )
+        built[key] = target
+        return target
+
+    return compile_c
+
+
+def available_engines() -> list[str]:
+    """Every engine this installation can run: the interpreter, and the JIT with llvmlite."""
+    import importlib.util
+
+    engines = ["interpreter"]
+    if importlib.util.find_spec("llvmlite") and (Path(__file__).parents[1] / "vm" / "jit").exists():
+        engines.append("jit")
+    return engines
+
+
+@pytest.fixture(params=available_engines())
+def engine(request: pytest.FixtureRequest) -> str:
+    """Run the test on each engine: they must be indistinguishable."""
+    return str(request.param)
