@@ -1,1 +1,34 @@
-"""bpfexec Python client library and the `bpfexec` command line."""
+"""bpfexec Python client library and the `bpfexec` command line.
+
+    from client import Client
+
+    with Client("localhost:50051") as bpf:
+        module = bpf.load(open("prog.o", "rb").read())
+        result = bpf.execute(module, "foo", [7, 3])
+
+Names are imported on first use, so the command line's local subcommands
+start without loading gRPC.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Client": "client.client",
+    "BpfexecError": "client.errors",
+    "Function": "client.types",
+    "Helper": "client.types",
+    "Module": "client.types",
+    "Result": "client.types",
+    "Trap": "client.types",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'client' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -284,7 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED if args.command == "conformance-plugin" else EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bug of ours: still one line, never a traceback
+    except Exception as exc:
+        remote = sys.modules.get("client.errors")  # loaded only if a server was asked
+        if remote is not None and isinstance(exc, remote.BpfexecError):
+            print(f"bpfexec {args.command}: error: {exc}", file=sys.stderr)
+            bad_input = isinstance(exc, (remote.InvalidArgument, remote.NotFound))
+            return EXIT_USAGE if bad_input else EXIT_FAILED
+        # A bug of ours: still one line, never a traceback.
         if os.environ.get("BPFEXEC_DEBUG"):
             raise
         problem = f"{type(exc).__name__}: {exc}"

@@ -15,6 +15,7 @@ from vm.errors import (
 )
 from vm.helpers import Helper, HelperChain, HelperContext, HelperRegistry, import_registry
 from vm.limits import Limits
+from vm.loader import load
 from vm.machine import Interrupt, Result, execute
 from vm.program import Function, HelperRef, Program
 
@@ -39,4 +40,5 @@ __all__ = [
     "VmError",
     "execute",
     "import_registry",
+    "load",
 ]

@@ -1,0 +1,147 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LoadModuleRequest(_message.Message):
+    __slots__ = ("code", "name")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    code: bytes
+    name: str
+    def __init__(self, code: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Module(_message.Message):
+    __slots__ = ("id", "name", "size", "functions", "helpers", "instruction_count")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    HELPERS_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    size: int
+    functions: _containers.RepeatedCompositeFieldContainer[Function]
+    helpers: _containers.RepeatedCompositeFieldContainer[Helper]
+    instruction_count: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., functions: _Optional[_Iterable[_Union[Function, _Mapping]]] = ..., helpers: _Optional[_Iterable[_Union[Helper, _Mapping]]] = ..., instruction_count: _Optional[int] = ...) -> None: ...
+
+class Function(_message.Message):
+    __slots__ = ("name", "pc", "size", "exported")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PC_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pc: int
+    size: int
+    exported: bool
+    def __init__(self, name: _Optional[str] = ..., pc: _Optional[int] = ..., size: _Optional[int] = ..., exported: _Optional[bool] = ...) -> None: ...
+
+class Helper(_message.Message):
+    __slots__ = ("number", "name", "has_number", "in_process", "description", "cost")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HAS_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    IN_PROCESS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    name: str
+    has_number: bool
+    in_process: bool
+    description: str
+    cost: int
+    def __init__(self, number: _Optional[int] = ..., name: _Optional[str] = ..., has_number: _Optional[bool] = ..., in_process: _Optional[bool] = ..., description: _Optional[str] = ..., cost: _Optional[int] = ...) -> None: ...
+
+class GetModuleRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListModulesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModulesResponse(_message.Message):
+    __slots__ = ("modules",)
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    modules: _containers.RepeatedCompositeFieldContainer[Module]
+    def __init__(self, modules: _Optional[_Iterable[_Union[Module, _Mapping]]] = ...) -> None: ...
+
+class DeleteModuleRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DeleteModuleResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListHelpersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListHelpersResponse(_message.Message):
+    __slots__ = ("helpers",)
+    HELPERS_FIELD_NUMBER: _ClassVar[int]
+    helpers: _containers.RepeatedCompositeFieldContainer[Helper]
+    def __init__(self, helpers: _Optional[_Iterable[_Union[Helper, _Mapping]]] = ...) -> None: ...
+
+class Argument(_message.Message):
+    __slots__ = ("value", "buffer")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    value: int
+    buffer: bytes
+    def __init__(self, value: _Optional[int] = ..., buffer: _Optional[bytes] = ...) -> None: ...
+
+class ExecuteRequest(_message.Message):
+    __slots__ = ("module_id", "function", "args", "fuel")
+    MODULE_ID_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    FUEL_FIELD_NUMBER: _ClassVar[int]
+    module_id: str
+    function: str
+    args: _containers.RepeatedCompositeFieldContainer[Argument]
+    fuel: int
+    def __init__(self, module_id: _Optional[str] = ..., function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Argument, _Mapping]]] = ..., fuel: _Optional[int] = ...) -> None: ...
+
+class ExecuteResponse(_message.Message):
+    __slots__ = ("return_value", "fuel_used", "trap", "log", "buffers", "duration_ns")
+    RETURN_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FUEL_USED_FIELD_NUMBER: _ClassVar[int]
+    TRAP_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_NS_FIELD_NUMBER: _ClassVar[int]
+    return_value: int
+    fuel_used: int
+    trap: Trap
+    log: _containers.RepeatedScalarFieldContainer[str]
+    buffers: _containers.RepeatedScalarFieldContainer[bytes]
+    duration_ns: int
+    def __init__(self, return_value: _Optional[int] = ..., fuel_used: _Optional[int] = ..., trap: _Optional[_Union[Trap, _Mapping]] = ..., log: _Optional[_Iterable[str]] = ..., buffers: _Optional[_Iterable[bytes]] = ..., duration_ns: _Optional[int] = ...) -> None: ...
+
+class Trap(_message.Message):
+    __slots__ = ("kind", "pc", "instruction", "location", "message", "function")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PC_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    pc: int
+    instruction: str
+    location: str
+    message: str
+    function: str
+    def __init__(self, kind: _Optional[str] = ..., pc: _Optional[int] = ..., instruction: _Optional[str] = ..., location: _Optional[str] = ..., message: _Optional[str] = ..., function: _Optional[str] = ...) -> None: ...

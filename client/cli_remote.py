@@ -1,0 +1,132 @@
+"""The server-facing parts of the `bpfexec` command line.
+
+- `bpfexec serve [--host] [--port] [--metrics-port] [--helpers M:A]... [limits]`:
+  every flag comes from `server.settings` and can also be set through its
+  `BPFEXEC_*` environment variable.
+- `bpfexec health --server HOST:PORT [--service NAME]`: exit 0 when the server
+  answers SERVING, 1 otherwise, with one line on stdout or stderr; for probes.
+- `run_remote(...)`: what `bpfexec run FILE --server HOST:PORT` does; it
+  returns the same dict as a local run so `client.cli` prints both alike.
+
+`client.cli` owns the parser and registers these subcommands. The server is
+imported only by `serve`, so the client side stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.client import Client
+from client.errors import InvalidArgument
+
+EXIT_OK = 0
+EXIT_UNHEALTHY = 1
+EXIT_USAGE = 2
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`bpfexec serve`: flags generated from `server.settings.Settings`."""
+    from server.settings import add_arguments
+
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="run the bpfexec gRPC server",
+        description="Run the bpfexec gRPC server. Every flag can also be set through the "
+        "environment variable named after it (--max-fuel: BPFEXEC_MAX_FUEL); "
+        "a flag wins over the environment.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=serve_command)
+    return parser
+
+
+def serve_command(namespace: argparse.Namespace) -> int:
+    """Run the server until SIGTERM or SIGINT."""
+    from server.app import serve
+    from server.registry import HelperConfigError
+    from server.settings import Settings
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = Settings.from_args(namespace, os.environ)
+        asyncio.run(serve(settings))
+    except (ValueError, HelperConfigError, OSError) as exc:
+        print(f"bpfexec serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def add_health_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`bpfexec health`: a probe for container health checks and orchestrators."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "health", help="check that a bpfexec server is SERVING (exit 0) or not (exit 1)"
+    )
+    parser.add_argument(
+        "--server",
+        default=f"localhost:{os.environ.get('BPFEXEC_PORT', '50051')}",
+        metavar="HOST:PORT",
+        help="server to check (default: localhost and $BPFEXEC_PORT or 50051)",
+    )
+    parser.add_argument(
+        "--service", default="", help="service to check (default: the whole server)"
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    parser.set_defaults(handler=health_command)
+    return parser
+
+
+def health_command(namespace: argparse.Namespace) -> int:
+    status = check_health(namespace.server, namespace.service, namespace.timeout)
+    if status == "SERVING":
+        print(f"{namespace.server}: SERVING")
+        return EXIT_OK
+    print(f"{namespace.server}: {status}", file=sys.stderr)
+    return EXIT_UNHEALTHY
+
+
+def check_health(target: str, service: str = "", timeout: float = 5.0) -> str:
+    """The server's serving status name (`SERVING`, `NOT_SERVING`...), or why it has none."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+            return f"unhealthy ({code.name})"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def run_remote(
+    code: bytes,
+    name: str,
+    server: str,
+    function: str | None,
+    args: Sequence[int | bytes],
+    fuel: int | None,
+    *,
+    timeout: float | None = None,
+    remote_helpers: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Upload `code` to `server`, run `function`, return the result as a local run's dict.
+
+    Raises `client.errors.BpfexecError` subclasses with the server's message.
+    """
+    if remote_helpers:
+        raise InvalidArgument(
+            "--remote-helpers needs the ExecuteStream method, which this version does not have",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+    with Client(server, timeout=timeout) as client:
+        module = client.load(code, name)
+        return client.execute(module, function, args, fuel).to_dict()

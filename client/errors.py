@@ -1,0 +1,105 @@
+"""The client's exceptions: one per gRPC status the server answers, rooted in `BpfexecError`.
+
+Every exception carries the server's one-line message, the gRPC status code,
+and the `google.rpc` error details the server attached (`ErrorInfo`,
+`BadRequest`, `ResourceInfo`, `QuotaFailure`), already unpacked.
+
+A program that traps is not an exception: it is a `Result` whose `trap` is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+class BpfexecError(Exception):
+    """A request the server (or the transport) refused. `str(e)` is the server's message."""
+
+    def __init__(
+        self,
+        message: str,
+        code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+        details: tuple[Any, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.details = details
+
+    @property
+    def reason(self) -> str:
+        """The `google.rpc.ErrorInfo` reason (e.g. `MODULE_NOT_FOUND`), or ''."""
+        for detail in self.details:
+            if isinstance(detail, error_details_pb2.ErrorInfo):
+                return str(detail.reason)
+        return ""
+
+
+class InvalidArgument(BpfexecError):
+    """The module cannot be loaded, the function does not exist, a helper is missing,
+    or the arguments are wrong. Retrying the same request will fail again."""
+
+
+class NotFound(BpfexecError):
+    """The module is not cached on the server: upload it again."""
+
+
+class ResourceExhausted(BpfexecError):
+    """A server limit was exceeded, or the server is at its concurrency limit."""
+
+
+class DeadlineExceeded(BpfexecError):
+    """The deadline expired before the execution finished; the server stopped it."""
+
+
+class Unavailable(BpfexecError):
+    """The server cannot be reached or is shutting down; retrying may succeed."""
+
+
+class Cancelled(BpfexecError):
+    """The call was cancelled."""
+
+
+class Unauthenticated(BpfexecError):
+    """The server requires credentials the client did not present."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[BpfexecError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+}
+
+_DETAIL_TYPES = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.ResourceInfo,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.RetryInfo,
+)
+
+
+def from_rpc_error(error: grpc.RpcError) -> BpfexecError:
+    """The exception for a failed call, with the server's message and unpacked details."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    message = (error.details() if isinstance(error, grpc.Call) else None) or str(code)
+    details: list[Any] = []
+    try:
+        status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+    except ValueError:  # details that contradict the status (a proxy rewrote it): ignore them
+        status = None
+    for packed in status.details if status is not None else ():
+        for kind in _DETAIL_TYPES:
+            if packed.Is(kind.DESCRIPTOR):
+                detail = kind()
+                packed.Unpack(detail)
+                details.append(detail)
+    return _BY_CODE.get(code, BpfexecError)(message, code, tuple(details))

@@ -1,0 +1,149 @@
+"""Start-up and shutdown of the server: everything wired together in `start()`.
+
+`serve(settings)` is what `bpfexec serve` runs: start, wait for SIGTERM or
+SIGINT, then shut down gracefully (health turns NOT_SERVING, no new RPCs are
+accepted, in-flight ones get `grace_period` seconds to finish, then the rest
+are cancelled, which interrupts their programs). `serve_in_thread(settings)`
+runs the same server on a background event loop, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from client._pb.bpfexec.v1 import executor_pb2, executor_pb2_grpc
+from server.executor import ExecutionService
+from server.metrics import Metrics
+from server.registry import build_registry
+from server.service import ExecutorServicer
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+
+
+@dataclass
+class RunningServer:
+    """A started server: where it listens and the pieces tests may inspect."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    service: ExecutionService
+    health: HealthServicer
+    metrics: Metrics
+    port: int
+    metrics_http: WSGIServer | None
+
+    @property
+    def address(self) -> str:
+        return _host_port(self.settings.host, self.port)
+
+    @property
+    def metrics_port(self) -> int:
+        return self.metrics_http.server_port if self.metrics_http else 0
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new RPCs, give in-flight ones `grace` seconds, then cancel them."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_period if grace is None else grace)
+        # Cancelled executions were interrupted; wait for their threads to notice.
+        await asyncio.to_thread(self.service.close)
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+
+
+async def start(settings: Settings) -> RunningServer:
+    """Build and start the gRPC server (and the metrics HTTP server) for `settings`."""
+    metrics = Metrics()
+    service = ExecutionService(
+        helpers=build_registry(settings.helpers, use_entry_points=settings.entry_point_helpers),
+        limits=settings.limits,
+        metrics=metrics,
+        engine=settings.engine,
+        max_concurrent=settings.max_concurrent_executions,
+        cache_max_modules=settings.cache_max_modules,
+        cache_max_bytes=settings.cache_max_bytes,
+    )
+    server = grpc.aio.server(
+        interceptors=[metrics.interceptor()],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(service), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )  # fmt: skip
+    port = server.add_insecure_port(_host_port(settings.host, settings.port))
+    await server.start()
+    metrics_http = None
+    if settings.metrics_port:
+        metrics_http, _ = start_http_server(
+            settings.metrics_port, settings.host, registry=metrics.registry
+        )
+    return RunningServer(settings, server, service, health, metrics, port, metrics_http)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    running = await start(settings)
+    log.info(
+        "serving %s on %s (metrics: %s)",
+        SERVICE_NAME,
+        running.address,
+        f"http://{_host_port(settings.host, running.metrics_port)}/metrics"
+        if running.metrics_port
+        else "off",
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: in-flight requests have %.1f s to finish", settings.grace_period)
+    await running.stop()
+    log.info("stopped")
+
+
+@contextmanager
+def serve_in_thread(settings: Settings, *, timeout: float = 10.0) -> Iterator[RunningServer]:
+    """Run a server on its own event loop in a daemon thread for the `with` block."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="bpfexec-server", daemon=True)
+    thread.start()
+    try:
+        running = asyncio.run_coroutine_threadsafe(start(settings), loop).result(timeout)
+        try:
+            yield running
+        finally:
+            asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(timeout)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        loop.close()
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

@@ -1,0 +1,266 @@
+"""`ExecutionService`: what the gRPC methods do, without gRPC.
+
+Load, look up, list and delete modules, and execute their functions. Every
+method takes and returns `vm` and `server` types, so this class is tested
+without a network and reused unchanged by every transport (the unary
+`Execute`, and the streaming `ExecuteStream` that adds the client's helpers
+through `execute(..., helpers=...)`).
+
+Executions run on a thread pool, not on the event loop, so one long run never
+stalls other requests; the one exception is a first slice of at most
+`INLINE_FUEL` instructions for programs that call no helper, which holds the
+loop for less time than handing the run to a thread would. The pool has one
+thread per allowed concurrent execution, and a request beyond that is refused
+at once (`Overloaded`) rather than queued:
+a client retrying elsewhere beats one waiting an unknown time behind a
+program that may run until its fuel is gone.
+
+A deadline becomes an interrupt of the running program; a cancelled request
+(the client went away, the server is shutting down) interrupts it too, and its
+thread is only given back once the program has actually stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from server.cache import CachedModule, ModuleCache
+from server.metrics import Metrics
+from vm import (
+    Helper,
+    HelperChain,
+    HelperContext,
+    HelperRef,
+    HelperRegistry,
+    Interrupt,
+    Limits,
+    Program,
+    Result,
+    TrapKind,
+    execute,
+)
+from vm.helpers import HelperFn, HelperResolver
+from vm.loader import load
+from vm.machine import Argument
+
+# Fuel of the slice a helper-free program first runs on the event loop (about
+# 0.2 ms of interpretation: less than the hand-off to a pool thread costs).
+INLINE_FUEL = 1000
+
+
+class ServiceError(Exception):
+    """A request the service refuses for a reason of its own (not a VM error)."""
+
+
+class ModuleNotFound(ServiceError):
+    def __init__(self, module_id: str) -> None:
+        self.module_id = module_id
+        super().__init__(
+            f"module {module_id} is not cached on this server (evicted, deleted or never "
+            "loaded): upload it again with LoadModule and retry"
+        )
+
+
+class Overloaded(ServiceError):
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"the server is already running its maximum of {limit} concurrent executions: "
+            "retry later or on another replica"
+        )
+
+
+class DeadlineExceeded(ServiceError):
+    def __init__(self, result: Result) -> None:
+        self.result = result
+        super().__init__(
+            f"the deadline expired after {result.fuel_used} instructions "
+            f"({result.duration_ns / 1e9:.3f} s); the execution was stopped"
+        )
+
+
+class ExecutionService:
+    """Modules and executions of one server."""
+
+    def __init__(
+        self,
+        *,
+        helpers: HelperRegistry,
+        limits: Limits,
+        metrics: Metrics,
+        engine: str = "interpreter",
+        max_concurrent: int = 16,
+        cache_max_modules: int = 1024,
+        cache_max_bytes: int = 256 << 20,
+    ) -> None:
+        self.limits = limits
+        self.engine = engine
+        self.max_concurrent = max_concurrent
+        self.metrics = metrics
+        self.cache = ModuleCache(cache_max_modules, cache_max_bytes, metrics)
+        self._registry = helpers
+        self._helpers = _counted(helpers, metrics)
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="bpfexec-execute")
+
+    # Modules
+
+    async def load(self, code: bytes, name: str | None = None) -> CachedModule:
+        """Parse, verify and cache `code` (or find it cached); raises LoadError and kin."""
+        return await asyncio.to_thread(self.cache.load, code, lambda data: self._load(data, name))
+
+    def _load(self, code: bytes, name: str | None) -> Program:
+        start = time.perf_counter()
+        program = load(code, name or "<module>", self.limits)
+        self.metrics.load_seconds.observe(time.perf_counter() - start)
+        return program
+
+    def get(self, module_id: str) -> CachedModule:
+        module = self.cache.get(module_id)
+        if module is None:
+            raise ModuleNotFound(module_id)
+        return module
+
+    def modules(self) -> list[CachedModule]:
+        return self.cache.modules()
+
+    def delete(self, module_id: str) -> None:
+        if not self.cache.delete(module_id):
+            raise ModuleNotFound(module_id)
+
+    # Helpers
+
+    def helpers(self) -> list[Helper]:
+        """The in-process helpers, in registration order."""
+        return list(self._registry)
+
+    def provides(self, ref: HelperRef) -> bool:
+        """Whether a call site's helper reference is answered in-process."""
+        return ref in self._registry
+
+    # Executions
+
+    async def execute(
+        self,
+        module_id: str,
+        function: str | None = None,
+        args: Sequence[Argument] = (),
+        fuel: int | None = None,
+        *,
+        timeout: float | None = None,
+        helpers: HelperResolver | None = None,
+    ) -> Result:
+        """Run `function` of a cached module on the pool.
+
+        `timeout` (seconds, usually the rest of the client's deadline) stops the
+        program and raises DeadlineExceeded. `helpers` adds helpers after the
+        in-process ones (the caller's own, over a stream). Request problems raise
+        vm's RequestError/LimitError/LinkError, ModuleNotFound or Overloaded;
+        what the program does, traps included, is the Result.
+        """
+        module = self.get(module_id)
+        budget = self.limits.fuel(fuel)  # a LimitError before taking a slot
+        if not self._slots.acquire(blocking=False):
+            self.metrics.rejected.inc()
+            raise Overloaded(self.max_concurrent)
+        if helpers is None and not module.calls_helpers:
+            # A program that calls no helper is pure computation, bounded by its
+            # fuel. Try a short slice right here: most runs finish within it,
+            # and doing so costs less than the two thread switches of the pool.
+            # One that needs more fuel is run again, from scratch, on the pool.
+            try:
+                start = time.perf_counter()
+                quick = execute(
+                    module.program, function, args, fuel=min(budget, INLINE_FUEL),
+                    helpers=self._helpers, limits=self.limits, engine=self.engine,
+                )  # fmt: skip
+            except BaseException:
+                self._slots.release()
+                raise
+            out_of_fuel = quick.trap is not None and quick.trap.kind is TrapKind.OUT_OF_FUEL
+            if budget <= INLINE_FUEL or not out_of_fuel:
+                self._slots.release()
+                self._record(quick, time.perf_counter() - start)
+                return quick
+        program = module.program
+        resolver = self._helpers if helpers is None else HelperChain(self._helpers, helpers)
+        interrupt = Interrupt()
+        try:
+            job = self._pool.submit(self._run, program, function, args, budget, resolver, interrupt)
+        except BaseException:
+            self._slots.release()
+            raise
+        # Released when the program has stopped, not when the caller stops waiting.
+        job.add_done_callback(lambda _: self._slots.release())
+        loop = asyncio.get_running_loop()
+        deadline = None
+        if timeout is not None:  # a loop timer, not Interrupt.after: no thread per request
+            deadline = loop.call_later(timeout, interrupt.request, TrapKind.DEADLINE_EXCEEDED)
+        try:
+            result = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            interrupt.request(TrapKind.CANCELLED)
+            raise
+        finally:
+            if deadline is not None:
+                deadline.cancel()
+        if result.trap is not None and result.trap.kind is TrapKind.DEADLINE_EXCEEDED:
+            raise DeadlineExceeded(result)
+        return result
+
+    def _run(
+        self,
+        program: Program,
+        function: str | None,
+        args: Sequence[Argument],
+        fuel: int,
+        resolver: HelperResolver,
+        interrupt: Interrupt,
+    ) -> Result:
+        self.metrics.in_flight.inc()
+        start = time.perf_counter()
+        try:
+            result = execute(
+                program, function, args, fuel=fuel, helpers=resolver, limits=self.limits,
+                engine=self.engine, interrupt=interrupt,
+            )  # fmt: skip
+        finally:
+            self.metrics.in_flight.dec()
+        self._record(result, time.perf_counter() - start)
+        return result
+
+    def _record(self, result: Result, seconds: float) -> None:
+        outcome = result.trap.kind.value if result.trap else "OK"
+        self.metrics.record_execution(outcome, seconds, result.fuel_used)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the pool; running executions finish unless interrupted first."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
+
+
+def _counted(registry: HelperRegistry, metrics: Metrics) -> HelperRegistry:
+    """A copy of `registry` whose helpers count their calls as `inprocess`."""
+    counted = HelperRegistry()
+    for helper in registry:
+        inc = metrics.helper_counter(helper.name or f"#{helper.number}", "inprocess")
+        counted.register(_Counted(helper.fn, inc), helper.number, helper.name, helper.cost)
+    return counted
+
+
+class _Counted:
+    """A helper function that counts its calls (a class, not a closure, so it has
+    no `__name__` the registry could mistake for the helper's name)."""
+
+    __slots__ = ("fn", "inc")
+
+    def __init__(self, fn: HelperFn, inc: Callable[[], None]) -> None:
+        self.fn = fn
+        self.inc = inc
+
+    def __call__(self, ctx: HelperContext, *registers: int) -> int:
+        self.inc()
+        return self.fn(ctx, *registers)

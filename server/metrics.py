@@ -1,0 +1,212 @@
+"""Prometheus metrics of one server instance, and the gRPC interceptor that feeds some.
+
+Every metric lives in the `CollectorRegistry` of a `Metrics` object, one per
+server, so several servers (tests, benchmarks) can run in one process without
+clashing in prometheus_client's global registry. Label values stay bounded: an
+outcome is `OK` or a trap kind, a helper is its name (or `#number`), a gRPC
+method is one of the service's; module ids never become labels.
+
+This module only counts; it never decides anything.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+FUEL_BUCKETS = tuple(float(10**n) for n in range(1, 11))
+
+
+class Metrics:
+    """The server's metrics, registered in `self.registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.executions = Counter(
+            "bpfexec_executions", "Executions by outcome: OK or the trap kind.", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.execution_seconds = Histogram(
+            "bpfexec_execution_seconds", "Wall-clock time of one execution in the VM.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.fuel_used = Histogram(
+            "bpfexec_fuel_used", "Fuel used by one execution.", buckets=FUEL_BUCKETS, registry=r
+        )
+        self.helper_calls = Counter(
+            "bpfexec_helper_calls", "Helper calls by helper and where they were answered.",
+            ["helper", "location"], registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "bpfexec_executions_in_flight", "Executions running right now.", registry=r
+        )
+        self.rejected = Counter(
+            "bpfexec_executions_rejected",
+            "Executions refused before running because the concurrency limit was reached.",
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "bpfexec_module_cache_hits", "Module lookups and loads served from the cache.",
+            registry=r,
+        )  # fmt: skip
+        self.cache_misses = Counter(
+            "bpfexec_module_cache_misses", "Module lookups and loads not found in the cache.",
+            registry=r,
+        )  # fmt: skip
+        self.cache_evictions = Counter(
+            "bpfexec_module_cache_evictions", "Modules evicted to stay within the cache bounds.",
+            registry=r,
+        )  # fmt: skip
+        self.modules_cached = Gauge("bpfexec_modules_cached", "Modules in the cache.", registry=r)
+        self.cache_bytes = Gauge(
+            "bpfexec_module_cache_bytes", "Total size of the modules in the cache.", registry=r
+        )
+        self.load_seconds = Histogram(
+            "bpfexec_module_load_seconds", "Time to parse and verify a module not yet cached.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.grpc_started = Counter(
+            "grpc_server_started", "RPCs started on the server.",
+            ["grpc_type", "grpc_service", "grpc_method"], registry=r,
+        )  # fmt: skip
+        self.grpc_handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server, by status code.",
+            ["grpc_type", "grpc_service", "grpc_method", "grpc_code"], registry=r,
+        )  # fmt: skip
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds", "Time from receiving an RPC to its status.",
+            ["grpc_type", "grpc_service", "grpc_method"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+
+    def record_execution(self, outcome: str, seconds: float, fuel_used: int) -> None:
+        self.executions.labels(outcome).inc()
+        self.execution_seconds.observe(seconds)
+        self.fuel_used.observe(fuel_used)
+
+    def helper_counter(self, helper: str, location: str) -> Callable[[], None]:
+        """A cheap `inc()` for one helper, bound once so each call skips the label lookup."""
+        return self.helper_calls.labels(helper, location).inc  # type: ignore[no-any-return]
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
+        return _GrpcMetricsInterceptor(self)
+
+
+Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
+Finish = Callable[[float, str], None]
+
+
+class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC by service, method and final status code, and times it."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        # Wrapped handlers by method path: the handler of a method never changes,
+        # so it is wrapped once instead of on every call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        path = handler_call_details.method
+        if path in self._wrapped:
+            return self._wrapped[path]
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
+            return handler
+        service, _, method = path.lstrip("/").partition("/")
+        kind = _TYPES[(handler.request_streaming, handler.response_streaming)]
+        labels = (kind, service, method)
+        attr = _HANDLER_ATTRS[(handler.request_streaming, handler.response_streaming)]
+        behaviour = getattr(handler, attr)
+        # Streaming handlers are either async generators or coroutines that
+        # call context.write(); the wrapper must be of the same kind.
+        wrap = self._wrap_stream if inspect.isasyncgenfunction(behaviour) else self._wrap_unary
+        self._wrapped[path] = handler._replace(**{attr: wrap(behaviour, labels)})
+        return self._wrapped[path]
+
+    def _counters(self, labels: tuple[str, str, str]) -> tuple[Callable[[], None], Finish]:
+        """`started()` and `finish(start, code)` for one method, label lookups done once."""
+        started = self._metrics.grpc_started.labels(*labels).inc
+        seconds = self._metrics.grpc_seconds.labels(*labels).observe
+        handled = self._metrics.grpc_handled
+
+        def finish(start: float, code: str) -> None:
+            handled.labels(*labels, code).inc()
+            seconds(time.perf_counter() - start)
+
+        return started, finish
+
+    def _wrap_unary(self, behaviour: Behaviour, labels: tuple[str, str, str]) -> Behaviour:
+        started, finish = self._counters(labels)
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started()
+            start = time.perf_counter()
+            code = "UNKNOWN"
+            try:
+                response = await behaviour(request, context)
+                code = _code_name(context, "OK")
+                return response
+            except BaseException:
+                code = _code_name(context, "CANCELLED" if context.cancelled() else "UNKNOWN")
+                raise
+            finally:
+                finish(start, code)
+
+        return unary
+
+    def _wrap_stream(self, behaviour: Behaviour, labels: tuple[str, str, str]) -> Behaviour:
+        started, finish = self._counters(labels)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started()
+            start = time.perf_counter()
+            code = "UNKNOWN"
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+                code = _code_name(context, "OK")
+            except BaseException:
+                code = _code_name(context, "CANCELLED" if context.cancelled() else "UNKNOWN")
+                raise
+            finally:
+                finish(start, code)
+
+        return stream
+
+
+_TYPES = {
+    (False, False): "unary",
+    (False, True): "server_stream",
+    (True, False): "client_stream",
+    (True, True): "bidi_stream",
+}
+_HANDLER_ATTRS = {
+    (False, False): "unary_unary",
+    (False, True): "unary_stream",
+    (True, False): "stream_unary",
+    (True, True): "stream_stream",
+}
+
+
+def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
+    """The status the handler set (by `abort` or `set_code`), else `default`."""
+    code = context.code()
+    if code is None:
+        return default
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    # grpc.aio reports codes set through abort() as the raw integer.
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), default)

@@ -1,0 +1,86 @@
+"""The server's in-process helpers: the standard set plus plugins.
+
+Sources, merged in this order into one `vm.HelperRegistry`:
+
+1. the built-in standard set (`vm.builtin_helpers`);
+2. every entry point of the group `bpfexec.helpers`, each resolving to a
+   `HelperRegistry` (a package declares
+   `[project.entry-points."bpfexec.helpers"] name = "pkg.module:registry"`);
+3. every `--helpers MODULE:ATTR` spec, in the order given.
+
+A helper number or name defined by two sources is an error naming both: a
+server whose helper meaning depends on plugin load order would be a trap for
+whoever debugs it. This module only assembles the registry; it does not run
+or count helpers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from importlib.metadata import entry_points
+
+from vm import Helper, HelperRegistry
+from vm.builtin_helpers import standard_helpers
+from vm.helpers import import_registry as vm_import_registry
+
+ENTRY_POINT_GROUP = "bpfexec.helpers"
+
+
+class HelperConfigError(Exception):
+    """A helper source cannot be used; the message names the source and the problem."""
+
+
+def build_registry(specs: Iterable[str] = (), *, use_entry_points: bool = True) -> HelperRegistry:
+    """The standard helpers, plus entry-point plugins and `MODULE:ATTR` specs."""
+    sources: list[tuple[str, HelperRegistry]] = [("built-in helpers", standard_helpers())]
+    if use_entry_points:
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            label = f"entry point {point.name!r} ({point.value})"
+            try:
+                loaded = point.load()
+            except Exception as exc:
+                raise HelperConfigError(f"cannot load helpers from {label}: {exc}") from exc
+            if not isinstance(loaded, HelperRegistry):
+                raise HelperConfigError(
+                    f"{label} is a {type(loaded).__name__}, not a vm.HelperRegistry"
+                )
+            sources.append((label, loaded))
+    for spec in specs:
+        sources.append((f"--helpers {spec}", import_registry(spec)))
+    return merge(sources)
+
+
+def import_registry(spec: str) -> HelperRegistry:
+    """Import the HelperRegistry named by `MODULE:ATTR`."""
+    # Like `python -m`, look in the working directory first, so
+    # `bpfexec serve --helpers myhelpers:registry` finds ./myhelpers.py.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return vm_import_registry(spec)
+    except ValueError as exc:
+        raise HelperConfigError(str(exc)) from exc
+
+
+def merge(sources: Iterable[tuple[str, HelperRegistry]]) -> HelperRegistry:
+    """One registry from labelled ones; a number or name in two of them is an error."""
+    merged = HelperRegistry()
+    owners: dict[int | str, str] = {}
+    for label, registry in sources:
+        for helper in registry:
+            for key in _keys(helper):
+                if key in owners:
+                    what = f"number {key}" if isinstance(key, int) else f"name {key!r}"
+                    raise HelperConfigError(
+                        f"helper {what} is defined by both {owners[key]} and {label}"
+                    )
+            for key in _keys(helper):
+                owners[key] = label
+            merged.register(helper.fn, id=helper.number, name=helper.name, cost=helper.cost)
+    return merged
+
+
+def _keys(helper: Helper) -> list[int | str]:
+    return [key for key in (helper.number, helper.name) if key is not None]

@@ -1,0 +1,212 @@
+"""The `bpfexec.v1.Executor` servicer: protobuf in, `ExecutionService` call, protobuf out.
+
+Nothing is decided here. Each method converts its request to vm/server types,
+calls the `ExecutionService`, and converts the answer back, or turns the
+exception it raised into a gRPC status with rich error details
+(`google.rpc.Status` in the `grpc-status-details-bin` trailer).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from client._pb.bpfexec.v1 import executor_pb2 as pb
+from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from server.cache import CachedModule
+from server.executor import DeadlineExceeded, ExecutionService, ModuleNotFound, Overloaded
+from vm import Helper, HelperRef, LimitError, LinkError, LoadError, RequestError, Result, Trap
+from vm.machine import Argument
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "bpfexec"  # google.rpc.ErrorInfo.domain of every error this service raises
+
+
+class ExecutorServicer(pb_grpc.ExecutorServicer):
+    def __init__(self, service: ExecutionService) -> None:
+        self._service = service
+
+    async def LoadModule(
+        self, request: pb.LoadModuleRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Module:
+        try:
+            module = await self._service.load(request.code, request.name or None)
+        except Exception as exc:
+            await _abort(context, exc)
+        return self._module(module)
+
+    async def GetModule(
+        self, request: pb.GetModuleRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Module:
+        try:
+            return self._module(self._service.get(request.id))
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def ListModules(
+        self, request: pb.ListModulesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModulesResponse:
+        return pb.ListModulesResponse(
+            modules=[self._module(module) for module in self._service.modules()]
+        )
+
+    async def DeleteModule(
+        self, request: pb.DeleteModuleRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteModuleResponse:
+        try:
+            self._service.delete(request.id)
+        except Exception as exc:
+            await _abort(context, exc)
+        return pb.DeleteModuleResponse()
+
+    async def ListHelpers(
+        self, request: pb.ListHelpersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListHelpersResponse:
+        return pb.ListHelpersResponse(
+            helpers=[_helper(helper) for helper in self._service.helpers()]
+        )
+
+    async def Execute(
+        self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExecuteResponse:
+        try:
+            result = await self._service.execute(
+                request.module_id,
+                request.function or None,
+                arguments(request.args),
+                request.fuel or None,
+                timeout=context.time_remaining(),
+            )
+        except Exception as exc:
+            await _abort(context, exc)
+        return response(result)
+
+    def _module(self, module: CachedModule) -> pb.Module:
+        program = module.program
+        return pb.Module(
+            id=module.id,
+            name=program.name,
+            size=module.size,
+            instruction_count=len(program.instructions),
+            functions=[
+                pb.Function(name=fn.name, pc=fn.pc, size=fn.size, exported=fn.exported)
+                for fn in program.functions
+            ],
+            helpers=[
+                _helper_ref(ref, in_process=self._service.provides(ref)) for ref in program.helpers
+            ],
+        )
+
+
+def arguments(args: Sequence[pb.Argument]) -> list[Argument]:
+    """Register values and buffers, in order; an empty Argument is a request error."""
+    converted: list[Argument] = []
+    for i, arg in enumerate(args, start=1):
+        kind = arg.WhichOneof("kind")
+        if kind is None:
+            raise RequestError(f"argument {i} sets neither value nor buffer")
+        converted.append(arg.value if kind == "value" else arg.buffer)
+    return converted
+
+
+def response(result: Result) -> pb.ExecuteResponse:
+    return pb.ExecuteResponse(
+        return_value=result.return_value,
+        fuel_used=result.fuel_used,
+        trap=_trap(result.trap) if result.trap else None,
+        log=result.log,
+        buffers=result.buffers,
+        duration_ns=result.duration_ns,
+    )
+
+
+def _trap(trap: Trap) -> pb.Trap:
+    return pb.Trap(
+        kind=trap.kind.value,
+        pc=max(trap.pc, 0),
+        instruction=trap.instruction,
+        location=trap.location,
+        message=trap.message,
+        function=trap.function,
+    )
+
+
+def _helper_ref(ref: HelperRef, *, in_process: bool) -> pb.Helper:
+    return pb.Helper(
+        number=ref.number or 0,
+        has_number=ref.number is not None,
+        name=ref.name or "",
+        in_process=in_process,
+    )
+
+
+def _helper(helper: Helper) -> pb.Helper:
+    described = _helper_ref(helper.ref, in_process=True)
+    doc = (getattr(helper.fn, "__doc__", None) or "").strip()
+    described.description = doc.splitlines()[0] if doc else ""
+    described.cost = helper.cost
+    return described
+
+
+# Errors -> statuses. Order matters: the first matching class wins, so
+# subclasses (LimitError is a RequestError) come before their bases.
+_STATUS: list[tuple[type[Exception], grpc.StatusCode, str]] = [
+    (ModuleNotFound, grpc.StatusCode.NOT_FOUND, "MODULE_NOT_FOUND"),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_EXECUTIONS"),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+    (LimitError, grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED"),
+    (LinkError, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_HELPER"),
+    (LoadError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODULE"),
+    (RequestError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST"),
+]
+
+
+def status_of(exc: Exception) -> status_pb2.Status | None:
+    """The google.rpc.Status for a known error; None for a bug (which grpc reports as UNKNOWN)."""
+    found = next(((code, why) for kind, code, why in _STATUS if isinstance(exc, kind)), None)
+    if found is None:
+        return None
+    code, reason = found
+    details = [error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)]
+    if isinstance(exc, ModuleNotFound):
+        details.append(
+            error_details_pb2.ResourceInfo(
+                resource_type="bpfexec.v1.Module",
+                resource_name=exc.module_id,
+                description="upload the module again with LoadModule",
+            )
+        )
+    elif isinstance(exc, Overloaded):
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject="executions", description=f"at most {exc.limit} concurrent executions"
+            )
+        ]))  # fmt: skip
+    elif isinstance(exc, LinkError):
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field="module_id", description=f"unknown helper {helper}"
+            )
+            for helper in exc.missing
+        ]))  # fmt: skip
+    status = status_pb2.Status(code=code.value[0], message=str(exc))
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return status
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    status = status_of(exc)
+    if status is None:
+        log.exception("unexpected error in a request", exc_info=exc)
+        raise exc
+    await context.abort_with_status(rpc_status.to_status(status))

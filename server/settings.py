@@ -1,0 +1,140 @@
+"""`Settings`: every knob of the server, in one frozen value.
+
+The fields of `Settings` (and of `vm.Limits`, flattened into the same
+namespace) are the single source of truth: `add_arguments` derives one
+command-line flag per field (`--max-concurrent-executions`, `--max-fuel`) and
+`Settings.from_args` reads each value from the flag, else from the environment
+variable of the same name (`BPFEXEC_MAX_CONCURRENT_EXECUTIONS`,
+`BPFEXEC_MAX_FUEL`), else the field's default. The CLI, the server and the tests
+all build their settings here; no other module parses a flag or a variable.
+
+List-valued knobs (`helpers`) take the flag once per value, or a comma-separated
+environment variable. Boolean knobs take `--x/--no-x` and `1/0`, `true/false`,
+`yes/no`, `on/off` in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vm import Limits
+
+ENV_PREFIX = "BPFEXEC_"
+ENGINES = ("interpreter", "jit")
+
+
+def _knob(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _knob("127.0.0.1", "address to listen on for gRPC and metrics (0.0.0.0: all)")
+    port: int = _knob(50051, "gRPC port (0: pick a free one)")
+    metrics_port: int = _knob(9090, "Prometheus metrics HTTP port (0: no metrics server)")
+    helpers: tuple[str, ...] = _knob(
+        (), "in-process helpers to add, as MODULE:ATTR naming a vm.HelperRegistry (repeatable)"
+    )
+    entry_point_helpers: bool = _knob(
+        True, "load the helper registries of the 'bpfexec.helpers' entry-point group"
+    )
+    engine: str = _knob("interpreter", "execution engine: interpreter or jit")
+    max_concurrent_executions: int = _knob(
+        16, "executions running at once; beyond, Execute answers RESOURCE_EXHAUSTED"
+    )
+    cache_max_modules: int = _knob(1024, "modules kept in the cache (least recently used go)")
+    cache_max_bytes: int = _knob(256 << 20, "total bytes of modules kept in the cache")
+    grace_period: float = _knob(10.0, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    max_message_bytes: int = _knob(64 << 20, "largest gRPC message accepted or sent, in bytes")
+    limits: Limits = field(default_factory=Limits, metadata={"help": "VM limits"})
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) < 1 << 16:
+                raise ValueError(f"{name} {getattr(self, name)} is not a TCP port (0..65535)")
+        for name in ("max_concurrent_executions", "cache_max_modules", "cache_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.grace_period < 0:
+            raise ValueError(f"grace_period must not be negative, got {self.grace_period}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r} (available: {', '.join(ENGINES)})")
+
+    @classmethod
+    def from_args(
+        cls, namespace: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Settings from parsed flags, then `BPFEXEC_*` variables, then defaults."""
+        given = vars(namespace) if namespace is not None else {}
+        environ = environ if environ is not None else {}
+
+        def values(target: type) -> dict[str, Any]:
+            found: dict[str, Any] = {}
+            for knob, kind in _knobs(target):
+                if given.get(knob.name) is not None:
+                    value = given[knob.name]
+                    found[knob.name] = tuple(value) if kind is tuple else value
+                elif _env_name(knob.name) in environ:
+                    found[knob.name] = _parse(knob.name, kind, environ[_env_name(knob.name)])
+            return found
+
+        return cls(**values(cls), limits=Limits(**values(Limits)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per knob of `Settings` and `vm.Limits` to `parser`.
+
+    Every flag defaults to None so `Settings.from_args` can tell "not given"
+    from "given the default" and fall back to the environment.
+    """
+    defaults = Settings()
+    for target, instance in ((Settings, defaults), (Limits, defaults.limits)):
+        for knob, kind in _knobs(target):
+            default = getattr(instance, knob.name)
+            text = knob.metadata.get("help", f"VM limit: {knob.name.replace('_', ' ')}")
+            text = f"{text} (env {_env_name(knob.name)}, default {default!r})"
+            flag = "--" + knob.name.replace("_", "-")
+            if kind is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+            elif kind is tuple:
+                parser.add_argument(flag, action="append", metavar="SPEC", help=text)
+            else:
+                parser.add_argument(flag, type=kind, help=text)
+
+
+def _knobs(target: type) -> list[tuple[dataclasses.Field[Any], type]]:
+    """The scalar fields of a settings dataclass with their runtime types."""
+    hints = typing.get_type_hints(target)
+    found = []
+    for knob in dataclasses.fields(target):
+        kind = typing.get_origin(hints[knob.name]) or hints[knob.name]
+        if kind in (str, int, float, bool, tuple):
+            found.append((knob, kind))
+    return found
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse(name: str, kind: type, text: str) -> Any:
+    """Convert an environment value; a bad one names the variable."""
+    try:
+        if kind is bool:
+            if text.strip().lower() in _TRUE | _FALSE:
+                return text.strip().lower() in _TRUE
+            raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
+        if kind is tuple:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return kind(text)
+    except ValueError as exc:
+        raise ValueError(f"{_env_name(name)}={text!r}: {exc}") from None

@@ -1,0 +1,186 @@
+"""The `bpfexec` command line as a user meets it: exit codes, output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from client.cli import UsageError, parse_arg
+
+TESTS = Path(__file__).parent
+MASK64 = (1 << 64) - 1
+
+
+def bpfexec(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    env.pop("BPFEXEC_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "client.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        input=stdin,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("42", 42),
+        ("0x2a", 42),
+        ("-1", MASK64),
+        ("-0x8000000000000000", 1 << 63),
+        ("hex:00ff", b"\x00\xff"),
+        ("hex:", b""),
+        ("hex:de ad", b"\xde\xad"),
+    ],
+)
+def test_parse_arg(text, expected):
+    assert parse_arg(text) == expected
+
+
+@pytest.mark.parametrize("text", ["x", "1.5", "hex:zz", str(1 << 64), "file:/nonexistent/x"])
+def test_parse_arg_rejects(text):
+    with pytest.raises(UsageError):
+        parse_arg(text)
+
+
+def test_file_argument_becomes_a_buffer(tmp_path):
+    (tmp_path / "prog.s").write_text("r0 = *(u8 *)(r1 + 2)\nexit\n")
+    (tmp_path / "data.bin").write_bytes(b"\x01\x02\x03")
+    proc = bpfexec(
+        "run", str(tmp_path / "prog.s"), "--arg", f"file:{tmp_path / 'data.bin'}", "--json"
+    )
+    out = json.loads(proc.stdout)
+    assert (out["return_value"], out["buffers"]) == (3, ["010203"])
+
+
+def test_human_output(tmp_path):
+    (tmp_path / "prog.s").write_text("r0 = r1\nr0 += 1\nexit\n")
+    proc = bpfexec("run", str(tmp_path / "prog.s"), "--arg", "41")
+    assert proc.returncode == 0
+    assert "return_value: 42 (0x2a)" in proc.stdout and "fuel_used: 3" in proc.stdout
+
+
+def test_trap_exit_status_and_source_line(compile_c, tmp_path):
+    (tmp_path / "fault.s").write_text("r1 = 0\nr0 = *(u64 *)(r1 + 0)\nexit\n")
+    proc = bpfexec("run", str(tmp_path / "fault.s"), "--json")
+    assert proc.returncode == 3
+    trap = json.loads(proc.stdout)["trap"]
+    assert trap["kind"] == "MEMORY_FAULT" and trap["pc"] == 1
+    assert trap["instruction"] == "r0 = *(u64 *)(r1 + 0)"
+
+
+def test_trap_names_file_and_line_with_debug_info(compile_c):
+    path = compile_c("local_calls", debug=True)
+    # A context pointer into unmapped memory: the load of ctx->y faults.
+    proc = bpfexec("run", str(path), "--function", "foo", "--arg", "0x900000000", "--json")
+    assert proc.returncode == 3
+    trap = json.loads(proc.stdout)["trap"]
+    assert trap["kind"] == "MEMORY_FAULT"
+    assert trap["location"].startswith("local_calls.c:")
+
+
+def test_trace_prints_every_instruction(tmp_path):
+    (tmp_path / "prog.s").write_text("r0 = 1\nr0 += 2\nexit\n")
+    proc = bpfexec("run", str(tmp_path / "prog.s"), "--trace")
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3
+    assert "r0 = 1" in lines[0] and "r0 += 2" in lines[1] and "exit" in lines[2]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "/nonexistent/prog.o"], "cannot read"),
+        (["run", "{tmp}/bad.s"], "bad.s:1:"),
+        (["run", "{tmp}/trunc.o"], "ELF"),
+        (["run", "{tmp}/odd.bin"], "not a multiple of 8"),
+        (["run", "{tmp}/ok.s", "--function", "nope"], "no function 'nope'"),
+        (["run", "{tmp}/ok.s", "--arg", "zz"], "not an integer"),
+        (["run", "{tmp}/helper.s"], "unknown helper: #77"),
+        (["run", "{tmp}/ok.s", "--helpers", "nosuchmodule:x"], "cannot import"),
+        (["run", "{tmp}/ok.s", "--engine", "warp"], "invalid choice"),
+        (["run", "{tmp}/ok.s", "--fuel", "-5"], "fuel"),
+        (["frobnicate"], "invalid choice"),
+        (["disasm", "{tmp}/odd.bin"], "not a multiple of 8"),
+    ],
+)
+def test_bad_input_gets_one_line_and_status_2(tmp_path, argv, message):
+    (tmp_path / "bad.s").write_text("r11 = 1\nexit\n")
+    (tmp_path / "ok.s").write_text("r0 = 0\nexit\n")
+    (tmp_path / "helper.s").write_text("call 77\nexit\n")
+    (tmp_path / "trunc.o").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(20))
+    (tmp_path / "odd.bin").write_bytes(bytes(12))
+    line = one_line_error(bpfexec(*(arg.format(tmp=tmp_path) for arg in argv)))
+    assert message in line
+
+
+def test_disasm_and_asm_round_trip(compile_c, tmp_path):
+    listing = bpfexec("disasm", str(compile_c("helper_pointers")))
+    assert listing.returncode == 0
+    assert "call 42" in listing.stdout and "exit" in listing.stdout
+    source = tmp_path / "prog.s"
+    source.write_text("r0 = r1\nr0 *= r2\nexit\n")
+    out = tmp_path / "prog.bin"
+    assert bpfexec("asm", str(source), "-o", str(out)).returncode == 0
+    assert len(out.read_bytes()) == 24
+    proc = bpfexec("run", str(out), "--arg", "6", "--arg", "7", "--json")
+    assert json.loads(proc.stdout)["return_value"] == 42
+
+
+# -- conformance plugin ------------------------------------------------------------
+
+
+def hexcode(text: str) -> str:
+    from vm import isa, load
+
+    return isa.encode(load(text.encode()).instructions).hex()
+
+
+def test_plugin_runs_raw_bytecode_with_memory(engine):
+    code = hexcode("r0 = *(u32 *)(r1 + 0)\nr0 += r2\nexit")
+    proc = bpfexec("conformance-plugin", "--engine", engine, "05000000", stdin=code)
+    assert (proc.returncode, proc.stdout) == (0, "9\n")
+
+
+def test_plugin_helper_5_returns_its_first_argument(engine):
+    proc = bpfexec("conformance-plugin", "--engine", engine, stdin=hexcode("r1 = 77\ncall 5\nexit"))
+    assert proc.stdout == f"{77:x}\n"
+
+
+def test_plugin_runs_elf(compile_c, engine):
+    # example(r1, r2) returns r2 when r1 > 3: r1 is the memory's address, r2 its length.
+    code = compile_c("example").read_bytes().hex()
+    proc = bpfexec("conformance-plugin", "--engine", engine, "--elf", "0102030405", stdin=code)
+    assert proc.stdout == "5\n"
+
+
+@pytest.mark.parametrize(
+    ("stdin", "args", "message"),
+    [
+        ("zz", [], "must be hex"),
+        ("0000", [], "not a multiple of 8"),
+        ("ff00000000000000", [], "pc 0"),
+        ("{fault}", [], "MEMORY_FAULT"),
+        ("{exit}", ["--elf"], "no ELF"),
+    ],
+)
+def test_plugin_errors_exit_1_with_one_line(stdin, args, message):
+    stdin = stdin.format(fault=hexcode("r0 = *(u64 *)(r1 + 8)\nexit"), exit=hexcode("exit"))
+    line = one_line_error(bpfexec("conformance-plugin", *args, stdin=stdin), code=1)
+    assert message in line
