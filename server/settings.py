@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for target, instance in ((Settings, defaults), (Limits, defaults.limits)):
         for knob, kind in _knobs(target):
             default = getattr(instance, knob.name)
-            text = knob.metadata.get("help", f"VM limit: {knob.name.replace('_', ' ')}")
+            text = knob.metadata["help"]
             text = f"{text} (env {_env_name(knob.name)}, default {default!r})"
             flag = "--" + knob.name.replace("_", "-")
             if kind is bool:
