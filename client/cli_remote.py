@@ -31,6 +31,7 @@ from client.errors import InvalidArgument
 EXIT_OK = 0
 EXIT_UNHEALTHY = 1
 EXIT_USAGE = 2
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -120,13 +121,26 @@ def run_remote(
 ) -> dict[str, Any]:
     """Upload `code` to `server`, run `function`, return the result as a local run's dict.
 
+    `remote_helpers` are `MODULE:ATTR` specs of `vm.HelperRegistry`s whose
+    helpers this process answers over an ExecuteStream (by number and name).
     Raises `client.errors.BpfexecError` subclasses with the server's message.
     """
-    if remote_helpers:
-        raise InvalidArgument(
-            "--remote-helpers needs the ExecuteStream method, which this version does not have",
-            grpc.StatusCode.INVALID_ARGUMENT,
-        )
+    helpers = _remote_registry(remote_helpers) if remote_helpers else None
     with Client(server, timeout=timeout) as client:
         module = client.load(code, name)
-        return client.execute(module, function, args, fuel).to_dict()
+        return client.execute(module, function, args, fuel, helpers=helpers).to_dict()
+
+
+def _remote_registry(specs: Sequence[str]) -> Any:
+    """One `vm.HelperRegistry` merging the registries `specs` name (a clash is an error)."""
+    from vm.helpers import HelperRegistry, import_registry
+
+    merged = HelperRegistry()
+    try:
+        for spec in specs:
+            merged.update(import_registry(spec))
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"--remote-helpers: {exc}", grpc.StatusCode.INVALID_ARGUMENT
+        ) from None
+    return merged

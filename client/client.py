@@ -6,32 +6,47 @@
         print(result.return_value, result.trap)
 
 Blocking, thread-safe (one client can be shared by threads; calls run
-concurrently over one HTTP/2 connection). Failures raise `client.errors`
-exceptions carrying the server's message; a program that traps is a `Result`
-with `trap` set, not an exception. This module depends only on the generated
-stubs in `client._pb`, never on the server or the VM.
+concurrently over one HTTP/2 connection). `execute(..., helpers=...)` answers
+helper calls of the program from this process over an `ExecuteStream`
+(docs/remote-helpers.md); `client.aio.AsyncClient` is the asyncio twin.
+Failures raise `client.errors` exceptions carrying the server's message; a
+program that traps is a `Result` with `trap` set, not an exception. This
+module depends only on the generated stubs in `client._pb`, never on the
+server or the VM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import queue
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from client._pb.bpfexec.v1 import executor_pb2 as pb
 from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from client.errors import InvalidArgument, NotFound, from_rpc_error
+from client.errors import (
+    InvalidArgument,
+    MemoryFault,
+    NotFound,
+    ProtocolError,
+    from_rpc_error,
+)
 from client.types import Helper, Module, Result
 
-__all__ = ["Client"]
+__all__ = ["Client", "HelperCall"]
 
 MASK64 = (1 << 64) - 1
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # the server's default; gRPC's own is only 4 MiB
 
 Arg = int | bytes | bytearray | memoryview
 T = TypeVar("T")
+HelperKey = int | str
+# What `helpers=` takes: {number or name: fn(call, r1, r2, r3, r4, r5) -> int}, or
+# anything iterable whose items have `.fn`, `.number` and `.name`, such as a
+# `vm.HelperRegistry` (not imported: the client does not depend on the VM).
+Helpers = Mapping[HelperKey, Callable[..., Any]] | Iterable[Any]
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT  # checked here, reported like the server would
 
 
@@ -112,6 +127,7 @@ class Client:
         args: Sequence[Arg] = (),
         fuel: int | None = None,
         timeout: float | None = None,
+        helpers: Helpers | None = None,
     ) -> Result:
         """Run `function` (default: the first exported one) of a module.
 
@@ -123,27 +139,209 @@ class Client:
 
         If `module` is a Module from `load()` and the server no longer has it,
         it is uploaded again and the execution retried once.
+
+        `helpers` are answered by this process: `{42: fn, "mul": fn}` (by the
+        number or the name the program calls) or a `vm.HelperRegistry`. Each
+        `fn(call, r1, r2, r3, r4, r5) -> int` runs on the calling thread; `call`
+        is a `HelperCall` whose `read`, `write`, `read_cstring` and `log` work
+        like an in-process helper's context, so the same functions serve both.
+        An exception raised by `fn` ends the run with a HELPER_ERROR trap
+        carrying its message. A helper the server answers in-process cannot be
+        offered (InvalidArgument).
         """
-        request = pb.ExecuteRequest(
-            module_id=_module_id(module),
-            function=function or "",
-            args=[_argument(i, arg) for i, arg in enumerate(args, start=1)],
-            fuel=fuel or 0,
-        )
+        request = execute_request(module, function, args, fuel)
+        timeout = self.timeout if timeout is None else timeout
+        table = helper_table(helpers) if helpers is not None else None
         try:
-            response = self._call(self._stub.Execute, request, timeout)
+            response = self._execute_once(request, timeout, table)
         except NotFound:
             if not isinstance(module, Module) or not module.code:
                 raise
             self.load(module.code, module.name)
-            response = self._call(self._stub.Execute, request, timeout)
+            response = self._execute_once(request, timeout, table)
         return Result.from_pb(response)
+
+    def _execute_once(
+        self,
+        request: pb.ExecuteRequest,
+        timeout: float | None,
+        table: dict[HelperKey, Callable[..., Any]] | None,
+    ) -> pb.ExecuteResponse:
+        if table is None:
+            return self._call(self._stub.Execute, request, timeout)
+        outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None] = queue.SimpleQueue()
+        outbox.put(start_message(request, table))
+        responses = self._stub.ExecuteStream(_drain(outbox), timeout=timeout)
+        try:
+            for message in responses:
+                kind = message.WhichOneof("message")
+                if kind == "result":
+                    return message.result
+                if kind != "helper_call":
+                    raise ProtocolError(f"unexpected {kind} from the server outside a helper call")
+                call = HelperCall(message.helper_call, outbox, responses)
+                outbox.put(helper_result(call, table))
+            raise ProtocolError("the server ended ExecuteStream without a result")
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            outbox.put(None)  # ends the request stream
+            responses.cancel()  # a no-op once the server has finished
 
     def _call(self, method: Callable[..., T], request: object, timeout: float | None = None) -> T:
         try:
             return method(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+
+class HelperCall:
+    """One helper call of a running program, as `fn(call, r1, ..., r5)` sees it.
+
+    `helper` is the number or name offered that the program called; `args` are
+    r1..r5. The memory methods ask the server, which bounds-checks them like
+    the program's own accesses; a bad address raises MemoryFault (if `fn` lets
+    it propagate, the run ends with that MEMORY_FAULT trap, as in-process).
+    """
+
+    __slots__ = ("_outbox", "_responses", "args", "call_id", "helper")
+
+    def __init__(
+        self,
+        message: pb.HelperCall,
+        outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None],
+        responses: Iterator[pb.ExecuteStreamResponse],
+    ) -> None:
+        self.call_id: int = message.call_id
+        self.helper: HelperKey = called_helper(message)
+        self.args: tuple[int, ...] = tuple(message.args)
+        self._outbox = outbox
+        self._responses = responses
+
+    def read(self, addr: int, size: int) -> bytes:
+        """`size` bytes of the program's memory at virtual address `addr`."""
+        return self._read(addr, size, until_nul=False)
+
+    def read_cstring(self, addr: int, max_len: int = 4096) -> bytes:
+        """The NUL-terminated string at `addr` (without the NUL), at most `max_len` bytes."""
+        return self._read(addr, max_len, until_nul=True)
+
+    def write(self, addr: int, data: bytes) -> None:
+        """Store `data` in the program's memory at virtual address `addr`."""
+        write = pb.MemoryWrite(call_id=self.call_id, address=addr & MASK64, data=bytes(data))
+        self._outbox.put(pb.ExecuteStreamRequest(memory_write=write))
+        answer = self._answer("memory_write_result").memory_write_result
+        if answer.error:
+            raise MemoryFault(answer.error, _INVALID)
+
+    def log(self, text: str) -> None:
+        """Append a line to the execution's log (dropped past the server's log limits)."""
+        line = pb.HelperLog(call_id=self.call_id, text=text)
+        self._outbox.put(pb.ExecuteStreamRequest(log=line))
+
+    def _read(self, addr: int, size: int, until_nul: bool) -> bytes:
+        read = pb.MemoryRead(
+            call_id=self.call_id, address=addr & MASK64, size=size, until_nul=until_nul
+        )
+        self._outbox.put(pb.ExecuteStreamRequest(memory_read=read))
+        answer = self._answer("memory_read_result").memory_read_result
+        if answer.WhichOneof("outcome") == "error":
+            raise MemoryFault(answer.error, _INVALID)
+        return answer.data
+
+    def _answer(self, kind: str) -> pb.ExecuteStreamResponse:
+        message = next(self._responses, None)
+        if message is None or message.WhichOneof("message") != kind:
+            got = message.WhichOneof("message") if message is not None else "the end of the stream"
+            raise ProtocolError(f"expected {kind} from the server, got {got}")
+        return message
+
+    def __repr__(self) -> str:
+        return f"HelperCall(call_id={self.call_id}, helper={self.helper!r}, args={self.args})"
+
+
+def helper_table(helpers: Helpers) -> dict[HelperKey, Callable[..., Any]]:
+    """`helpers=` as {number or name: fn}, checked before anything is sent."""
+    table: dict[HelperKey, Callable[..., Any]] = {}
+    if isinstance(helpers, Mapping):
+        for key, fn in helpers.items():
+            if isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise InvalidArgument(f"helper key {key!r}: expected a number or a name", _INVALID)
+            if isinstance(key, int) and not 0 <= key < 1 << 32:
+                raise InvalidArgument(f"helper number {key} is outside 0..2**32-1", _INVALID)
+            table[key] = fn
+        return table
+    entries: Iterable[Any] = helpers  # a vm.HelperRegistry: offer each by number and name
+    for helper in entries:
+        for key in (helper.number, helper.name):
+            if key is not None:
+                table[key] = helper.fn
+    return table
+
+
+def execute_request(
+    module: str | Module, function: str | None, args: Sequence[Arg], fuel: int | None
+) -> pb.ExecuteRequest:
+    return pb.ExecuteRequest(
+        module_id=_module_id(module),
+        function=function or "",
+        args=[_argument(i, arg) for i, arg in enumerate(args, start=1)],
+        fuel=fuel or 0,
+    )
+
+
+def start_message(
+    request: pb.ExecuteRequest, table: Mapping[HelperKey, object]
+) -> pb.ExecuteStreamRequest:
+    """The first message of an ExecuteStream: the execution and the offered helpers."""
+    start = pb.ExecuteStart(
+        request=request,
+        helper_numbers=[key for key in table if isinstance(key, int)],
+        helper_names=[key for key in table if isinstance(key, str)],
+    )
+    return pb.ExecuteStreamRequest(start=start)
+
+
+def called_helper(message: pb.HelperCall) -> HelperKey:
+    return message.name if message.WhichOneof("helper") == "name" else message.number
+
+
+def helper_result(
+    call: HelperCall, table: Mapping[HelperKey, Callable[..., Any]]
+) -> pb.ExecuteStreamRequest:
+    """Run the helper for `call` and wrap its value, or its exception, as a HelperResult."""
+    try:
+        value = table[call.helper](call, *call.args)
+    except (ProtocolError, grpc.RpcError):
+        raise  # the stream itself failed: not something to report as the helper's error
+    except Exception as exc:  # the helper's failure is the program's outcome, not ours
+        return result_message(call.call_id, error=describe(exc))
+    return result_message(call.call_id, value=value)
+
+
+def result_message(
+    call_id: int, *, value: object = None, error: str | None = None
+) -> pb.ExecuteStreamRequest:
+    """A HelperResult; a value that is not an int becomes an error naming its type."""
+    if error is None and (isinstance(value, bool) or not isinstance(value, int)):
+        error = f"returned {type(value).__name__}, expected int"
+    if error is not None:
+        return pb.ExecuteStreamRequest(helper_result=pb.HelperResult(call_id=call_id, error=error))
+    return pb.ExecuteStreamRequest(
+        helper_result=pb.HelperResult(call_id=call_id, value=value & MASK64)  # type: ignore[operator]
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: first line` of an exception, the form in-process helper errors take."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _drain(outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None]) -> Iterator[Any]:
+    """The request stream: whatever the helpers queue, until None."""
+    while (message := outbox.get()) is not None:
+        yield message
 
 
 def _module_id(module: str | Module) -> str:

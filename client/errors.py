@@ -68,6 +68,17 @@ class Unauthenticated(BpfexecError):
     """The server requires credentials the client did not present."""
 
 
+class MemoryFault(BpfexecError):
+    """A remote helper's memory access was out of bounds (raised by `HelperCall.read` and kin).
+
+    Letting it propagate out of the helper ends the run with that MEMORY_FAULT trap.
+    """
+
+
+class ProtocolError(BpfexecError):
+    """The server sent something the ExecuteStream protocol does not allow (a bug)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[BpfexecError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,

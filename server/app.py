@@ -78,6 +78,7 @@ async def start(settings: Settings) -> RunningServer:
         max_concurrent=settings.max_concurrent_executions,
         cache_max_modules=settings.cache_max_modules,
         cache_max_bytes=settings.cache_max_bytes,
+        remote_helper_timeout=settings.remote_helper_timeout,
     )
     server = grpc.aio.server(
         interceptors=[metrics.interceptor()],

@@ -96,8 +96,10 @@ class ExecutionService:
         max_concurrent: int = 16,
         cache_max_modules: int = 1024,
         cache_max_bytes: int = 256 << 20,
+        remote_helper_timeout: float = 10.0,
     ) -> None:
         self.limits = limits
+        self.remote_helper_timeout = remote_helper_timeout  # seconds per remote helper call
         self.engine = engine
         self.max_concurrent = max_concurrent
         self.metrics = metrics

@@ -23,6 +23,7 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+MAX_REMOTE_HELPER_LABELS = 256
 FUEL_BUCKETS = tuple(float(10**n) for n in range(1, 11))
 
 
@@ -47,6 +48,13 @@ class Metrics:
             "bpfexec_helper_calls", "Helper calls by helper and where they were answered.",
             ["helper", "location"], registry=r,
         )  # fmt: skip
+        self.remote_helper_seconds = Histogram(
+            "bpfexec_remote_helper_seconds",
+            "Round trip of one remote helper call: from sending HelperCall to the client's "
+            "HelperResult (memory accesses of the call included).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._remote_labels: set[str] = set()
         self.in_flight = Gauge(
             "bpfexec_executions_in_flight", "Executions running right now.", registry=r
         )
@@ -96,6 +104,20 @@ class Metrics:
     def helper_counter(self, helper: str, location: str) -> Callable[[], None]:
         """A cheap `inc()` for one helper, bound once so each call skips the label lookup."""
         return self.helper_calls.labels(helper, location).inc  # type: ignore[no-any-return]
+
+    def remote_helper_counter(self, helper: str) -> Callable[[], None]:
+        """`inc()` for a helper a client answers (`location="remote"`).
+
+        Clients choose remote helper names, so past `MAX_REMOTE_HELPER_LABELS`
+        distinct ones the rest are counted together as `other`: a stream of
+        made-up names must not grow the metrics without bound.
+        """
+        if helper not in self._remote_labels:
+            if len(self._remote_labels) >= MAX_REMOTE_HELPER_LABELS:
+                helper = "other"
+            else:
+                self._remote_labels.add(helper)
+        return self.helper_counter(helper, "remote")
 
     def interceptor(self) -> grpc.aio.ServerInterceptor:
         return _GrpcMetricsInterceptor(self)

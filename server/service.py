@@ -8,8 +8,9 @@ exception it raised into a gRPC status with rich error details
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import NoReturn
 
 import grpc
@@ -21,6 +22,7 @@ from client._pb.bpfexec.v1 import executor_pb2 as pb
 from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 from server.cache import CachedModule
 from server.executor import DeadlineExceeded, ExecutionService, ModuleNotFound, Overloaded
+from server.remote import HelperCall, ProtocolViolation, RemoteHelpers, ShadowedHelper
 from vm import Helper, HelperRef, LimitError, LinkError, LoadError, RequestError, Result, Trap
 from vm.machine import Argument
 
@@ -88,6 +90,69 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             await _abort(context, exc)
         return response(result)
 
+    async def ExecuteStream(
+        self,
+        requests: AsyncIterator[pb.ExecuteStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ExecuteStreamResponse]:
+        """Execute with the client's helpers; the protocol is documented in the proto.
+
+        Every message to the client goes through `outbox`, written by this
+        generator alone, so helper calls (queued from the worker thread) and
+        memory answers (queued by the reader task) never interleave a write.
+        """
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("message") != "start":
+            await _abort(context, ProtocolViolation(
+                "the first message of ExecuteStream must be `start` (the execution and the "
+                f"offered helpers), got {_kind(first)}"
+            ))  # fmt: skip
+        start = first.start
+        outbox: asyncio.Queue[pb.ExecuteStreamResponse | Exception | None] = asyncio.Queue()
+        try:
+            session = RemoteHelpers(
+                start.helper_numbers,
+                start.helper_names,
+                shadows=self._service.provides,
+                timeout=self._service.remote_helper_timeout,
+                metrics=self._service.metrics,
+                send=lambda call: outbox.put_nowait(_helper_call(call)),
+                loop=asyncio.get_running_loop(),
+            )
+            args = arguments(start.request.args)
+        except Exception as exc:
+            await _abort(context, exc)
+        run = asyncio.ensure_future(
+            self._service.execute(
+                start.request.module_id,
+                start.request.function or None,
+                args,
+                start.request.fuel or None,
+                timeout=context.time_remaining(),
+                helpers=session,
+            )
+        )
+        run.add_done_callback(lambda _: outbox.put_nowait(None))
+        reader = asyncio.ensure_future(_serve_client(requests, session, outbox))
+        try:
+            while (message := await outbox.get()) is not None:
+                if isinstance(message, Exception):
+                    session.cancel()
+                    run.cancel()
+                    await _abort(context, message)
+                yield message
+            try:
+                result = run.result()
+            except Exception as exc:
+                await _abort(context, exc)
+            yield pb.ExecuteStreamResponse(result=response(result))
+        finally:
+            # However the stream ends (result sent, client gone, violation),
+            # a worker parked in a helper call wakes up and the program stops.
+            session.cancel()
+            run.cancel()
+            reader.cancel()
+
     def _module(self, module: CachedModule) -> pb.Module:
         program = module.program
         return pb.Module(
@@ -103,6 +168,74 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 _helper_ref(ref, in_process=self._service.provides(ref)) for ref in program.helpers
             ],
         )
+
+
+async def _serve_client(
+    requests: AsyncIterator[pb.ExecuteStreamRequest],
+    session: RemoteHelpers,
+    outbox: asyncio.Queue[pb.ExecuteStreamResponse | Exception | None],
+) -> None:
+    """Feed the client's messages to `session`; queue memory answers and violations."""
+    try:
+        async for message in requests:
+            kind = message.WhichOneof("message")
+            if kind == "helper_result":
+                result = message.helper_result
+                outcome = result.WhichOneof("outcome")
+                if outcome is None:
+                    raise ProtocolViolation(
+                        f"HelperResult for call_id {result.call_id} sets neither value nor error"
+                    )
+                session.answer(
+                    result.call_id,
+                    result.value if outcome == "value" else None,
+                    result.error if outcome == "error" else None,
+                )
+            elif kind == "memory_read":
+                read = message.memory_read
+                answer = pb.MemoryReadResult(call_id=read.call_id)
+                try:
+                    answer.data = session.read(
+                        read.call_id, read.address, read.size, read.until_nul
+                    )
+                except Trap as fault:
+                    answer.error = fault.message
+                outbox.put_nowait(pb.ExecuteStreamResponse(memory_read_result=answer))
+            elif kind == "memory_write":
+                write = message.memory_write
+                done = pb.MemoryWriteResult(call_id=write.call_id)
+                try:
+                    session.write(write.call_id, write.address, write.data)
+                except Trap as fault:
+                    done.error = fault.message
+                outbox.put_nowait(pb.ExecuteStreamResponse(memory_write_result=done))
+            elif kind == "log":
+                session.log(message.log.call_id, message.log.text)
+            else:
+                raise ProtocolViolation(
+                    f"unexpected {_kind(message)}: an ExecuteStream has one `start`, first"
+                )
+        session.client_done()
+    except ProtocolViolation as violation:
+        outbox.put_nowait(violation)
+    except (grpc.RpcError, asyncio.InvalidStateError):
+        session.cancel()  # the stream broke under the reader: the generator is cancelled too
+
+
+def _kind(message: pb.ExecuteStreamRequest | None) -> str:
+    if message is None:
+        return "no message (the client closed its side)"
+    kind = message.WhichOneof("message")
+    return f"a `{kind}` message" if kind else "an empty message"
+
+
+def _helper_call(call: HelperCall) -> pb.ExecuteStreamResponse:
+    message = pb.HelperCall(call_id=call.call_id, args=call.args)
+    if isinstance(call.helper, str):
+        message.name = call.helper
+    else:
+        message.number = call.helper
+    return pb.ExecuteStreamResponse(helper_call=message)
 
 
 def arguments(args: Sequence[pb.Argument]) -> list[Argument]:
@@ -163,6 +296,8 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode, str]] = [
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     (LimitError, grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED"),
     (LinkError, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_HELPER"),
+    (ShadowedHelper, grpc.StatusCode.INVALID_ARGUMENT, "HELPER_SHADOWED"),
+    (ProtocolViolation, grpc.StatusCode.INVALID_ARGUMENT, "PROTOCOL_VIOLATION"),
     (LoadError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODULE"),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST"),
 ]

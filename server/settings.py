@@ -49,6 +49,9 @@ class Settings:
     )
     cache_max_modules: int = _knob(1024, "modules kept in the cache (least recently used go)")
     cache_max_bytes: int = _knob(256 << 20, "total bytes of modules kept in the cache")
+    remote_helper_timeout: float = _knob(
+        10.0, "seconds a client gets to answer one remote helper call (then HELPER_ERROR)"
+    )
     grace_period: float = _knob(10.0, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
     max_message_bytes: int = _knob(64 << 20, "largest gRPC message accepted or sent, in bytes")
     limits: Limits = field(default_factory=Limits, metadata={"help": "VM limits"})
@@ -60,6 +63,10 @@ class Settings:
         for name in ("max_concurrent_executions", "cache_max_modules", "cache_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.remote_helper_timeout <= 0:
+            raise ValueError(
+                f"remote_helper_timeout must be positive, got {self.remote_helper_timeout}"
+            )
         if self.grace_period < 0:
             raise ValueError(f"grace_period must not be negative, got {self.grace_period}")
         if self.engine not in ENGINES:

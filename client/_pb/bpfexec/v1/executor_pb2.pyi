@@ -145,3 +145,109 @@ class Trap(_message.Message):
     message: str
     function: str
     def __init__(self, kind: _Optional[str] = ..., pc: _Optional[int] = ..., instruction: _Optional[str] = ..., location: _Optional[str] = ..., message: _Optional[str] = ..., function: _Optional[str] = ...) -> None: ...
+
+class ExecuteStreamRequest(_message.Message):
+    __slots__ = ("start", "helper_result", "memory_read", "memory_write", "log")
+    START_FIELD_NUMBER: _ClassVar[int]
+    HELPER_RESULT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_READ_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_WRITE_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    start: ExecuteStart
+    helper_result: HelperResult
+    memory_read: MemoryRead
+    memory_write: MemoryWrite
+    log: HelperLog
+    def __init__(self, start: _Optional[_Union[ExecuteStart, _Mapping]] = ..., helper_result: _Optional[_Union[HelperResult, _Mapping]] = ..., memory_read: _Optional[_Union[MemoryRead, _Mapping]] = ..., memory_write: _Optional[_Union[MemoryWrite, _Mapping]] = ..., log: _Optional[_Union[HelperLog, _Mapping]] = ...) -> None: ...
+
+class ExecuteStreamResponse(_message.Message):
+    __slots__ = ("helper_call", "memory_read_result", "memory_write_result", "result")
+    HELPER_CALL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_READ_RESULT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_WRITE_RESULT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    helper_call: HelperCall
+    memory_read_result: MemoryReadResult
+    memory_write_result: MemoryWriteResult
+    result: ExecuteResponse
+    def __init__(self, helper_call: _Optional[_Union[HelperCall, _Mapping]] = ..., memory_read_result: _Optional[_Union[MemoryReadResult, _Mapping]] = ..., memory_write_result: _Optional[_Union[MemoryWriteResult, _Mapping]] = ..., result: _Optional[_Union[ExecuteResponse, _Mapping]] = ...) -> None: ...
+
+class ExecuteStart(_message.Message):
+    __slots__ = ("request", "helper_numbers", "helper_names")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    HELPER_NUMBERS_FIELD_NUMBER: _ClassVar[int]
+    HELPER_NAMES_FIELD_NUMBER: _ClassVar[int]
+    request: ExecuteRequest
+    helper_numbers: _containers.RepeatedScalarFieldContainer[int]
+    helper_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request: _Optional[_Union[ExecuteRequest, _Mapping]] = ..., helper_numbers: _Optional[_Iterable[int]] = ..., helper_names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HelperCall(_message.Message):
+    __slots__ = ("call_id", "number", "name", "args")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    number: int
+    name: str
+    args: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, call_id: _Optional[int] = ..., number: _Optional[int] = ..., name: _Optional[str] = ..., args: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class HelperResult(_message.Message):
+    __slots__ = ("call_id", "value", "error")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    value: int
+    error: str
+    def __init__(self, call_id: _Optional[int] = ..., value: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class MemoryRead(_message.Message):
+    __slots__ = ("call_id", "address", "size", "until_nul")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_NUL_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    address: int
+    size: int
+    until_nul: bool
+    def __init__(self, call_id: _Optional[int] = ..., address: _Optional[int] = ..., size: _Optional[int] = ..., until_nul: _Optional[bool] = ...) -> None: ...
+
+class HelperLog(_message.Message):
+    __slots__ = ("call_id", "text")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    text: str
+    def __init__(self, call_id: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class MemoryWrite(_message.Message):
+    __slots__ = ("call_id", "address", "data")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    address: int
+    data: bytes
+    def __init__(self, call_id: _Optional[int] = ..., address: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class MemoryReadResult(_message.Message):
+    __slots__ = ("call_id", "data", "error")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    data: bytes
+    error: str
+    def __init__(self, call_id: _Optional[int] = ..., data: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+
+class MemoryWriteResult(_message.Message):
+    __slots__ = ("call_id", "error")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    error: str
+    def __init__(self, call_id: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...

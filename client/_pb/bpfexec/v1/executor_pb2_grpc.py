@@ -67,6 +67,11 @@ class ExecutorStub:
                 request_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteResponse.FromString,
                 _registered_method=True)
+        self.ExecuteStream = channel.stream_stream(
+                '/bpfexec.v1.Executor/ExecuteStream',
+                request_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamRequest.SerializeToString,
+                response_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
@@ -118,6 +123,28 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteStream(self, request_iterator, context):
+        """Run one function of a cached module with helpers answered by the client
+        itself ("remote helpers") on top of the server's in-process ones. The
+        full protocol is described at ExecuteStreamRequest and in
+        docs/remote-helpers.md. In short:
+
+        client: ExecuteStreamRequest{start}             (exactly once, first)
+        server: ExecuteStreamResponse{helper_call}      (zero or more times;
+        client:   ExecuteStreamRequest{memory_read|memory_write}   any number,
+        server:   ExecuteStreamResponse{memory_*_result}            in turn)
+        client: ExecuteStreamRequest{helper_result}     (answers the call)
+        server: ExecuteStreamResponse{result}           (last message; then OK)
+
+        Request problems end the stream with the same status codes as Execute,
+        before anything runs. Protocol violations by the client end it with
+        INVALID_ARGUMENT. What the program does (including a helper error) is the
+        final `result`, with status OK.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +177,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteRequest.FromString,
                     response_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteResponse.SerializeToString,
+            ),
+            'ExecuteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteStream,
+                    request_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamRequest.FromString,
+                    response_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +349,33 @@ class Executor:
             '/bpfexec.v1.Executor/Execute',
             bpfexec_dot_v1_dot_executor__pb2.ExecuteRequest.SerializeToString,
             bpfexec_dot_v1_dot_executor__pb2.ExecuteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bpfexec.v1.Executor/ExecuteStream',
+            bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamRequest.SerializeToString,
+            bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,232 @@
+"""`AsyncClient`: the asyncio twin of `client.Client`, for asyncio applications.
+
+    async with AsyncClient("localhost:50051") as bpf:
+        module = await bpf.load(code)
+        result = await bpf.execute(module, "foo", [2, 3], helpers={"mul": mul})
+
+Same methods, arguments, results and exceptions as `Client`; every call is a
+coroutine. Remote helpers may be plain or `async def` functions
+`fn(call, r1, ..., r5)`; here `call.read`, `call.write` and `call.read_cstring`
+are coroutines (`await call.read(addr, 8)`), `call.log` is not. Helpers run on
+the event loop, one call at a time per execution, as the protocol requires.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from client._pb.bpfexec.v1 import executor_pb2 as pb
+from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from client.client import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MASK64,
+    Arg,
+    HelperKey,
+    Helpers,
+    called_helper,
+    describe,
+    execute_request,
+    helper_table,
+    result_message,
+    start_message,
+)
+from client.errors import MemoryFault, NotFound, ProtocolError, from_rpc_error
+from client.types import Helper, Module, Result
+
+__all__ = ["AsyncClient", "AsyncHelperCall"]
+
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class AsyncClient:
+    """An asyncio connection to one bpfexec server; see `client.Client` for the arguments."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        channel_options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            *options,
+        ]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
+        self._stub = pb_grpc.ExecutorStub(self._channel)
+        self.target = target
+        self.timeout = timeout
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def load(self, code: bytes, name: str | None = None) -> Module:
+        """Upload a module; see `Client.load`."""
+        request = pb.LoadModuleRequest(code=bytes(code), name=name or "")
+        return Module.from_pb(await self._call(self._stub.LoadModule, request), code=bytes(code))
+
+    async def get_module(self, module_id: str) -> Module:
+        response = await self._call(self._stub.GetModule, pb.GetModuleRequest(id=module_id))
+        return Module.from_pb(response)
+
+    async def list_modules(self) -> list[Module]:
+        response = await self._call(self._stub.ListModules, pb.ListModulesRequest())
+        return [Module.from_pb(module) for module in response.modules]
+
+    async def delete_module(self, module: str | Module) -> None:
+        module_id = module.id if isinstance(module, Module) else module
+        await self._call(self._stub.DeleteModule, pb.DeleteModuleRequest(id=module_id))
+
+    async def list_helpers(self) -> list[Helper]:
+        response = await self._call(self._stub.ListHelpers, pb.ListHelpersRequest())
+        return [Helper.from_pb(helper) for helper in response.helpers]
+
+    async def execute(
+        self,
+        module: str | Module,
+        function: str | None = None,
+        args: Sequence[Arg] = (),
+        fuel: int | None = None,
+        timeout: float | None = None,
+        helpers: Helpers | None = None,
+    ) -> Result:
+        """Run a function; see `Client.execute`. Helper fns may be `async def`."""
+        request = execute_request(module, function, args, fuel)
+        timeout = self.timeout if timeout is None else timeout
+        table = helper_table(helpers) if helpers is not None else None
+        try:
+            response = await self._execute_once(request, timeout, table)
+        except NotFound:
+            if not isinstance(module, Module) or not module.code:
+                raise
+            await self.load(module.code, module.name)
+            response = await self._execute_once(request, timeout, table)
+        return Result.from_pb(response)
+
+    async def _execute_once(
+        self,
+        request: pb.ExecuteRequest,
+        timeout: float | None,
+        table: dict[HelperKey, Callable[..., Any]] | None,
+    ) -> pb.ExecuteResponse:
+        if table is None:
+            return await self._call(self._stub.Execute, request, timeout)
+        stream = self._stub.ExecuteStream(timeout=timeout)
+        try:
+            await stream.write(start_message(request, table))
+            while True:
+                message = await stream.read()
+                if message is grpc.aio.EOF:
+                    raise ProtocolError("the server ended ExecuteStream without a result")
+                kind = message.WhichOneof("message")
+                if kind == "result":
+                    return message.result
+                if kind != "helper_call":
+                    raise ProtocolError(f"unexpected {kind} from the server outside a helper call")
+                call = AsyncHelperCall(message.helper_call, stream)
+                result = await _answer(call, table)
+                for line in call.lines:
+                    log = pb.HelperLog(call_id=call.call_id, text=line)
+                    await stream.write(pb.ExecuteStreamRequest(log=log))
+                await stream.write(result)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            stream.cancel()  # a no-op once the server has finished
+
+    async def _call(self, method: Any, request: object, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+
+class AsyncHelperCall:
+    """One helper call of a running program; `client.HelperCall` with coroutine accessors."""
+
+    __slots__ = ("_stream", "args", "call_id", "helper", "lines")
+
+    def __init__(self, message: pb.HelperCall, stream: Any) -> None:
+        self.call_id: int = message.call_id
+        self.helper: HelperKey = called_helper(message)
+        self.args: tuple[int, ...] = tuple(message.args)
+        self.lines: list[str] = []  # logged by the helper, sent before its result
+        self._stream = stream
+
+    async def read(self, addr: int, size: int) -> bytes:
+        """`size` bytes of the program's memory at virtual address `addr`."""
+        return await self._read(addr, size, until_nul=False)
+
+    async def read_cstring(self, addr: int, max_len: int = 4096) -> bytes:
+        """The NUL-terminated string at `addr` (without the NUL), at most `max_len` bytes."""
+        return await self._read(addr, max_len, until_nul=True)
+
+    async def write(self, addr: int, data: bytes) -> None:
+        """Store `data` in the program's memory at virtual address `addr`."""
+        write = pb.MemoryWrite(call_id=self.call_id, address=addr & MASK64, data=bytes(data))
+        await self._stream.write(pb.ExecuteStreamRequest(memory_write=write))
+        answer = (await self._answer("memory_write_result")).memory_write_result
+        if answer.error:
+            raise MemoryFault(answer.error, _INVALID)
+
+    def log(self, text: str) -> None:
+        """Append a line to the execution's log (sent just before the call's result, so
+        this stays a plain method and sync helper functions can log too)."""
+        self.lines.append(text)
+
+    async def _read(self, addr: int, size: int, until_nul: bool) -> bytes:
+        read = pb.MemoryRead(
+            call_id=self.call_id, address=addr & MASK64, size=size, until_nul=until_nul
+        )
+        await self._stream.write(pb.ExecuteStreamRequest(memory_read=read))
+        answer = (await self._answer("memory_read_result")).memory_read_result
+        if answer.WhichOneof("outcome") == "error":
+            raise MemoryFault(answer.error, _INVALID)
+        return bytes(answer.data)
+
+    async def _answer(self, kind: str) -> pb.ExecuteStreamResponse:
+        message = await self._stream.read()
+        if message is grpc.aio.EOF or message.WhichOneof("message") != kind:
+            got = "the end" if message is grpc.aio.EOF else message.WhichOneof("message")
+            raise ProtocolError(f"expected {kind} from the server, got {got}")
+        return message
+
+    def __repr__(self) -> str:
+        return f"AsyncHelperCall(call_id={self.call_id}, helper={self.helper!r}, args={self.args})"
+
+
+async def _answer(
+    call: AsyncHelperCall, table: Mapping[HelperKey, Callable[..., Any]]
+) -> pb.ExecuteStreamRequest:
+    """Run the helper (awaiting it if it is async) and wrap its value or exception."""
+    try:
+        value = table[call.helper](call, *call.args)
+        if inspect.isawaitable(value):
+            value = await value
+    except (ProtocolError, grpc.RpcError):
+        raise
+    except Exception as exc:  # the helper's failure is the program's outcome, not ours
+        return result_message(call.call_id, error=describe(exc))
+    return result_message(call.call_id, value=value)

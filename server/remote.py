@@ -1,0 +1,257 @@
+"""Remote helpers: the helpers one client answers itself over its `ExecuteStream`.
+
+`RemoteHelpers` is the state of one stream, shared by two threads:
+
+- the execution's worker thread calls a remote helper like any other
+  (`Helper.fn(ctx, r1..r5)`); the call hands a `HelperCall` to the event loop
+  and blocks that worker thread (never the loop) on a future until the client
+  answers, the per-call timeout expires, or the stream goes away;
+- the event loop feeds in what the client sends: `answer()` resolves the
+  future, `read()`/`write()`/`log()` touch the program's memory and log while
+  the worker is parked inside the call, so nothing races the program itself.
+
+A lock guards "which call is pending" so a memory access cannot slip in after
+the worker gave up on its call. Nothing here knows gRPC: the servicer turns
+messages into these calls and `HelperCall`s into messages, so this protocol
+logic is tested without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from server.executor import ServiceError
+from server.metrics import Metrics
+from vm import Helper, HelperContext, HelperRef, Trap, TrapKind
+
+HelperKey = int | str  # the offered number or name a call site matched
+
+
+@dataclass(frozen=True)
+class HelperCall:
+    """A call the client must answer: which helper, with which r1..r5."""
+
+    call_id: int
+    helper: HelperKey
+    args: tuple[int, ...]
+
+
+class ProtocolViolation(ServiceError):
+    """The client broke the ExecuteStream protocol (a bug in the client, not the program)."""
+
+
+class ShadowedHelper(ServiceError):
+    """The client offered a helper the server answers in-process."""
+
+    def __init__(self, helpers: list[str]) -> None:
+        self.helpers = helpers
+        super().__init__(
+            f"{', '.join(helpers)}: answered in-process by this server; a client may not "
+            "shadow an in-process helper (ListHelpers lists them): stop offering "
+            f"{'it' if len(helpers) == 1 else 'them'}"
+        )
+
+
+class _Pending:
+    """The one helper call a stream is waiting for."""
+
+    __slots__ = ("call_id", "context", "fault", "future", "helper")
+
+    def __init__(self, call_id: int, helper: Helper, context: HelperContext) -> None:
+        self.call_id = call_id
+        self.helper = helper
+        self.context = context
+        self.future: Future[int] = Future()
+        # The last memory access of this call that faulted: if the client then
+        # fails the call, the run ends with this trap, as it would in-process.
+        self.fault: Trap | None = None
+
+
+class RemoteHelpers:
+    """The helpers offered on one stream: a `HelperResolver` for the execution.
+
+    `send(call)` is run on `loop` for every helper call; the servicer writes it
+    to the stream. `shadows(ref)` says whether the server answers `ref`
+    in-process, which a client may not override.
+    """
+
+    def __init__(
+        self,
+        numbers: Iterable[int],
+        names: Iterable[str],
+        *,
+        shadows: Callable[[HelperRef], bool],
+        timeout: float,
+        metrics: Metrics,
+        send: Callable[[HelperCall], object],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        refs = [HelperRef(number=n) for n in numbers] + [HelperRef(name=n) for n in names]
+        shadowed = [str(ref) for ref in refs if shadows(ref)]
+        if shadowed:
+            raise ShadowedHelper(shadowed)
+        self._helpers: dict[HelperKey, Helper] = {}
+        for ref in refs:
+            key: HelperKey = ref.name if ref.name is not None else ref.number  # type: ignore[assignment]
+            count = metrics.remote_helper_counter(str(ref))
+            self._helpers[key] = Helper(_RemoteFn(self, key, count), ref.number, ref.name)
+        self._timeout = timeout
+        self._seconds = metrics.remote_helper_seconds
+        self._send = send
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: _Pending | None = None
+        self._last_id = 0
+        self._expired: set[int] = set()  # calls the worker gave up on (timed out)
+        self._closed: tuple[TrapKind, str] | None = None
+
+    def resolve(self, ref: HelperRef) -> Helper | None:
+        """The offered helper a call site names: by name if it has one, else by number."""
+        if ref.name is not None:
+            return self._helpers.get(ref.name)
+        return self._helpers.get(ref.number) if ref.number is not None else None
+
+    # The worker thread
+
+    def call(self, key: HelperKey, context: HelperContext, registers: tuple[int, ...]) -> int:
+        """Send a helper call to the client and wait for its answer (worker thread)."""
+        helper = self._helpers[key]
+        with self._lock:
+            if self._closed is not None:
+                kind, why = self._closed
+                raise Trap(kind, f"remote helper {helper} cannot be answered: {why}")
+            self._last_id += 1
+            pending = _Pending(self._last_id, helper, context)
+            self._pending = pending
+        start = time.perf_counter()
+        self._loop.call_soon_threadsafe(self._send, HelperCall(pending.call_id, key, registers))
+        try:
+            try:
+                return pending.future.result(self._timeout)
+            except FutureTimeout:
+                with self._lock:
+                    if not pending.future.done():  # else the answer won the race: use it
+                        self._expired.add(pending.call_id)
+                        self._pending = None
+                        raise Trap(
+                            TrapKind.HELPER_ERROR,
+                            f"remote helper {helper} did not answer call {pending.call_id} "
+                            f"within {self._timeout:g} s (the server's remote_helper_timeout)",
+                        ) from None
+                return pending.future.result()
+        finally:
+            with self._lock:
+                if self._pending is pending:
+                    self._pending = None
+            self._seconds.observe(time.perf_counter() - start)
+
+    # The event loop: what the client sends
+
+    def answer(self, call_id: int, value: int | None, error: str | None) -> None:
+        """The client's HelperResult: a value for r0, or an error that ends the run."""
+        with self._lock:
+            pending = self._current("HelperResult", call_id)
+            if pending is None:
+                return  # the call timed out; its late answer changes nothing
+            self._pending = None  # a second answer for the same call is a violation
+            if error is None:
+                pending.future.set_result(value or 0)
+            elif pending.fault is not None:
+                pending.future.set_exception(pending.fault)
+            else:
+                pending.future.set_exception(
+                    Trap(TrapKind.HELPER_ERROR, f"remote helper {pending.helper} failed: {error}")
+                )
+
+    def read(self, call_id: int, address: int, size: int, until_nul: bool = False) -> bytes:
+        """Read memory for the pending call; a fault raises Trap (the run goes on)."""
+        with self._lock:
+            pending = self._accessible("MemoryRead", call_id)
+            try:
+                if until_nul:
+                    return pending.context.read_cstring(address, size)
+                return pending.context.read(address, size)
+            except Trap as fault:
+                pending.fault = fault
+                raise
+
+    def write(self, call_id: int, address: int, data: bytes) -> None:
+        """Write memory for the pending call; a fault raises Trap (the run goes on)."""
+        with self._lock:
+            pending = self._accessible("MemoryWrite", call_id)
+            try:
+                pending.context.write(address, data)
+            except Trap as fault:
+                pending.fault = fault
+                raise
+
+    def log(self, call_id: int, text: str) -> None:
+        """Append a line to the execution's log for the pending call."""
+        with self._lock:
+            pending = self._current("HelperLog", call_id)
+            if pending is not None:
+                pending.context.log(text)
+
+    def client_done(self) -> None:
+        """The client closed its side: calls from now on cannot be answered."""
+        self._close(TrapKind.HELPER_ERROR, "the client closed its side of the stream")
+
+    def cancel(self) -> None:
+        """The stream is gone (client cancelled, disconnected or broke the protocol)."""
+        self._close(TrapKind.CANCELLED, "the stream was cancelled")
+
+    def _close(self, kind: TrapKind, why: str) -> None:
+        with self._lock:
+            if self._closed is None:
+                self._closed = (kind, why)
+            pending, self._pending = self._pending, None
+            if pending is not None and not pending.future.done():
+                pending.future.set_exception(
+                    Trap(kind, f"remote helper {pending.helper} cannot be answered: {why}")
+                )
+
+    def _current(self, what: str, call_id: int) -> _Pending | None:
+        """The pending call `call_id` names; None if it timed out. Caller holds the lock."""
+        pending = self._pending
+        if pending is not None and pending.call_id == call_id:
+            return pending
+        if call_id in self._expired:
+            return None
+        if pending is None:
+            raise ProtocolViolation(
+                f"{what} for call_id {call_id}, but no helper call is pending "
+                f"({self._last_id} helper call(s) sent so far, each answered once)"
+            )
+        raise ProtocolViolation(
+            f"{what} for call_id {call_id}, but the pending helper call is {pending.call_id}"
+        )
+
+    def _accessible(self, what: str, call_id: int) -> _Pending:
+        pending = self._current(what, call_id)
+        if pending is None:
+            raise Trap(
+                TrapKind.HELPER_ERROR,
+                f"helper call {call_id} timed out: its memory is no longer accessible",
+            )
+        return pending
+
+
+class _RemoteFn:
+    """`Helper.fn` of one offered helper: counts the call and forwards it to the client."""
+
+    __slots__ = ("count", "key", "session")
+
+    def __init__(self, session: RemoteHelpers, key: HelperKey, count: Callable[[], None]) -> None:
+        self.session = session
+        self.key = key
+        self.count = count
+
+    def __call__(self, ctx: HelperContext, *registers: int) -> int:
+        self.count()
+        return self.session.call(self.key, ctx, registers)
