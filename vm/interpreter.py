@@ -562,7 +562,7 @@ class Interpreter:
         try:
             return _execute(machine, blocks)
         except Trap as trap:
-            raise _describe(trap, program) from None
+            raise locate_trap(trap, program) from None
 
 
 def _execute(m: Machine, blocks: list[Block | None]) -> int:
@@ -589,7 +589,7 @@ def _execute(m: Machine, blocks: list[Block | None]) -> int:
         if kind == JUMP:
             pc = block.branch(r)  # type: ignore[misc]
             if block.backward and interrupt.reason is not None:
-                raise _interrupted(interrupt.reason, pc)
+                raise interrupted(interrupt.reason, pc)
         elif kind == FALL:
             pc = block.next_pc
         elif kind == CALL:
@@ -600,7 +600,7 @@ def _execute(m: Machine, blocks: list[Block | None]) -> int:
                     pc=block.end_pc,
                 )
             if interrupt.reason is not None:
-                raise _interrupted(interrupt.reason, block.end_pc)
+                raise interrupted(interrupt.reason, block.end_pc)
             frames.append((block.next_pc, r[6], r[7], r[8], r[9], r[10]))
             r[10] -= frame_size
             pc = block.target
@@ -610,12 +610,12 @@ def _execute(m: Machine, blocks: list[Block | None]) -> int:
             pc, r[6], r[7], r[8], r[9], r[10] = frames.pop()
 
 
-def _interrupted(reason: TrapKind, pc: int) -> Trap:
+def interrupted(reason: TrapKind, pc: int) -> Trap:
     what = "the deadline passed" if reason == TrapKind.DEADLINE_EXCEEDED else "cancelled"
     return Trap(reason, f"execution stopped: {what}", pc=pc)
 
 
-def _describe(trap: Trap, program: Program) -> Trap:
+def locate_trap(trap: Trap, program: Program) -> Trap:
     """Fill in the instruction, function and source line of the trap's pc."""
     from vm.disassembler import disassemble_instruction
 

@@ -1,0 +1,323 @@
+"""The JIT against the interpreter: the same program, the same inputs, the same Result.
+
+Random programs built from `vm.isa` (hypothesis) and every real program of the
+suite (the C fixtures, the instruction cases of `tests/data/`) run on both
+engines; r0, fuel used, trap (kind, pc, message), log and final buffers must be
+identical. The interpreter is the reference.
+
+CI runs a short search; `BPFEXEC_DIFFERENTIAL_EXAMPLES=20000 pytest
+tests/test_differential.py` runs a long one (see docs/jit.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llvmlite")
+hypothesis = pytest.importorskip("hypothesis")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from seed_helpers import registry as seed_registry  # noqa: E402
+from test_instructions import BUDGET, CASE_FILES, parse_case  # noqa: E402
+
+import vm  # noqa: E402
+from vm import isa  # noqa: E402
+from vm.errors import Trap, TrapKind  # noqa: E402
+from vm.helpers import Helper, HelperChain, HelperRegistry  # noqa: E402
+from vm.isa import Instruction  # noqa: E402
+from vm.loader import load  # noqa: E402
+from vm.program import Function, HelperRef, Program  # noqa: E402
+
+EXAMPLES = int(os.environ.get("BPFEXEC_DIFFERENTIAL_EXAMPLES", "150"))
+C_FIXTURES = sorted((Path(__file__).parent / "fixtures" / "c").glob("*.c"))
+MASK64 = (1 << 64) - 1
+
+
+def outcome(result: vm.Result) -> dict[str, object]:
+    """Everything observable about a run except its duration."""
+    trap = result.trap.to_dict() if result.trap else None
+    return {
+        "r0": result.return_value,
+        "fuel_used": result.fuel_used,
+        "trap": trap,
+        "log": result.log,
+        "buffers": result.buffers,
+    }
+
+
+def run(program: Program, function: str | None, args, engine: str, **kw) -> dict[str, object]:
+    try:
+        return outcome(vm.execute(program, function, args, engine=engine, **kw))
+    except Exception as exc:  # whatever the interpreter raises, the JIT must raise too
+        return {"raised": type(exc).__name__, "message": str(exc)}
+
+
+def both(program: Program, function: str | None, args, **kw) -> dict[str, object]:
+    """Run on both engines, assert they agree, return the common outcome."""
+    expected = run(program, function, args, "interpreter", **kw)
+    actual = run(program, function, args, "jit", **kw)
+    assert actual == expected
+    return expected
+
+
+# -- helpers the random programs call -----------------------------------------------
+
+helpers = HelperRegistry()
+
+
+@helpers.helper(id=1, name="mix")
+def helper_mix(ctx, a, b, c, d, e):
+    return (a * 31 + b * 17 + c * 7 + d * 3 + e) ^ 0x5DEECE66D
+
+
+@helpers.helper(id=2, name="costly", cost=7)
+def helper_costly(ctx, a, b, c, d, e):
+    return a + 1
+
+
+@helpers.helper(id=3, name="picky")
+def helper_picky(ctx, a, b, c, d, e):
+    if b & 7 == 7:
+        raise ValueError("odd input")
+    if b & 7 == 6:
+        raise Trap(TrapKind.MEMORY_FAULT, "picky refuses")
+    return b >> 1
+
+
+@helpers.helper(id=4, name="poke")
+def helper_poke(ctx, a, b, c, d, e):
+    """Writes through VM memory and logs: the engines must see each other's bytes."""
+    ctx.write(a, (b & MASK64).to_bytes(8, "little"))
+    ctx.log(f"poke {a:#x} {ctx.read(a, 8).hex()}")
+    return int.from_bytes(ctx.read(a, 4), "little")
+
+
+class AnyHelper:
+    """Resolves every helper a fixture names, so each one links."""
+
+    def resolve(self, ref: HelperRef) -> Helper | None:
+        def fn(ctx, a, b, c, d, e):
+            ctx.log(f"{ref} {a:#x} {b:#x}")
+            return (a ^ b) + 1
+
+        return Helper(fn, ref.number, ref.name)
+
+
+# -- random programs ------------------------------------------------------------------
+
+VALUES = st.one_of(
+    st.sampled_from(
+        [0, 1, 2, 7, 31, 32, 33, 63, 64, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
+         1 << 63, MASK64, MASK64 - 1, 0x100000000]
+    ),
+    st.integers(0, MASK64),
+)  # fmt: skip
+IMMEDIATES = st.one_of(
+    st.sampled_from([0, 1, -1, 2, 31, 32, 63, 64, -(1 << 31), (1 << 31) - 1, 8, -8]),
+    st.integers(-(1 << 31), (1 << 31) - 1),
+)
+DST = st.sampled_from([0, 2, 3, 4, 5, 6, 7, 8, 9])  # r1 keeps the buffer, r10 the frame
+SRC = st.integers(0, 10)
+ALU_OPS = [isa.ADD, isa.SUB, isa.MUL, isa.DIV, isa.OR, isa.AND, isa.LSH, isa.RSH,
+           isa.MOD, isa.XOR, isa.MOV, isa.ARSH]  # fmt: skip
+CONDITIONS = [isa.JEQ, isa.JGT, isa.JGE, isa.JSET, isa.JNE, isa.JSGT, isa.JSGE, isa.JLT,
+              isa.JLE, isa.JSLT, isa.JSLE]  # fmt: skip
+SIZES = [isa.B, isa.H, isa.W, isa.DW]
+BUFFER = 64
+
+
+@st.composite
+def alu(draw) -> list[Instruction]:
+    cls = draw(st.sampled_from([isa.ALU, isa.ALU64]))
+    dst = draw(DST)
+    kind = draw(st.sampled_from(["op", "op", "op", "signed", "neg", "end", "movsx"]))
+    if kind == "neg":
+        return [Instruction(cls | isa.NEG, dst)]
+    if kind == "end":
+        source = isa.TO_BE if cls == isa.ALU64 else draw(st.sampled_from([isa.TO_LE, isa.TO_BE]))
+        return [Instruction(cls | isa.END | source, dst, imm=draw(st.sampled_from([16, 32, 64])))]
+    if kind == "movsx":
+        bits = draw(st.sampled_from([8, 16] if cls == isa.ALU else [8, 16, 32]))
+        return [Instruction(cls | isa.MOV | isa.X, dst, draw(SRC), offset=bits)]
+    op = draw(st.sampled_from([isa.DIV, isa.MOD] if kind == "signed" else ALU_OPS))
+    offset = 1 if kind == "signed" else 0
+    if draw(st.booleans()):
+        return [Instruction(cls | op | isa.X, dst, draw(SRC), offset=offset)]
+    return [Instruction(cls | op | isa.K, dst, imm=draw(IMMEDIATES), offset=offset)]
+
+
+@st.composite
+def memory(draw) -> list[Instruction]:
+    size = draw(st.sampled_from(SIZES))
+    # Mostly in bounds (buffer in r1, the frame below r10), sometimes not.
+    base = draw(st.sampled_from([1, 1, 1, 10, 10, 10, 0]))
+    if base == 10:
+        offset = draw(st.one_of(st.integers(-512, -8), st.integers(-520, 8)))
+    elif base == 1:
+        offset = draw(st.one_of(st.integers(0, BUFFER - 8), st.integers(-4, BUFFER + 4)))
+    else:
+        offset = draw(st.integers(-8, 8))
+    kind = draw(st.sampled_from(["load", "loadsx", "store", "store_imm", "atomic"]))
+    if kind == "load" or (kind == "loadsx" and size == isa.DW):
+        return [Instruction(isa.LDX | isa.MEM | size, draw(DST), base, offset)]
+    if kind == "loadsx":
+        return [Instruction(isa.LDX | isa.MEMSX | size, draw(DST), base, offset)]
+    if kind == "store":
+        return [Instruction(isa.STX | isa.MEM | size, base, draw(SRC), offset)]
+    if kind == "store_imm":
+        return [Instruction(isa.ST | isa.MEM | size, base, 0, offset, draw(IMMEDIATES))]
+    code = draw(st.sampled_from(sorted(isa.ATOMIC_OPS)))
+    size = draw(st.sampled_from([isa.W, isa.DW]))
+    return [Instruction(isa.STX | isa.ATOMIC | size, base, draw(DST), offset, code)]
+
+
+@st.composite
+def call(draw) -> list[Instruction]:
+    kind = draw(st.sampled_from(["helper", "helper", "callx", "local"]))
+    if kind == "helper":
+        return [Instruction(isa.OP_CALL, imm=draw(st.sampled_from([1, 2, 3, 4])))]
+    if kind == "callx":
+        reg = draw(DST)
+        number = draw(st.sampled_from([1, 2, 4, 9]))
+        return [Instruction(isa.ALU64 | isa.MOV | isa.K, reg, imm=number),
+                Instruction(isa.OP_CALLX, reg)]  # fmt: skip
+    return [Instruction(isa.OP_CALL, src=isa.CALL_LOCAL, imm=0)]  # target patched below
+
+
+@st.composite
+def jump(draw) -> tuple[str, Instruction]:
+    cls = draw(st.sampled_from([isa.JMP, isa.JMP32]))
+    op = draw(st.sampled_from([*CONDITIONS, isa.JA]))
+    if op == isa.JA:
+        return "ja", Instruction(isa.JMP | isa.JA)
+    if draw(st.booleans()):
+        return "cond", Instruction(cls | op | isa.X, draw(SRC), draw(SRC))
+    return "cond", Instruction(cls | op | isa.K, draw(SRC), imm=draw(IMMEDIATES))
+
+
+@st.composite
+def programs(draw) -> tuple[Program, int, int]:
+    """A main function and a callee; jumps land on instruction starts; may loop."""
+    items: list[list[Instruction] | tuple[str, Instruction, int]] = []
+    for reg in (0, 2, 3, 4, 5, 6, 7, 8, 9):  # interesting register values first
+        items.append(list(isa.lddw_pair(reg, draw(VALUES))))
+    body = draw(st.integers(1, 30))
+    for _ in range(body):
+        kind = draw(st.sampled_from(["alu", "alu", "alu", "mem", "mem", "call", "jump"]))
+        if kind == "alu":
+            items.append(draw(alu()))
+        elif kind == "mem":
+            items.append(draw(memory()))
+        elif kind == "call":
+            items.append(draw(call()))
+        else:
+            how, insn = draw(jump())
+            # Targets are item indices; mostly forward, sometimes a loop back.
+            target = draw(st.integers(0, body + 9))
+            items.append((how, insn, target))
+    items.append([Instruction(isa.OP_EXIT)])
+    main_items = len(items)
+    callee = [draw(alu()) for _ in range(draw(st.integers(0, 4)))]
+    if draw(st.booleans()):
+        callee.append(draw(memory()))
+    if draw(st.integers(0, 3)) == 0:
+        callee.append([Instruction(isa.OP_CALL, src=isa.CALL_LOCAL, imm=0)])  # recursion
+    items += [*callee, [Instruction(isa.OP_EXIT)]]
+
+    starts, pc = [], 0
+    for item in items:
+        starts.append(pc)
+        pc += len(item) if isinstance(item, list) else 1
+    callee_pc = starts[main_items]
+    code: list[Instruction] = []
+    for index, item in enumerate(items):
+        here = starts[index]
+        if isinstance(item, tuple):
+            how, insn, target = item
+            offset = starts[min(target, main_items - 1)] - here - 1
+            code.append(Instruction(insn.opcode, insn.dst, insn.src, offset, insn.imm))
+            continue
+        for insn in item:
+            if insn.opcode == isa.OP_CALL and insn.src == isa.CALL_LOCAL:
+                insn = Instruction(isa.OP_CALL, src=isa.CALL_LOCAL, imm=callee_pc - len(code) - 1)
+            code.append(insn)
+    functions = (
+        Function("main", 0, callee_pc),
+        Function("callee", callee_pc, len(code) - callee_pc, exported=False),
+    )
+    calls = {
+        pc: HelperRef(number=insn.imm)
+        for pc, insn in enumerate(code)
+        if insn.opcode == isa.OP_CALL and insn.src == isa.CALL_HELPER
+        and (pc == 0 or code[pc - 1].opcode != isa.LDDW)
+    }  # fmt: skip
+    program = Program(tuple(code), functions, helper_calls=calls, name="random")
+    return program, draw(st.sampled_from([40, 300, 3000])), draw(st.sampled_from([2, 4, 64]))
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(programs(), st.binary(min_size=BUFFER, max_size=BUFFER))
+def test_random_programs_agree(generated, buffer):
+    program, fuel, depth = generated
+    limits = vm.Limits(max_call_depth=depth)
+    both(program, "main", [buffer], fuel=fuel, helpers=helpers, limits=limits)
+
+
+OPCODES = sorted(
+    {cls | op | src for cls in (isa.ALU, isa.ALU64) for op in [*ALU_OPS, isa.NEG, isa.END]
+     for src in (isa.K, isa.X)}
+    | {isa.JMP | op | src for op in CONDITIONS for src in (isa.K, isa.X)}
+    | {cls | mode | size for cls in (isa.LDX, isa.ST, isa.STX) for mode in (isa.MEM, isa.MEMSX)
+       for size in SIZES}
+    | {isa.STX | isa.ATOMIC | isa.W, isa.STX | isa.ATOMIC | isa.DW, isa.OP_JA, isa.OP_JA32,
+       isa.OP_CALL, isa.OP_CALLX, isa.OP_EXIT, isa.LDDW, 0xFF}
+)  # fmt: skip
+RAW = st.builds(
+    Instruction,
+    st.sampled_from(OPCODES),
+    st.integers(0, 15),
+    st.integers(0, 15),
+    st.integers(-8, 8),
+    st.one_of(st.integers(-(1 << 31), (1 << 31) - 1), st.sampled_from(sorted(isa.ATOMIC_OPS))),
+)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(RAW, min_size=1, max_size=12))
+def test_random_bytecode_agrees(code):
+    """Hostile input: whatever loads must run identically (or fail identically)."""
+    try:
+        program = load(isa.encode([*code, Instruction(isa.OP_EXIT)]), name="random.bin")
+    except vm.LoadError:
+        return
+    both(program, None, [bytes(16)], fuel=500, helpers=helpers)
+
+
+# -- real programs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CASE_FILES, ids=[p.stem for p in CASE_FILES])
+def test_instruction_cases_agree(path: Path) -> None:
+    case = parse_case(path.read_text(), path.name)
+    program = load(case.asm.encode(), name=path.name)
+    for fuel in (BUDGET, 3):  # and once starved, to compare where fuel runs out
+        both(program, None, case.arguments, fuel=fuel)
+
+
+@pytest.mark.parametrize("source", C_FIXTURES, ids=[p.stem for p in C_FIXTURES])
+def test_c_fixtures_agree(compile_c, source: Path) -> None:
+    resolver = HelperChain(seed_registry, AnyHelper())
+    for debug in (False, True):
+        program = load(compile_c(source.stem, debug=debug).read_bytes(), name=source.name)
+        for fn in program.functions:
+            for args in ([], [7, 3, 2], [bytes(range(64)), 64], [0x0000000700000005]):
+                for fuel in (100_000, 25):
+                    both(program, fn.name, args, fuel=fuel, helpers=resolver)

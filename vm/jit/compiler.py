@@ -1,0 +1,780 @@
+"""Translation of a decoded eBPF program into an LLVM IR module (textual IR).
+
+The interpreter's basic blocks (`vm.interpreter.decode_blocks`) are the unit of
+translation, so both engines agree by construction on where blocks start, what
+each costs and how it ends. Every pc that is entered by a call (the program's
+functions and every local call target) becomes one internal LLVM function
+holding the blocks reachable from it by jumps and fall-through:
+
+    %res bpf_fn_<pc>(ptr ctx, i64 depth, i64 fuel, i64 r0, ..., i64 r10)
+    %res = {r0..r5, fuel}
+
+A local call is a native call: the callee gets the caller's r0..r9, `r10 -
+frame_size` and the fuel left, and hands back r0..r5 and the fuel; r6..r10 of
+the caller are its own values, so they survive the call exactly as the
+interpreter's frame stack restores them. Registers live in allocas (SROA makes
+them SSA values); within a block they are cached, so the IR stays small. Every
+exported function gets a wrapper `i64 bpf_entry_<pc>(ptr ctx)` that reads the
+initial registers and fuel from the context, writes r0..r5 and the fuel back
+and returns a `Status`.
+
+Memory accesses translate the virtual address through the context's region
+table with a bounds check. In a module built with `frame_bytes > 0`, accesses
+inside the current frame, `[r10 - frame_bytes, r10)` at an offset known at
+compile time (when no instruction writes r10), are not checked: the runtime
+uses such a module only when every frame of every call depth lies inside the
+stack region (`ModuleIR.frame_low`), and a fully checked module otherwise.
+
+Traps call `bpf_trap` (kind, pc, details and fuel into the context) and
+return; callers check the status after every call and unwind. Helper calls
+spill the registers to the context and go through one external function, the
+runtime's Python dispatcher. No host address is ever stored in an eBPF
+register: host pointers exist only inside the access that uses them.
+
+The IR is emitted as text rather than built with llvmlite.ir objects: the
+object model costs more Python time per instruction than LLVM spends
+compiling it, and compile time is a budget of its own (see docs/jit.md).
+
+This module only produces IR. It never runs code, imports nothing of llvmlite,
+and refuses (`Unsupported`) anything whose interpreter semantics it does not
+reproduce exactly, so the runtime can hand such programs to the interpreter.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vm import isa
+from vm.interpreter import CALL, EXIT, FALL, JUMP, Block
+from vm.isa import MASK32, NUM_REGISTERS, Instruction
+from vm.jit.context import FIELD_INDEX, REGION_COUNT, Access, Context, Status
+from vm.memory import OFFSET_MASK, REGION_SHIFT
+from vm.program import Program
+
+DISPATCH_SYMBOL = "bpfexec_jit_dispatch"  # i64 (ptr ctx, i64 pc): 0, or a trap is recorded
+RESULT_REGISTERS = 6  # a call hands back r0..r5; r6..r10 belong to the caller
+FUEL = NUM_REGISTERS  # the fuel counter is cached and spilled like a register
+# Blocks compiled in total may exceed the program's own by this factor (code reachable
+# from several call targets is compiled once per target); beyond it, do not compile.
+MAX_DUPLICATION = 4
+# Offsets from r10 tracked for the frame fast path; farther ones take the checked path.
+MAX_FRAME_OFFSET = 1 << 20
+
+_FRAME = "frame"  # the root of r10 when frame accesses are unchecked
+_LENGTH = {
+    Access.READ: "region_read_len",
+    Access.WRITE: "region_write_len",
+    Access.ATOMIC: "region_write_len",
+}
+COLD = "!0"  # branch weights: the first successor is almost never taken
+INVARIANT = "!1"  # the region table and limits do not change while native code runs
+
+
+class Unsupported(Exception):
+    """The program uses something the compiler does not reproduce exactly."""
+
+
+@dataclass(frozen=True)
+class ModuleIR:
+    text: str
+    entries: dict[int, str]  # pc of each exported function -> its wrapper's symbol
+    functions: int  # LLVM functions generated for eBPF code
+    blocks: int  # eBPF blocks translated (with duplicates)
+    helper_pcs: frozenset[int]  # call sites that go through the dispatcher
+    # Unchecked accesses reach down to r10 - frame_low: every frame needs that much
+    # stack below its r10 for the module to be safe to run (0: nothing unchecked).
+    frame_low: int
+
+
+def _ir_type(ctype: type) -> str:
+    if issubclass(ctype, ctypes.Array):
+        return f"[{ctype._length_} x {_ir_type(ctype._type_)}]"
+    if ctype is ctypes.c_void_p:
+        return "ptr"
+    if ctypes.sizeof(ctype) == 8:
+        return "i64"
+    raise TypeError(f"no LLVM type for context field type {ctype.__name__}")
+
+
+CONTEXT_TYPE = "{ " + ", ".join(_ir_type(ctype) for _, ctype in Context._fields_) + " }"
+RESULT_TYPE = "{ " + ", ".join(["i64"] * (RESULT_REGISTERS + 1)) + " }"
+_RESULT_FUEL = RESULT_REGISTERS  # index of the fuel in %res
+
+
+def _signed(value: int, bits: int = 64) -> int:
+    """Constants are printed signed: every value fits the type's range that way."""
+    return isa.to_signed(value, bits)
+
+
+def _field(ctx: str, name: str, index: str | None = None) -> str:
+    """A getelementptr expression operand list for a context field."""
+    tail = f", i64 {index}" if index is not None else ""
+    return f"getelementptr inbounds %ctx, ptr {ctx}, i32 0, i32 {FIELD_INDEX[name]}{tail}"
+
+
+def successors(block: Block, code: Sequence[Instruction]) -> list[int]:
+    """The pcs control may reach from `block` without a call (a call's return included)."""
+    if block.kind in (FALL, CALL):
+        return [block.next_pc]
+    if block.kind == EXIT:
+        return []
+    insn = code[block.end_pc]
+    taken = block.end_pc + 1 + isa.jump_offset(insn)
+    return [taken] if insn.op == isa.JA else [taken, block.end_pc + 1]
+
+
+def _reachable(
+    entry: int, blocks: Sequence[Block | None], code: Sequence[Instruction]
+) -> list[int]:
+    seen = {entry}
+    work = [entry]
+    while work:
+        block = blocks[work.pop()]
+        assert block is not None
+        for pc in successors(block, code):
+            if not 0 <= pc < len(blocks) or blocks[pc] is None:
+                raise Unsupported(f"pc {block.end_pc}: control reaches pc {pc}, not a block")
+            if pc not in seen:
+                seen.add(pc)
+                work.append(pc)
+    return sorted(seen)
+
+
+def _writes_frame_pointer(code: Sequence[Instruction]) -> bool:
+    """Whether any instruction may change r10 (the verifier forbids it; be sure anyway)."""
+    fp = isa.FRAME_POINTER
+    for insn in code:
+        if insn.cls in (isa.ALU, isa.ALU64, isa.LDX) or insn.opcode == isa.LDDW:
+            if insn.dst == fp:
+                return True
+        elif insn.cls == isa.STX and insn.mode == isa.ATOMIC and insn.src == fp:
+            return True
+    return False
+
+
+def build_module(
+    program: Program, blocks: Sequence[Block | None], exported: Sequence[int], frame_bytes: int
+) -> ModuleIR:
+    """The IR of `program`, with a wrapper for each pc in `exported`.
+
+    Accesses within `frame_bytes` below r10 are unchecked (0: check every access).
+    """
+    code = program.instructions
+    entries = sorted(set(exported))
+    for pc in entries:
+        if not 0 <= pc < len(blocks) or blocks[pc] is None:
+            raise Unsupported(f"function at pc {pc} does not start a block")
+    bodies: dict[int, list[int]] = {}
+    todo = list(entries)
+    total = 0
+    limit = MAX_DUPLICATION * sum(b is not None for b in blocks) + 16
+    while todo:
+        entry = todo.pop()
+        if entry in bodies:
+            continue
+        bodies[entry] = _reachable(entry, blocks, code)
+        total += len(bodies[entry])
+        if total > limit:
+            raise Unsupported("too much code reachable from several call targets")
+        for pc in bodies[entry]:
+            block = blocks[pc]
+            assert block is not None
+            if block.kind == CALL:
+                if not 0 <= block.target < len(blocks) or blocks[block.target] is None:
+                    raise Unsupported(f"pc {block.end_pc}: call to pc {block.target}, not a block")
+                todo.append(block.target)
+
+    if _writes_frame_pointer(code):
+        frame_bytes = 0
+    helper_pcs: set[int] = set()
+    parts = [_PRELUDE]
+    frame_low = 0
+    for entry in sorted(bodies):
+        fn = _FunctionCompiler(program, blocks, frame_bytes, helper_pcs)
+        parts.append(fn.compile(entry, bodies[entry]))
+        frame_low = max(frame_low, fn.frame_low)
+    symbols = {}
+    for pc in entries:
+        symbols[pc] = f"bpf_entry_{pc}"
+        parts.append(_wrapper(pc))
+    return ModuleIR("\n".join(parts), symbols, len(bodies), total, frozenset(helper_pcs), frame_low)
+
+
+_PRELUDE = f"""
+%ctx = type {CONTEXT_TYPE}
+%res = type {RESULT_TYPE}
+
+declare i64 @{DISPATCH_SYMBOL}(ptr, i64) nounwind
+declare i16 @llvm.bswap.i16(i16)
+declare i32 @llvm.bswap.i32(i32)
+declare i64 @llvm.bswap.i64(i64)
+
+define internal void @bpf_trap(ptr noalias %ctx, i64 %status, i64 %pc, i64 %a, i64 %b, i64 %c,
+                               i64 %fuel) cold noinline nounwind {{
+  %p0 = {_field("%ctx", "status")}
+  store i64 %status, ptr %p0
+  %p1 = {_field("%ctx", "trap_pc")}
+  store i64 %pc, ptr %p1
+  %p2 = {_field("%ctx", "trap_a")}
+  store i64 %a, ptr %p2
+  %p3 = {_field("%ctx", "trap_b")}
+  store i64 %b, ptr %p3
+  %p4 = {_field("%ctx", "trap_c")}
+  store i64 %c, ptr %p4
+  %p5 = {_field("%ctx", "fuel")}
+  store i64 %fuel, ptr %p5
+  ret void
+}}
+
+define internal ptr @bpf_translate(ptr noalias %ctx, i64 %addr, i64 %size, i64 %write)
+    cold noinline nounwind {{
+  %region = lshr i64 %addr, {REGION_SHIFT}
+  %known = icmp ult i64 %region, {REGION_COUNT}
+  %index = select i1 %known, i64 %region, i64 0
+  %rp = {_field("%ctx", "region_read_len", "%index")}
+  %wp = {_field("%ctx", "region_write_len", "%index")}
+  %rlen = load i64, ptr %rp
+  %wlen = load i64, ptr %wp
+  %is_write = icmp ne i64 %write, 0
+  %len = select i1 %is_write, i64 %wlen, i64 %rlen
+  %offset = and i64 %addr, {OFFSET_MASK}
+  %end = add i64 %offset, %size
+  %outside = icmp ugt i64 %end, %len
+  br i1 %outside, label %fault, label %ok
+fault:
+  ret ptr null
+ok:
+  %bp = {_field("%ctx", "region_base", "%index")}
+  %base = load ptr, ptr %bp
+  %host = getelementptr i8, ptr %base, i64 %offset
+  ret ptr %host
+}}
+
+!0 = !{{!"branch_weights", i32 1, i32 1048576}}
+!1 = !{{}}
+"""
+
+
+def _wrapper(pc: int) -> str:
+    """`i64 bpf_entry_<pc>(ctx)`: registers and fuel from the context in, and back out."""
+    lines = [f"define i64 @bpf_entry_{pc}(ptr noalias %ctx) nounwind {{", "entry:"]
+    args = []
+    for n in range(NUM_REGISTERS):
+        lines.append(f"  %rp{n} = {_field('%ctx', 'regs', str(n))}")
+        lines.append(f"  %r{n} = load i64, ptr %rp{n}")
+        args.append(f"i64 %r{n}")
+    lines += [
+        f"  %fp = {_field('%ctx', 'fuel')}",
+        "  %fuel = load i64, ptr %fp",
+        f"  %res = call %res @bpf_fn_{pc}(ptr %ctx, i64 0, i64 %fuel, {', '.join(args)})",
+        f"  %sp = {_field('%ctx', 'status')}",
+        "  %status = load i64, ptr %sp",
+        "  %ok = icmp eq i64 %status, 0",
+        "  br i1 %ok, label %done, label %trapped",
+        "done:",
+    ]
+    for n in range(RESULT_REGISTERS):
+        lines.append(f"  %out{n} = extractvalue %res %res, {n}")
+        lines.append(f"  store i64 %out{n}, ptr %rp{n}")
+    lines += [
+        f"  %left = extractvalue %res %res, {_RESULT_FUEL}",
+        "  store i64 %left, ptr %fp",
+        "  ret i64 0",
+        "trapped:",
+        "  ret i64 %status",
+        "}",
+    ]
+    return "\n".join(lines)
+
+
+_BINARY = {
+    isa.ADD: "add", isa.SUB: "sub", isa.MUL: "mul", isa.OR: "or", isa.AND: "and", isa.XOR: "xor",
+    isa.LSH: "shl", isa.RSH: "lshr", isa.ARSH: "ashr",
+}  # fmt: skip
+_SHIFTS = (isa.LSH, isa.RSH, isa.ARSH)
+_CONDITIONS = {
+    isa.JEQ: "eq", isa.JNE: "ne", isa.JGT: "ugt", isa.JGE: "uge", isa.JLT: "ult", isa.JLE: "ule",
+    isa.JSGT: "sgt", isa.JSGE: "sge", isa.JSLT: "slt", isa.JSLE: "sle",
+}  # fmt: skip
+_ATOMIC_BINARY = {
+    isa.ATOMIC_ADD: "add",
+    isa.ATOMIC_OR: "or",
+    isa.ATOMIC_AND: "and",
+    isa.ATOMIC_XOR: "xor",
+}
+
+
+class _FunctionCompiler:
+    """Emits one `bpf_fn_<pc>`."""
+
+    def __init__(
+        self,
+        program: Program,
+        blocks: Sequence[Block | None],
+        frame_bytes: int,
+        helper_pcs: set[int],
+    ) -> None:
+        self.code = program.instructions
+        self.blocks = blocks
+        self.frame_bytes = frame_bytes
+        self.helper_pcs = helper_pcs
+        self.lines: list[str] = []
+        self.cold: list[str] = []  # trap exits, emitted after the body
+        self.counter = 0
+        self.label = ""
+        self.cache: dict[int, str] = {}  # register -> its current value in this block
+        self.dirty: set[int] = set()  # registers whose value is not in their alloca yet
+        # register -> (root, constant): the register holds root + constant, root an
+        # SSA value of this block (or %a10, the frame pointer of the call)
+        self.roots: dict[int, tuple[str, int]] = {}
+        # root -> its region index, offset and host address, and region lengths
+        self.translations: dict[str, dict[str, str]] = {}
+        self.frame_low = 0  # bytes below r10 reached by unchecked accesses
+
+    # -- emission helpers ------------------------------------------------------------
+
+    def tmp(self) -> str:
+        self.counter += 1
+        return f"%t{self.counter}"
+
+    def new_label(self) -> str:
+        self.counter += 1
+        return f"s{self.counter}"
+
+    def emit(self, line: str) -> None:
+        self.lines.append("  " + line)
+
+    def value(self, expression: str) -> str:
+        name = self.tmp()
+        self.emit(f"{name} = {expression}")
+        return name
+
+    def start(self, label: str) -> None:
+        self.lines.append(f"{label}:")
+        self.label = label
+
+    def get(self, n: int) -> str:
+        if n not in self.cache:
+            self.cache[n] = self.value(f"load i64, ptr %r{n}")
+        return self.cache[n]
+
+    def set(self, n: int, value: str, root: tuple[str, int] | None = None) -> None:
+        self.cache[n] = value
+        self.dirty.add(n)
+        if root is not None and abs(root[1]) < MAX_FRAME_OFFSET:
+            self.roots[n] = root
+        else:
+            self.roots.pop(n, None)
+
+    def root_of(self, n: int) -> tuple[str, int]:
+        return self.roots.get(n) or (self.get(n), 0)
+
+    def flush(self) -> None:
+        for n in sorted(self.dirty):
+            self.emit(f"store i64 {self.cache[n]}, ptr %r{n}")
+        self.dirty.clear()
+
+    def field(self, name: str, index: str | None = None) -> str:
+        return self.value(_field("%ctx", name, index))
+
+    def invariant(self, name: str, index: str | None = None, ty: str = "i64") -> str:
+        pointer = self.field(name, index)
+        return self.value(f"load {ty}, ptr {pointer}, !invariant.load {INVARIANT}")
+
+    def trap_if(
+        self, failed: str, status: Status, pc: int | str, a: int | str = 0, b: int = 0, c: int = 0
+    ) -> None:
+        """Leave through a trap exit when `failed`, recording status, pc and details."""
+        fuel = self.get(FUEL)  # before the branch: the trap exit records it
+        trap, cont = self.new_label(), self.new_label()
+        self.emit(f"br i1 {failed}, label %{trap}, label %{cont}, !prof {COLD}")
+        self.cold += [
+            f"{trap}:",
+            f"  call void @bpf_trap(ptr %ctx, i64 {int(status)}, i64 {pc}, i64 {a}, i64 {b}, "
+            f"i64 {c}, i64 {fuel})",
+            "  ret %res undef",
+        ]
+        self.start(cont)
+
+    def unwind_if_status(self) -> None:
+        """Return at once when a callee or the dispatcher recorded a trap."""
+        status = self.value(f"load i64, ptr {self.field('status')}")
+        failed = self.value(f"icmp ne i64 {status}, 0")
+        cont = self.new_label()
+        self.emit(f"br i1 {failed}, label %unwind, label %{cont}, !prof {COLD}")
+        self.start(cont)
+
+    def check_interrupt(self, pc: int | str) -> None:
+        flag = self.value("load atomic i64, ptr %interrupt monotonic, align 8")
+        self.trap_if(self.value(f"icmp ne i64 {flag}, 0"), Status.INTERRUPTED, pc)
+
+    # -- the function ---------------------------------------------------------------------
+
+    def compile(self, entry: int, pcs: list[int]) -> str:
+        for pc in pcs:
+            block = self.blocks[pc]
+            assert block is not None
+            self.block(block)
+        params = ", ".join(f"i64 %a{n}" for n in range(NUM_REGISTERS))
+        head = [
+            f"define internal %res @bpf_fn_{entry}(ptr noalias %ctx, i64 %depth, i64 %a{FUEL}, "
+            f"{params}) nounwind {{",
+            "entry:",
+        ]
+        for n in range(NUM_REGISTERS + 1):
+            head.append(f"  %r{n} = alloca i64")
+            head.append(f"  store i64 %a{n}, ptr %r{n}")
+        head.append(f"  %ip = {_field('%ctx', 'interrupt')}")
+        head.append(f"  %interrupt = load ptr, ptr %ip, !invariant.load {INVARIANT}")
+        head += self.frame_prologue()
+        head.append(f"  br label %pc{entry}")
+        tail = ["unwind:", "  ret %res undef", "}"]
+        return "\n".join(head + self.lines + self.cold + tail)
+
+    def frame_prologue(self) -> list[str]:
+        """The host address of r10, for unchecked accesses (the runtime vouches for it)."""
+        if not self.frame_low:
+            return []
+        fp = f"%a{isa.FRAME_POINTER}"
+        return [
+            f"  %fp.region = lshr i64 {fp}, {REGION_SHIFT}",
+            f"  %fp.known = icmp ult i64 %fp.region, {REGION_COUNT}",
+            "  %fp.index = select i1 %fp.known, i64 %fp.region, i64 0",
+            f"  %fp.bp = {_field('%ctx', 'region_base', '%fp.index')}",
+            f"  %fp.base = load ptr, ptr %fp.bp, !invariant.load {INVARIANT}",
+            f"  %fp.offset = and i64 {fp}, {OFFSET_MASK}",
+            "  %fp.host = getelementptr i8, ptr %fp.base, i64 %fp.offset",
+        ]
+
+    def block(self, block: Block) -> None:
+        self.start(f"pc{block.pc}")
+        self.cache.clear()
+        self.dirty.clear()
+        self.translations.clear()
+        self.roots = {isa.FRAME_POINTER: (_FRAME, 0)} if self.frame_bytes else {}
+        fuel = self.get(FUEL)
+        short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
+        self.trap_if(short, Status.OUT_OF_FUEL, block.pc, block.cost)
+        self.set(FUEL, self.value(f"sub i64 {fuel}, {block.cost}"))
+        pc = block.pc
+        end = block.end_pc if block.kind != FALL else block.next_pc
+        while pc < end:
+            insn = self.code[pc]
+            self.instruction(insn, pc)
+            pc += 2 if insn.opcode == isa.LDDW else 1
+        if block.kind == FALL:
+            self.flush()
+            self.emit(f"br label %pc{block.next_pc}")
+        elif block.kind == EXIT:
+            result = "undef"
+            for n in [*range(RESULT_REGISTERS), FUEL]:
+                index = _RESULT_FUEL if n == FUEL else n
+                result = self.value(f"insertvalue %res {result}, i64 {self.get(n)}, {index}")
+            self.emit(f"ret %res {result}")
+        elif block.kind == CALL:
+            self.local_call(block)
+        else:
+            assert block.kind == JUMP
+            self.jump(block)
+
+    def local_call(self, block: Block) -> None:
+        max_frames = self.invariant("max_frames")
+        too_deep = self.value(f"icmp sge i64 %depth, {max_frames}")
+        self.trap_if(too_deep, Status.CALL_DEPTH_EXCEEDED, block.end_pc)
+        self.check_interrupt(block.end_pc)
+        frame_size = self.invariant("frame_size")
+        args = [self.get(n) for n in range(NUM_REGISTERS)]
+        args[isa.FRAME_POINTER] = self.value(f"sub i64 {args[isa.FRAME_POINTER]}, {frame_size}")
+        depth = self.value("add i64 %depth, 1")
+        arglist = ", ".join(f"i64 {a}" for a in args)
+        result = self.value(
+            f"call %res @bpf_fn_{block.target}(ptr %ctx, i64 {depth}, i64 {self.get(FUEL)}, "
+            f"{arglist})"
+        )
+        self.unwind_if_status()
+        for n in range(RESULT_REGISTERS):
+            self.set(n, self.value(f"extractvalue %res {result}, {n}"))
+        self.set(FUEL, self.value(f"extractvalue %res {result}, {_RESULT_FUEL}"))
+        self.flush()
+        self.emit(f"br label %pc{block.next_pc}")
+
+    def jump(self, block: Block) -> None:
+        insn = self.code[block.end_pc]
+        taken = block.end_pc + 1 + isa.jump_offset(insn)
+        fallthrough = block.end_pc + 1
+        cond = None if insn.op == isa.JA else self.condition(insn)
+        self.flush()
+        if block.backward:
+            # The interpreter checks after choosing the next pc, and traps there.
+            target: int | str = taken
+            if cond is not None:
+                target = self.value(f"select i1 {cond}, i64 {taken}, i64 {fallthrough}")
+            self.check_interrupt(target)
+        if cond is None:
+            self.emit(f"br label %pc{taken}")
+        else:
+            self.emit(f"br i1 {cond}, label %pc{taken}, label %pc{fallthrough}")
+
+    def condition(self, insn: Instruction) -> str:
+        wide = insn.cls == isa.JMP
+        ty = "i64" if wide else "i32"
+        lhs = self.operand(insn.dst, wide)
+        if insn.opcode & isa.SRC_MASK == isa.X:
+            rhs = self.operand(insn.src, wide)
+        else:
+            rhs = str(_signed(insn.imm, 64 if wide else 32))
+        if insn.op == isa.JSET:
+            both = self.value(f"and {ty} {lhs}, {rhs}")
+            return self.value(f"icmp ne {ty} {both}, 0")
+        return self.value(f"icmp {_CONDITIONS[insn.op]} {ty} {lhs}, {rhs}")
+
+    def operand(self, n: int, wide: bool) -> str:
+        value = self.get(n)
+        return value if wide else self.value(f"trunc i64 {value} to i32")
+
+    # -- straight-line instructions ---------------------------------------------------
+
+    def instruction(self, insn: Instruction, pc: int) -> None:
+        if insn.opcode == isa.LDDW:
+            if insn.dst >= NUM_REGISTERS:
+                raise Unsupported(f"pc {pc}: register r{insn.dst}")
+            value = _signed(isa.lddw_value(insn, self.code[pc + 1]))
+            self.set(insn.dst, str(value))
+            return
+        if insn.dst >= NUM_REGISTERS or insn.src >= NUM_REGISTERS:
+            raise Unsupported(f"pc {pc}: register r{max(insn.dst, insn.src)}")
+        cls = insn.cls
+        if cls in (isa.ALU, isa.ALU64):
+            self.alu(insn, pc)
+        elif cls == isa.LDX:
+            self.load(insn, pc)
+        elif cls == isa.ST or (cls == isa.STX and insn.mode != isa.ATOMIC):
+            self.store(insn, pc)
+        elif cls == isa.STX:
+            self.atomic(insn, pc)
+        elif insn.opcode in (isa.OP_CALL, isa.OP_CALLX):
+            self.helper_call(pc)
+        else:
+            raise Unsupported(f"pc {pc}: opcode {insn.opcode:#04x}")
+
+    def helper_call(self, pc: int) -> None:
+        """Spill registers and fuel, let the Python dispatcher run the call, take r0 back."""
+        self.helper_pcs.add(pc)
+        for n in range(NUM_REGISTERS):
+            self.emit(f"store i64 {self.get(n)}, ptr {self.field('regs', str(n))}")
+        fuel_field = self.field("fuel")
+        self.emit(f"store i64 {self.get(FUEL)}, ptr {fuel_field}")
+        status = self.value(f"call i64 @{DISPATCH_SYMBOL}(ptr %ctx, i64 {pc})")
+        failed = self.value(f"icmp ne i64 {status}, 0")
+        cont = self.new_label()
+        self.emit(f"br i1 {failed}, label %unwind, label %{cont}, !prof {COLD}")
+        self.start(cont)
+        self.set(0, self.value(f"load i64, ptr {self.field('regs', '0')}"))
+        self.set(FUEL, self.value(f"load i64, ptr {fuel_field}"))
+
+    def alu(self, insn: Instruction, pc: int) -> None:
+        d, op = insn.dst, insn.op
+        wide = insn.cls == isa.ALU64
+        ty = "i64" if wide else "i32"
+        if op == isa.NEG:
+            self.set_result(d, self.value(f"sub {ty} 0, {self.operand(d, wide)}"), wide)
+            return
+        if op == isa.END:
+            self.set(d, self.byte_swap(insn, pc))
+            return
+        from_register = insn.opcode & isa.SRC_MASK == isa.X
+        if op == isa.MOV and insn.offset and from_register:
+            value = self.sign_extend(self.get(insn.src), insn.offset, pc)
+            self.set(d, value if wide else self.value(f"and i64 {value}, {MASK32}"))
+            return
+        rhs = (
+            self.operand(insn.src, wide)
+            if from_register
+            else str(_signed(insn.imm, 64 if wide else 32))
+        )
+        if op == isa.MOV:
+            if wide:
+                self.set(d, rhs, self.root_of(insn.src) if from_register else None)
+            else:
+                self.set(d, self.value(f"zext i32 {rhs} to i64"))
+            return
+        # Pointer arithmetic by a constant keeps the root: accesses share its translation.
+        root = None
+        if wide and not from_register and op in (isa.ADD, isa.SUB):
+            base, constant = self.root_of(d)
+            root = (base, constant + (insn.imm if op == isa.ADD else -insn.imm))
+        lhs = self.operand(d, wide)
+        result = self.binary(op, lhs, rhs, ty, signed=insn.offset == 1)
+        if wide:
+            self.set(d, result, root)
+        else:
+            self.set_result(d, result, wide)
+
+    def set_result(self, d: int, value: str, wide: bool) -> None:
+        self.set(d, value if wide else self.value(f"zext i32 {value} to i64"))
+
+    def binary(self, op: int, lhs: str, rhs: str, ty: str, signed: bool) -> str:
+        width = 64 if ty == "i64" else 32
+        if op in _SHIFTS:
+            # LLVM shifts by >= the width are poison: mask the count as RFC 9669 does.
+            count = self.value(f"and {ty} {rhs}, {width - 1}")
+            return self.value(f"{_BINARY[op]} {ty} {lhs}, {count}")
+        if op in _BINARY:
+            return self.value(f"{_BINARY[op]} {ty} {lhs}, {rhs}")
+        if op not in (isa.DIV, isa.MOD):
+            raise AssertionError(f"ALU operation {op:#x} passed the interpreter's decoder")
+        # Division by zero and INT_MIN / -1 are undefined in LLVM: divide by 1
+        # instead and select the RFC's result.
+        zero = self.value(f"icmp eq {ty} {rhs}, 0")
+        if signed:
+            minus_one = self.value(f"icmp eq {ty} {rhs}, -1")
+            either = self.value(f"or i1 {zero}, {minus_one}")
+            safe = self.value(f"select i1 {either}, {ty} 1, {ty} {rhs}")
+            if op == isa.DIV:
+                quotient = self.value(f"sdiv {ty} {lhs}, {safe}")
+                negated = self.value(f"sub {ty} 0, {lhs}")
+                quotient = self.value(f"select i1 {minus_one}, {ty} {negated}, {ty} {quotient}")
+                return self.value(f"select i1 {zero}, {ty} 0, {ty} {quotient}")
+            remainder = self.value(f"srem {ty} {lhs}, {safe}")  # x % -1 == x % 1 == 0
+            return self.value(f"select i1 {zero}, {ty} {lhs}, {ty} {remainder}")
+        safe = self.value(f"select i1 {zero}, {ty} 1, {ty} {rhs}")
+        if op == isa.DIV:
+            quotient = self.value(f"udiv {ty} {lhs}, {safe}")
+            return self.value(f"select i1 {zero}, {ty} 0, {ty} {quotient}")
+        remainder = self.value(f"urem {ty} {lhs}, {safe}")
+        return self.value(f"select i1 {zero}, {ty} {lhs}, {ty} {remainder}")
+
+    def sign_extend(self, value: str, bits: int, pc: int) -> str:
+        if bits >= 64:
+            return value  # the interpreter's sign_extend leaves all 64 bits alone
+        if bits < 1:
+            raise Unsupported(f"pc {pc}: sign extension from {bits} bits")
+        shifted = self.value(f"shl i64 {value}, {64 - bits}")
+        return self.value(f"ashr i64 {shifted}, {64 - bits}")
+
+    def byte_swap(self, insn: Instruction, pc: int) -> str:
+        value = self.get(insn.dst)
+        bits = insn.imm
+        if insn.cls == isa.ALU64 or insn.opcode & isa.SRC_MASK == isa.TO_BE:
+            if bits == 64:
+                return self.value(f"call i64 @llvm.bswap.i64(i64 {value})")
+            if bits in (16, 32):
+                narrow = self.value(f"trunc i64 {value} to i{bits}")
+                swapped = self.value(f"call i{bits} @llvm.bswap.i{bits}(i{bits} {narrow})")
+                return self.value(f"zext i{bits} {swapped} to i64")
+            raise Unsupported(f"pc {pc}: byte swap of {bits} bits")
+        if bits >= 64:
+            return value  # to little-endian on a little-endian VM: only truncation
+        return self.value(f"and i64 {value}, {_signed((1 << bits) - 1)}")
+
+    # -- memory ---------------------------------------------------------------------------
+
+    def host_pointer(self, base: int, offset: int, size: int, access: Access, pc: int) -> str:
+        """The host address of r[base] + offset, or a trap when it is out of bounds."""
+        root, constant = self.root_of(base)
+        offset += constant
+        if root == _FRAME and -self.frame_bytes <= offset <= -size:
+            self.frame_low = max(self.frame_low, -offset)
+            return self.value(f"getelementptr i8, ptr %fp.host, i64 {offset}")
+        # Fast check against the root's region; when it fails (a fault, or an address
+        # past the root's region into another), the out-of-line translation decides.
+        region = self.translation(root, access)
+        start = self.value(f"add i64 {region['offset']}, {offset}")
+        end = self.value(f"add i64 {start}, {size}")
+        outside = self.value(f"icmp ugt i64 {end}, {region[_LENGTH[access]]}")
+        if offset < 0:
+            below = self.value(f"icmp slt i64 {start}, 0")
+            outside = self.value(f"or i1 {outside}, {below}")
+        fast = self.value(f"getelementptr i8, ptr {region['host']}, i64 {offset}")
+        here, slow, done = self.label, self.new_label(), self.new_label()
+        self.emit(f"br i1 {outside}, label %{slow}, label %{done}, !prof {COLD}")
+        self.start(slow)
+        address = self.value(f"add i64 {self.real(root)}, {offset}")
+        checked = self.value(
+            f"call ptr @bpf_translate(ptr %ctx, i64 {address}, i64 {size}, "
+            f"i64 {int(access != Access.READ)})"
+        )
+        missing = self.value(f"icmp eq ptr {checked}, null")
+        self.trap_if(missing, Status.MEMORY_FAULT, pc, address, size, int(access))
+        slow_end = self.label
+        self.emit(f"br label %{done}")
+        self.start(done)
+        return self.value(f"phi ptr [ {fast}, %{here} ], [ {checked}, %{slow_end} ]")
+
+    def real(self, root: str) -> str:
+        return f"%a{isa.FRAME_POINTER}" if root == _FRAME else root
+
+    def translation(self, root: str, access: Access) -> dict[str, str]:
+        """Region index, offset, host address and length for `root`, once per block."""
+        region = self.translations.get(root)
+        if region is None:
+            value = self.real(root)
+            number = self.value(f"lshr i64 {value}, {REGION_SHIFT}")
+            mapped = self.value(f"icmp ult i64 {number}, {REGION_COUNT}")
+            # Region 0 is never mapped (length 0): every number past the table maps there.
+            index = self.value(f"select i1 {mapped}, i64 {number}, i64 0")
+            offset = self.value(f"and i64 {value}, {OFFSET_MASK}")
+            base = self.invariant("region_base", index, "ptr")
+            host = self.value(f"getelementptr i8, ptr {base}, i64 {offset}")
+            region = {"index": index, "offset": offset, "host": host}
+            self.translations[root] = region
+        table = _LENGTH[access]
+        if table not in region:
+            region[table] = self.invariant(table, region["index"])
+        return region
+
+    def load(self, insn: Instruction, pc: int) -> None:
+        size = isa.SIZE_BYTES[insn.size]
+        ty = f"i{size * 8}"
+        host = self.host_pointer(insn.src, insn.offset, size, Access.READ, pc)
+        value = self.value(f"load {ty}, ptr {host}, align 1")
+        if size < 8:
+            extend = "sext" if insn.mode == isa.MEMSX else "zext"
+            value = self.value(f"{extend} {ty} {value} to i64")
+        self.set(insn.dst, value)
+
+    def store(self, insn: Instruction, pc: int) -> None:
+        size = isa.SIZE_BYTES[insn.size]
+        ty = f"i{size * 8}"
+        if insn.cls == isa.STX:
+            value = self.narrow(self.get(insn.src), ty)
+        else:
+            value = str(_signed(insn.imm, size * 8))
+        host = self.host_pointer(insn.dst, insn.offset, size, Access.WRITE, pc)
+        self.emit(f"store {ty} {value}, ptr {host}, align 1")
+
+    def narrow(self, value: str, ty: str) -> str:
+        return value if ty == "i64" else self.value(f"trunc i64 {value} to {ty}")
+
+    def widen(self, value: str, ty: str) -> str:
+        return value if ty == "i64" else self.value(f"zext {ty} {value} to i64")
+
+    def atomic(self, insn: Instruction, pc: int) -> None:
+        # Every execution owns its memory, so read-modify-write needs no host atomics;
+        # plain accesses also work at any alignment.
+        size = isa.SIZE_BYTES[insn.size]
+        ty = f"i{size * 8}"
+        code = insn.imm
+        op = code & ~isa.FETCH
+        known = (isa.ATOMIC_CMPXCHG, isa.ATOMIC_XCHG & ~isa.FETCH, *_ATOMIC_BINARY)
+        if code != isa.ATOMIC_CMPXCHG and op not in known:
+            raise Unsupported(f"pc {pc}: atomic operation {code:#x}")
+        host = self.host_pointer(insn.dst, insn.offset, size, Access.ATOMIC, pc)
+        old = self.value(f"load {ty}, ptr {host}, align 1")
+        operand = self.narrow(self.get(insn.src), ty)
+        if code == isa.ATOMIC_CMPXCHG:
+            expected = self.narrow(self.get(0), ty)
+            equal = self.value(f"icmp eq {ty} {old}, {expected}")
+            new = self.value(f"select i1 {equal}, {ty} {operand}, {ty} {old}")
+            self.emit(f"store {ty} {new}, ptr {host}, align 1")
+            self.set(0, self.widen(old, ty))
+            return
+        if op == isa.ATOMIC_XCHG & ~isa.FETCH:
+            new = operand
+        else:
+            new = self.value(f"{_ATOMIC_BINARY[op]} {ty} {old}, {operand}")
+        self.emit(f"store {ty} {new}, ptr {host}, align 1")
+        if code & isa.FETCH:
+            self.set(insn.src, self.widen(old, ty))

@@ -1,0 +1,362 @@
+"""Native code for a Program, and running it: LLVM code generation, the context, helpers.
+
+`compile_program()` turns a Program into a `CompiledProgram` once (the result
+is cached in `Program.compiled["jit"]`), `run_native()` runs one prepared
+Machine on it:
+
+- the region table of the context is filled from `Machine.memory`, pointing
+  at the very bytearrays the interpreter would use, so helpers and the final
+  Result see what native code wrote; read-only data is never given a writable
+  length;
+- the native entry is called through a ctypes CFUNCTYPE pointer, which releases
+  the GIL: executions on different threads run in parallel;
+- helper calls come back into Python through one process-wide dispatcher
+  callback, which runs the interpreter's own operation for that call site, so
+  helper semantics (fuel cost, limits, errors) cannot drift between engines;
+- an interrupt listener sets a flag word that native code polls on backward
+  jumps and calls;
+- a trap recorded by native code becomes the same `Trap` the interpreter
+  raises, message and pc included.
+
+Programs the compiler does not reproduce exactly (`Unsupported`) are marked in
+their CompiledProgram and run by the interpreter instead. This module does no
+IR construction (`vm.jit.compiler`) and no Machine set-up (`vm.machine`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llvmlite.binding as llvm
+
+from vm.errors import Trap, TrapKind
+from vm.interpreter import Block, Op, decode_blocks, decode_op, interrupted, locate_trap
+from vm.isa import FRAME_POINTER
+from vm.jit.compiler import DISPATCH_SYMBOL, Unsupported, build_module
+from vm.jit.context import REGION_COUNT, Access, Context, Status
+from vm.limits import Limits
+from vm.machine import Machine
+from vm.memory import OFFSET_MASK, REGION_SHIFT
+from vm.program import Program
+
+# Deeper call limits than this run on the interpreter: every eBPF frame is a native
+# frame too, and the thread's C stack must hold them all.
+MAX_NATIVE_CALL_DEPTH = 4096
+# Accesses this far below r10 are left unchecked when the run's frames allow it.
+FRAME_BYTES = Limits().stack_frame_size
+
+_ENTRY_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
+_DISPATCH_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
+
+# llvmlite shares LLVM's global state between threads; one compile at a time keeps
+# it consistent (a compile takes milliseconds, runs never take this lock).
+_LLVM_LOCK = threading.RLock()
+_llvm_ready = False
+
+
+@dataclass
+class NativeCode:
+    """One compiled LLVM module of a program, and what running it needs."""
+
+    entries: dict[int, Callable[[int], int]]  # pc of each function -> its native entry
+    helper_ops: dict[int, Op]  # call site -> the interpreter's operation for it
+    frame_low: int  # bytes below r10 that unchecked frame accesses reach (0: none)
+    compile_seconds: float
+    functions: int  # LLVM functions generated
+    blocks: int  # eBPF blocks translated
+    ir_text: str = field(repr=False)  # the module as generated, before optimization
+    engine: object = field(repr=False)  # owns the machine code: keep it alive
+
+
+@dataclass
+class CompiledProgram:
+    """The native code of one Program, or the reason it runs on the interpreter.
+
+    `fast` leaves accesses inside the current stack frame unchecked and is used
+    whenever every frame of the run lies inside the stack region (always, with
+    the memory `vm.machine.prepare` builds); `checked` checks every access and
+    is compiled the first time a run needs it.
+    """
+
+    program: Program = field(repr=False)
+    fallback: str = ""  # non-empty: why this program is not compiled
+    fast: NativeCode | None = None
+    checked: NativeCode | None = None
+
+    @property
+    def native(self) -> bool:
+        return not self.fallback
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent compiling (both variants, when the checked one was needed)."""
+        return sum(code.compile_seconds for code in (self.fast, self.checked) if code)
+
+    def code_for(self, machine: Machine) -> NativeCode:
+        """The variant that runs `machine` with every access that may fault checked."""
+        assert self.fast is not None
+        if _frames_fit(self.fast, machine):
+            return self.fast
+        if self.checked is None:
+            with _LLVM_LOCK:
+                if self.checked is None:
+                    self.checked = _native_code(self.program, frame_bytes=0)
+        return self.checked
+
+
+@dataclass
+class _Run:
+    """What the dispatcher needs to find from a context's address."""
+
+    machine: Machine
+    ctx: Context
+    helper_ops: dict[int, Op]
+    error: BaseException | None = None
+
+
+# Running executions by the address of their context, for the dispatcher.
+_RUNS: dict[int, _Run] = {}
+
+
+@_DISPATCH_TYPE
+def _dispatch(ctx_address: int, pc: int) -> int:
+    """Run the helper call at `pc` for native code (called with the GIL re-acquired)."""
+    run = _RUNS[ctx_address]
+    try:
+        machine, ctx = run.machine, run.ctx
+        registers = machine.registers
+        registers[:] = ctx.regs
+        machine.fuel = ctx.fuel
+        try:
+            run.helper_ops[pc](registers, machine)
+        finally:
+            ctx.fuel = machine.fuel  # a helper's cost is charged even when it then fails
+        ctx.regs[0] = registers[0]
+        return Status.OK
+    except BaseException as exc:  # an exception must not cross the native frames
+        run.error = exc
+        run.ctx.status = Status.PYTHON  # callers unwind on the context's status
+        return Status.PYTHON
+
+
+def _prepare_llvm() -> None:
+    global _llvm_ready
+    if not _llvm_ready:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        # Tail merging folds our thousands of near-identical trap exits together, slowly
+        # and for no gain: they are cold. (A process-wide LLVM option.)
+        llvm.set_option("bpfexec", "-enable-tail-merge=false")
+        llvm.add_symbol(DISPATCH_SYMBOL, ctypes.cast(_dispatch, ctypes.c_void_p).value)
+        _llvm_ready = True
+
+
+def _interpreter_blocks(program: Program) -> list[Block | None]:
+    blocks = program.compiled.get("interpreter")
+    if blocks is None:
+        blocks = program.compiled.setdefault("interpreter", decode_blocks(program))
+    return blocks  # type: ignore[no-any-return]
+
+
+def compile_program(program: Program) -> CompiledProgram:
+    """The native code of `program`, compiled on first use and cached with it."""
+    compiled = program.compiled.get("jit")
+    if compiled is None:
+        with _LLVM_LOCK:
+            compiled = program.compiled.get("jit")
+            if compiled is None:
+                compiled = _compile(program)
+                program.compiled["jit"] = compiled
+    return compiled  # type: ignore[no-any-return]
+
+
+def _compile(program: Program) -> CompiledProgram:
+    if sys.byteorder != "little":
+        return CompiledProgram(program, "eBPF memory is little-endian; this host is not")
+    try:
+        _interpreter_blocks(program)
+    except Exception as exc:  # the interpreter reports it when the program runs
+        return CompiledProgram(program, f"the interpreter cannot decode it: {exc}")
+    try:
+        fast = _native_code(program, FRAME_BYTES)
+    except Unsupported as exc:
+        return CompiledProgram(program, str(exc))
+    return CompiledProgram(program, fast=fast)
+
+
+def _native_code(program: Program, frame_bytes: int) -> NativeCode:
+    start = time.perf_counter()
+    blocks = _interpreter_blocks(program)
+    module = build_module(program, blocks, [fn.pc for fn in program.functions], frame_bytes)
+    helper_ops = {pc: decode_op(program, pc) for pc in module.helper_pcs}
+    _prepare_llvm()
+    native = llvm.parse_assembly(module.text)
+    native.verify()
+    target = llvm.Target.from_default_triple()
+    machine = target.create_target_machine(
+        cpu=llvm.get_host_cpu_name(),
+        features=llvm.get_host_cpu_features().flatten(),
+        opt=2,
+        jit=True,
+    )
+    _optimize(native, machine)
+    engine = llvm.create_mcjit_compiler(native, machine)
+    engine.finalize_object()
+    entries = {
+        pc: _ENTRY_TYPE(engine.get_function_address(symbol))
+        for pc, symbol in module.entries.items()
+    }
+    return NativeCode(
+        entries=entries,
+        helper_ops=helper_ops,
+        frame_low=module.frame_low,
+        compile_seconds=time.perf_counter() - start,
+        functions=module.functions,
+        blocks=module.blocks,
+        ir_text=module.text,
+        engine=engine,
+    )
+
+
+def _optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine) -> None:
+    """Registers to SSA, then the cheap clean-ups; instruction selection does the rest.
+
+    The full -O2 pipeline (loop unrolling, vectorization, GVN, LICM) costs two to
+    three times more compile time for little gain on this IR: registers are the
+    only locals, memory accesses are opaque, and fuel checks pin every block.
+    """
+    builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(1))
+    passes = llvm.create_new_module_pass_manager()
+    passes.add_sroa_pass()
+    passes.add_instruction_combine_pass()
+    passes.add_simplify_cfg_pass()
+    passes.run(module, builder)
+
+
+def _frames_fit(code: NativeCode, machine: Machine) -> bool:
+    """Whether the frame of every call depth leaves `code.frame_low` bytes of stack below
+    r10 (and r10 inside it), so that its unchecked frame accesses cannot leave the region."""
+    if not code.frame_low:
+        return True
+    memory = machine.memory
+    fp = machine.registers[FRAME_POINTER]
+    region = fp >> REGION_SHIFT
+    if region >= len(memory.regions) or not memory.writable[region]:
+        return False
+    size = len(memory.regions[region] or b"")
+    deepest = fp - (machine.limits.max_call_depth - 1) * machine.limits.stack_frame_size
+    return all(
+        code.frame_low <= (top & OFFSET_MASK) <= size and top >> REGION_SHIFT == region
+        for top in (fp, deepest)
+    )
+
+
+def runs_natively(compiled: CompiledProgram, machine: Machine) -> bool:
+    """Whether `machine` can run on `compiled`'s native code with identical results."""
+    memory = machine.memory
+    return (
+        compiled.native
+        and compiled.fast is not None
+        and machine.entry in compiled.fast.entries
+        and machine.trace is None  # native code cannot report instruction by instruction
+        and machine.limits.max_call_depth <= MAX_NATIVE_CALL_DEPTH
+        and len(memory.regions) == REGION_COUNT
+        and all(
+            isinstance(store, bytearray)
+            for store, writable in zip(memory.regions, memory.writable, strict=True)
+            if writable
+        )
+    )
+
+
+def _map_regions(ctx: Context, machine: Machine) -> list[object]:
+    """Point the context's region table at the machine's memory; return what must stay alive."""
+    memory = machine.memory
+    keep: list[object] = []
+    for n, store in enumerate(memory.regions):
+        if not store:
+            continue  # unmapped or empty: length 0, every access faults
+        if isinstance(store, bytearray):
+            # Exporting the buffer also stops anything from resizing it during the run.
+            view = (ctypes.c_char * len(store)).from_buffer(store)
+            address = ctypes.addressof(view)
+            if memory.writable[n]:
+                ctx.region_write_len[n] = len(store)
+        else:
+            # Read-only bytes: native code reads them in place and never gets a write length.
+            view = ctypes.c_char_p(store)
+            address = ctypes.cast(view, ctypes.c_void_p).value or 0
+        keep.append(view)
+        ctx.region_base[n] = address
+        ctx.region_read_len[n] = len(store)
+    return keep
+
+
+def run_native(compiled: CompiledProgram, machine: Machine) -> int:
+    """Run `machine` on native code (see `runs_natively`); return r0 or raise Trap."""
+    code = compiled.code_for(machine)
+    ctx = Context()
+    ctx.regs[:] = machine.registers
+    ctx.fuel = machine.fuel
+    ctx.max_frames = machine.limits.max_call_depth - 1  # the entry holds the first frame
+    ctx.frame_size = machine.limits.stack_frame_size
+    flag = ctypes.c_int64(0)
+    ctx.interrupt = ctypes.addressof(flag)
+    keep = _map_regions(ctx, machine)
+    address = ctypes.addressof(ctx)
+    run = _Run(machine, ctx, code.helper_ops)
+    interrupt = machine.interrupt
+
+    def stop(reason: TrapKind) -> None:
+        flag.value = 1
+
+    _RUNS[address] = run
+    interrupt.listeners.append(stop)
+    try:
+        if interrupt.reason is not None:  # requested before the listener was in place
+            flag.value = 1
+        status = code.entries[machine.entry](address)
+    finally:
+        interrupt.listeners.remove(stop)
+        del _RUNS[address]
+        machine.fuel = ctx.fuel
+        del keep
+    if status == Status.OK:
+        machine.registers[:6] = ctx.regs[:6]
+        return machine.registers[0]
+    raise locate_trap(_trap(Status(status), ctx, run), machine.program)
+
+
+def _trap(status: Status, ctx: Context, run: _Run) -> Trap:
+    """The Trap the interpreter raises for what native code recorded in `ctx`."""
+    machine = run.machine
+    pc = ctx.trap_pc
+    if status == Status.OUT_OF_FUEL:
+        return Trap(
+            TrapKind.OUT_OF_FUEL,
+            f"fuel exhausted: {machine.budget - machine.fuel} of {machine.budget} used, "
+            f"the next block needs {ctx.trap_a}",
+            pc=pc,
+        )
+    if status == Status.MEMORY_FAULT:
+        trap = machine.memory.fault(ctx.trap_a, ctx.trap_b, Access(ctx.trap_c).text)
+        trap.pc = pc
+        return trap
+    if status == Status.CALL_DEPTH_EXCEEDED:
+        return Trap(
+            TrapKind.CALL_DEPTH_EXCEEDED,
+            f"call depth limit of {machine.limits.max_call_depth} frames exceeded",
+            pc=pc,
+        )
+    if status == Status.INTERRUPTED:
+        return interrupted(machine.interrupt.reason or TrapKind.CANCELLED, pc)
+    error = run.error
+    if isinstance(error, Trap):
+        return error
+    assert error is not None, f"native code returned status {status} without an error"
+    raise error
