@@ -111,7 +111,7 @@ def print_result(result: dict[str, Any], as_json: bool) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     run_args = [parse_arg(text) for text in args.arg]
     if args.server:
-        from client.cli_remote import run_remote
+        from client.cli_remote import connection_options, run_remote
 
         code = _read_file(args.file)
         result = run_remote(
@@ -122,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             run_args,
             args.fuel,
             remote_helpers=args.remote_helpers,
+            **connection_options(args),
         )
         return print_result(result, args.json)
     from vm.machine import execute
@@ -261,10 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_parser(sub)
 
     try:
-        from client.cli_remote import add_health_parser, add_serve_parser
+        from client.cli_remote import (
+            add_connection_arguments,
+            add_health_parser,
+            add_serve_parser,
+        )
     except ImportError:
         pass
     else:
+        add_connection_arguments(run)  # with --server
         add_serve_parser(sub)
         add_health_parser(sub)
     return parser
@@ -272,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "conformance-plugin" in argv[1:]:
+        # The conformance runner puts the memory argument before the plugin
+        # options (`bpfexec MEMORY conformance-plugin --engine jit`).
+        argv.remove("conformance-plugin")
+        argv.insert(0, "conformance-plugin")
     # conformance-plugin: parse and run without building the server parsers.
     parser = build_parser() if argv[:1] != ["conformance-plugin"] else _plugin_parser()
     args = parser.parse_args(argv)

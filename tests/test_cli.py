@@ -184,3 +184,10 @@ def test_plugin_errors_exit_1_with_one_line(stdin, args, message):
     stdin = stdin.format(fault=hexcode("r0 = *(u64 *)(r1 + 8)\nexit"), exit=hexcode("exit"))
     line = one_line_error(bpfexec("conformance-plugin", *args, stdin=stdin), code=1)
     assert message in line
+
+
+def test_plugin_accepts_the_runners_argument_order(engine):
+    # The runner passes memory (bytes as "%02x  ") first, then the plugin options.
+    code = hexcode("r0 = *(u32 *)(r1 + 0)\nexit")
+    proc = bpfexec("07  00  00  00  ", "conformance-plugin", "--engine", engine, stdin=code)
+    assert (proc.returncode, proc.stdout) == (0, "7\n")
