@@ -1,5 +1,7 @@
 # The bpfexec server. Configure it with BPFEXEC_* variables (one per
 # `bpfexec serve --help` flag), e.g. `docker run -e BPFEXEC_MAX_FUEL=1000000 ...`.
+# BPFEXEC_WORKERS=N runs N server processes on the port (needs a writable /tmp
+# for their shared metrics). Deployment: docs/deploy.md.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -28,7 +28,10 @@ from client.client import (
     Arg,
     HelperKey,
     Helpers,
+    PathLike,
+    bearer_metadata,
     called_helper,
+    channel_credentials,
     describe,
     execute_request,
     helper_table,
@@ -51,10 +54,17 @@ class AsyncClient:
         target: str,
         *,
         timeout: float | None = None,
+        token: str | None = None,
+        tls: bool | PathLike = False,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
+        if credentials is None:
+            credentials = channel_credentials(tls, tls_cert, tls_key)
+        self._metadata = bearer_metadata(token)
         channel_options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -133,7 +143,7 @@ class AsyncClient:
     ) -> pb.ExecuteResponse:
         if table is None:
             return await self._call(self._stub.Execute, request, timeout)
-        stream = self._stub.ExecuteStream(timeout=timeout)
+        stream = self._stub.ExecuteStream(timeout=timeout, metadata=self._metadata)
         try:
             await stream.write(start_message(request, table))
             while True:
@@ -158,7 +168,11 @@ class AsyncClient:
 
     async def _call(self, method: Any, request: object, timeout: float | None = None) -> Any:
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 

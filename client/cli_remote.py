@@ -1,10 +1,13 @@
 """The server-facing parts of the `bpfexec` command line.
 
-- `bpfexec serve [--host] [--port] [--metrics-port] [--helpers M:A]... [limits]`:
+- `bpfexec serve [--host] [--port] [--metrics-port] [--workers N] [--helpers M:A]... [limits]`:
   every flag comes from `server.settings` and can also be set through its
-  `BPFEXEC_*` environment variable.
+  `BPFEXEC_*` environment variable; `--workers` above 1 runs `server.workers`.
 - `bpfexec health --server HOST:PORT [--service NAME]`: exit 0 when the server
   answers SERVING, 1 otherwise, with one line on stdout or stderr; for probes.
+- `add_connection_arguments(parser)`: `--token` (or `BPFEXEC_TOKEN`, which
+  keeps the secret out of the process list), `--tls`, `--tls-ca`,
+  `--tls-cert`, `--tls-key`, shared by `health` and `run --server`.
 - `run_remote(...)`: what `bpfexec run FILE --server HOST:PORT` does; it
   returns the same dict as a local run so `client.cli` prints both alike.
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -25,7 +27,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.client import Client
+from client.client import Client, PathLike, bearer_metadata, channel_credentials
 from client.errors import InvalidArgument
 
 EXIT_OK = 0
@@ -54,13 +56,16 @@ def serve_command(namespace: argparse.Namespace) -> int:
     """Run the server until SIGTERM or SIGINT."""
     from server.app import serve
     from server.registry import HelperConfigError
+    from server.request_log import configure_logging
     from server.settings import Settings
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = Settings.from_args(namespace, os.environ)
+        configure_logging(settings.log_format)
+        if settings.workers > 1:
+            from server.workers import serve_workers
+
+            return serve_workers(settings)
         asyncio.run(serve(settings))
     except (ValueError, HelperConfigError, OSError) as exc:
         print(f"bpfexec serve: error: {exc}", file=sys.stderr)
@@ -83,12 +88,39 @@ def add_health_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--service", default="", help="service to check (default: the whole server)"
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+    add_connection_arguments(parser)
     parser.set_defaults(handler=health_command)
     return parser
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """How to reach a server: bearer token and TLS (see `connection_options`)."""
+    parser.add_argument(
+        "--token", help="bearer token sent to the server (default: $BPFEXEC_TOKEN, safer)"
+    )
+    parser.add_argument("--tls", action="store_true", help="connect over TLS (system CAs)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="connect over TLS trusting this CA file")
+    parser.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS")
+    parser.add_argument("--tls-key", metavar="PEM", help="client private key for mutual TLS")
+
+
+def connection_options(namespace: argparse.Namespace) -> dict[str, Any]:
+    """`Client` keyword arguments from the flags of `add_connection_arguments`."""
+    return {
+        "token": namespace.token or os.environ.get("BPFEXEC_TOKEN") or None,
+        "tls": namespace.tls_ca or namespace.tls,
+        "tls_cert": namespace.tls_cert,
+        "tls_key": namespace.tls_key,
+    }
+
+
 def health_command(namespace: argparse.Namespace) -> int:
-    status = check_health(namespace.server, namespace.service, namespace.timeout)
+    try:
+        options = connection_options(namespace)
+        status = check_health(namespace.server, namespace.service, namespace.timeout, **options)
+    except InvalidArgument as exc:
+        print(f"bpfexec health: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if status == "SERVING":
         print(f"{namespace.server}: SERVING")
         return EXIT_OK
@@ -96,12 +128,34 @@ def health_command(namespace: argparse.Namespace) -> int:
     return EXIT_UNHEALTHY
 
 
-def check_health(target: str, service: str = "", timeout: float = 5.0) -> str:
-    """The server's serving status name (`SERVING`, `NOT_SERVING`...), or why it has none."""
-    with grpc.insecure_channel(target) as channel:
+def check_health(
+    target: str,
+    service: str = "",
+    timeout: float = 5.0,
+    *,
+    token: str | None = None,
+    tls: bool | PathLike = False,
+    tls_cert: PathLike | None = None,
+    tls_key: PathLike | None = None,
+) -> str:
+    """The server's serving status name (`SERVING`, `NOT_SERVING`...), or why it has none.
+
+    Health needs no token; one given is sent anyway (a proxy in front may want it).
+    """
+    credentials = channel_credentials(tls, tls_cert, tls_key)
+    channel = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            response = stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout,
+                metadata=bearer_metadata(token),
+            )
         except grpc.RpcError as error:
             code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
             return f"unhealthy ({code.name})"
@@ -118,15 +172,22 @@ def run_remote(
     *,
     timeout: float | None = None,
     remote_helpers: Sequence[str] = (),
+    token: str | None = None,
+    tls: bool | PathLike = False,
+    tls_cert: PathLike | None = None,
+    tls_key: PathLike | None = None,
 ) -> dict[str, Any]:
     """Upload `code` to `server`, run `function`, return the result as a local run's dict.
 
     `remote_helpers` are `MODULE:ATTR` specs of `vm.HelperRegistry`s whose
-    helpers this process answers over an ExecuteStream (by number and name).
+    helpers this process answers over an ExecuteStream (by number and name);
+    `token` and the TLS arguments are those of `Client`.
     Raises `client.errors.BpfexecError` subclasses with the server's message.
     """
     helpers = _remote_registry(remote_helpers) if remote_helpers else None
-    with Client(server, timeout=timeout) as client:
+    with Client(
+        server, timeout=timeout, token=token, tls=tls, tls_cert=tls_cert, tls_key=tls_key
+    ) as client:
         module = client.load(code, name)
         return client.execute(module, function, args, fuel, helpers=helpers).to_dict()
 

@@ -17,6 +17,7 @@ server or the VM.
 
 from __future__ import annotations
 
+import os
 import queue
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -35,7 +36,7 @@ from client.errors import (
 )
 from client.types import Helper, Module, Result
 
-__all__ = ["Client", "HelperCall"]
+__all__ = ["Client", "HelperCall", "channel_credentials"]
 
 MASK64 = (1 << 64) - 1
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # the server's default; gRPC's own is only 4 MiB
@@ -47,6 +48,8 @@ HelperKey = int | str
 # anything iterable whose items have `.fn`, `.number` and `.name`, such as a
 # `vm.HelperRegistry` (not imported: the client does not depend on the VM).
 Helpers = Mapping[HelperKey, Callable[..., Any]] | Iterable[Any]
+PathLike = str | os.PathLike[str]
+Metadata = tuple[tuple[str, str], ...]
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT  # checked here, reported like the server would
 
 
@@ -55,7 +58,12 @@ class Client:
 
     `target` is a gRPC target such as `"localhost:50051"` or `"dns:///bpf.internal:50051"`.
     `timeout` is the default deadline of every call in seconds (None: no deadline).
-    `credentials` makes the channel secure; `options` are extra gRPC channel options.
+    `token` is sent as `authorization: Bearer <token>` with every call.
+    `tls=True` connects over TLS trusting the system's CAs, `tls="ca.pem"`
+    trusting that CA file; `tls_cert` and `tls_key` (PEM files) are the
+    client certificate of mutual TLS (they imply TLS). `credentials` gives
+    the channel credentials directly instead; `options` are extra gRPC
+    channel options (such as `("grpc.ssl_target_name_override", "localhost")`).
     """
 
     def __init__(
@@ -63,10 +71,17 @@ class Client:
         target: str,
         *,
         timeout: float | None = None,
+        token: str | None = None,
+        tls: bool | PathLike = False,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
+        if credentials is None:
+            credentials = channel_credentials(tls, tls_cert, tls_key)
+        self._metadata = bearer_metadata(token)
         channel_options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -171,7 +186,9 @@ class Client:
             return self._call(self._stub.Execute, request, timeout)
         outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None] = queue.SimpleQueue()
         outbox.put(start_message(request, table))
-        responses = self._stub.ExecuteStream(_drain(outbox), timeout=timeout)
+        responses = self._stub.ExecuteStream(
+            _drain(outbox), timeout=timeout, metadata=self._metadata
+        )
         try:
             for message in responses:
                 kind = message.WhichOneof("message")
@@ -190,7 +207,11 @@ class Client:
 
     def _call(self, method: Callable[..., T], request: object, timeout: float | None = None) -> T:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -258,6 +279,41 @@ class HelperCall:
 
     def __repr__(self) -> str:
         return f"HelperCall(call_id={self.call_id}, helper={self.helper!r}, args={self.args})"
+
+
+def channel_credentials(
+    tls: bool | PathLike = False,
+    tls_cert: PathLike | None = None,
+    tls_key: PathLike | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials as `Client` describes them; None for plaintext."""
+    if bool(tls_cert) != bool(tls_key):
+        raise InvalidArgument("tls_cert and tls_key go together: give both or neither", _INVALID)
+    if not tls and not tls_cert:
+        return None
+    root = None if isinstance(tls, bool) else _read(tls)
+    return grpc.ssl_channel_credentials(
+        root_certificates=root,
+        private_key=_read(tls_key) if tls_key else None,
+        certificate_chain=_read(tls_cert) if tls_cert else None,
+    )
+
+
+def bearer_metadata(token: str | None) -> Metadata | None:
+    """The call metadata carrying `token`, or None without one."""
+    if not token:
+        return None
+    if token != token.strip() or "\n" in token:
+        raise InvalidArgument("the token must be one line without surrounding spaces", _INVALID)
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _read(path: PathLike) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {os.fspath(path)}: {exc.strerror}", _INVALID) from None
 
 
 def helper_table(helpers: Helpers) -> dict[HelperKey, Callable[..., Any]]:

@@ -25,11 +25,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from client._pb.bpfexec.v1 import executor_pb2, executor_pb2_grpc
+from server.auth import Authenticator, server_credentials
 from server.executor import ExecutionService
 from server.metrics import Metrics
 from server.registry import build_registry
+from server.request_log import RequestLogInterceptor
 from server.service import ExecutorServicer
 from server.settings import Settings
+from server.store import ModuleStore
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,9 @@ class RunningServer:
 async def start(settings: Settings) -> RunningServer:
     """Build and start the gRPC server (and the metrics HTTP server) for `settings`."""
     metrics = Metrics()
+    authenticator = (
+        Authenticator.from_file(settings.auth_tokens_file) if settings.auth_tokens_file else None
+    )
     service = ExecutionService(
         helpers=build_registry(settings.helpers, use_entry_points=settings.entry_point_helpers),
         limits=settings.limits,
@@ -79,15 +85,32 @@ async def start(settings: Settings) -> RunningServer:
         cache_max_modules=settings.cache_max_modules,
         cache_max_bytes=settings.cache_max_bytes,
         remote_helper_timeout=settings.remote_helper_timeout,
+        store=ModuleStore(settings.store, metrics) if settings.store else None,
+        # Without authentication every caller is the same tenant.
+        shared_modules=settings.shared_modules or authenticator is None,
     )
+    if service.store is not None:
+        restored = await asyncio.to_thread(service.restore)
+        log.info("module store %s: %d modules restored", settings.store, restored)
+    tenant_of = authenticator.tenant_of if authenticator is not None else None
+    # Order matters: the metrics interceptor caches handlers by method, so it
+    # must come after (inside) the one that may refuse a call.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        RequestLogInterceptor(SERVICE_NAME, tenant_of)
+    ]
+    if authenticator is not None:
+        interceptors.append(authenticator.interceptor(metrics))
+    interceptors.append(metrics.interceptor())
     server = grpc.aio.server(
-        interceptors=[metrics.interceptor()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # Workers of `--workers N` bind the same port; the kernel spreads connections.
+            *([("grpc.so_reuseport", 1)] if settings.workers > 1 else []),
         ],
     )
-    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(service), server)
+    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(service, tenant_of), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):
@@ -97,7 +120,12 @@ async def start(settings: Settings) -> RunningServer:
          reflection.SERVICE_NAME],
         server,
     )  # fmt: skip
-    port = server.add_insecure_port(_host_port(settings.host, settings.port))
+    address = _host_port(settings.host, settings.port)
+    credentials = server_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     await server.start()
     metrics_http = None
     if settings.metrics_port:

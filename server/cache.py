@@ -19,7 +19,7 @@ import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.metrics import Metrics
 from vm import LimitError, Program
@@ -29,10 +29,15 @@ from vm.program import content_id
 
 @dataclass(frozen=True)
 class CachedModule:
-    """A cached program and the size of the bytes it came from."""
+    """A cached program, the size of the bytes it came from, and who uploaded it.
+
+    `tenants` is the one mutable part: the same bytes uploaded by two tenants
+    are one entry that both may see (`ExecutionService` decides visibility).
+    """
 
     program: Program
     size: int
+    tenants: set[str] = field(default_factory=set, compare=False)
 
     @property
     def id(self) -> str:

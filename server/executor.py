@@ -18,11 +18,18 @@ program that may run until its fuel is gone.
 A deadline becomes an interrupt of the running program; a cancelled request
 (the client went away, the server is shutting down) interrupts it too, and its
 thread is only given back once the program has actually stopped.
+
+Modules belong to the tenants that uploaded them: every module method takes
+the caller's `tenant`, and a module another tenant uploaded is, to this
+caller, a module that does not exist (unless `shared_modules`). With a
+`ModuleStore`, every accepted module is written to disk before the upload
+returns, and a module missing from the cache is read back from the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from server.cache import CachedModule, ModuleCache
 from server.metrics import Metrics
+from server.store import ModuleStore
 from vm import (
     Helper,
     HelperChain,
@@ -37,7 +45,9 @@ from vm import (
     HelperRef,
     HelperRegistry,
     Interrupt,
+    LimitError,
     Limits,
+    LoadError,
     Program,
     Result,
     TrapKind,
@@ -46,6 +56,8 @@ from vm import (
 from vm.helpers import HelperFn, HelperResolver
 from vm.loader import load
 from vm.machine import Argument
+
+log = logging.getLogger(__name__)
 
 # Fuel of the slice a helper-free program first runs on the event loop (about
 # 0.2 ms of interpretation: less than the hand-off to a pool thread costs).
@@ -97,6 +109,8 @@ class ExecutionService:
         cache_max_modules: int = 1024,
         cache_max_bytes: int = 256 << 20,
         remote_helper_timeout: float = 10.0,
+        store: ModuleStore | None = None,
+        shared_modules: bool = True,
     ) -> None:
         self.limits = limits
         self.remote_helper_timeout = remote_helper_timeout  # seconds per remote helper call
@@ -104,6 +118,8 @@ class ExecutionService:
         self.max_concurrent = max_concurrent
         self.metrics = metrics
         self.cache = ModuleCache(cache_max_modules, cache_max_bytes, metrics)
+        self.store = store
+        self.shared_modules = shared_modules  # False: a tenant sees only the modules it uploaded
         self._registry = helpers
         self._helpers = _counted(helpers, metrics)
         self._slots = threading.BoundedSemaphore(max_concurrent)
@@ -111,9 +127,18 @@ class ExecutionService:
 
     # Modules
 
-    async def load(self, code: bytes, name: str | None = None) -> CachedModule:
-        """Parse, verify and cache `code` (or find it cached); raises LoadError and kin."""
-        return await asyncio.to_thread(self.cache.load, code, lambda data: self._load(data, name))
+    async def load(self, code: bytes, name: str | None = None, tenant: str = "") -> CachedModule:
+        """Parse, verify, cache and store `code` for `tenant`; raises LoadError and kin."""
+        return await asyncio.to_thread(self._accept, code, name, tenant)
+
+    def _accept(self, code: bytes, name: str | None, tenant: str) -> CachedModule:
+        module = self.cache.load(code, lambda data: self._load(data, name))
+        added = tenant not in module.tenants
+        module.tenants.add(tenant)
+        if self.store is not None and (added or not self.store.has(module.id)):
+            # On disk before the upload is answered: nothing accepted is lost by a restart.
+            self.store.save(module.id, code, name, module.tenants)
+        return module
 
     def _load(self, code: bytes, name: str | None) -> Program:
         start = time.perf_counter()
@@ -121,18 +146,53 @@ class ExecutionService:
         self.metrics.load_seconds.observe(time.perf_counter() - start)
         return program
 
-    def get(self, module_id: str) -> CachedModule:
+    async def get(self, module_id: str, tenant: str = "") -> CachedModule:
+        """The module if `tenant` may see it, from the cache or else the store."""
         module = self.cache.get(module_id)
-        if module is None:
+        if module is None and self.store is not None:
+            module = await asyncio.to_thread(self._restore, module_id)
+        if module is None or not self._visible(module, tenant):
             raise ModuleNotFound(module_id)
         return module
 
-    def modules(self) -> list[CachedModule]:
-        return self.cache.modules()
+    def modules(self, tenant: str = "") -> list[CachedModule]:
+        """The cached modules `tenant` may see, least recently used first."""
+        return [module for module in self.cache.modules() if self._visible(module, tenant)]
 
-    def delete(self, module_id: str) -> None:
-        if not self.cache.delete(module_id):
-            raise ModuleNotFound(module_id)
+    async def delete(self, module_id: str, tenant: str = "") -> None:
+        """Forget a module for `tenant`; it is gone once no tenant that uploaded it remains."""
+        module = await self.get(module_id, tenant)
+        module.tenants.discard(tenant)
+        if self.shared_modules or not module.tenants:
+            self.cache.delete(module_id)
+            if self.store is not None:
+                await asyncio.to_thread(self.store.delete, module_id)
+        elif self.store is not None:
+            await asyncio.to_thread(
+                self.store.set_tenants, module_id, module.program.name, module.tenants
+            )
+
+    def restore(self) -> int:
+        """Load every stored module into the cache (oldest first); the count loaded."""
+        if self.store is None:
+            return 0
+        return sum(self._restore(module_id) is not None for module_id in self.store.ids())
+
+    def _restore(self, module_id: str) -> CachedModule | None:
+        assert self.store is not None
+        stored = self.store.read(module_id)  # None if absent or corrupt
+        if stored is None:
+            return None
+        try:
+            module = self.cache.load(stored.code, lambda data: self._load(data, stored.name))
+        except (LoadError, LimitError) as exc:  # stricter limits or verifier since it was stored
+            log.warning("module store: %s no longer loads, not served: %s", module_id, exc)
+            return None
+        module.tenants.update(stored.tenants)
+        return module
+
+    def _visible(self, module: CachedModule, tenant: str) -> bool:
+        return self.shared_modules or tenant in module.tenants
 
     # Helpers
 
@@ -155,6 +215,7 @@ class ExecutionService:
         *,
         timeout: float | None = None,
         helpers: HelperResolver | None = None,
+        tenant: str = "",
     ) -> Result:
         """Run `function` of a cached module on the pool.
 
@@ -164,7 +225,7 @@ class ExecutionService:
         vm's RequestError/LimitError/LinkError, ModuleNotFound or Overloaded;
         what the program does, traps included, is the Result.
         """
-        module = self.get(module_id)
+        module = await self.get(module_id, tenant)
         budget = self.limits.fuel(fuel)  # a LimitError before taking a slot
         if not self._slots.acquire(blocking=False):
             self.metrics.rejected.inc()

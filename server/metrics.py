@@ -6,6 +6,10 @@ clashing in prometheus_client's global registry. Label values stay bounded: an
 outcome is `OK` or a trap kind, a helper is its name (or `#number`), a gRPC
 method is one of the service's; module ids never become labels.
 
+Under `bpfexec serve --workers N` (`server.workers`) prometheus_client runs in
+multiprocess mode: each worker writes its values to files in a shared
+directory, and the parent process serves their sum.
+
 This module only counts; it never decides anything.
 """
 
@@ -25,6 +29,9 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 MAX_REMOTE_HELPER_LABELS = 256
 FUEL_BUCKETS = tuple(float(10**n) for n in range(1, 11))
+# With `--workers N` each process has its own cache and executions: a gauge's
+# value for the server is the sum over the live worker processes.
+GAUGE_MODE = "livesum"
 
 
 class Metrics:
@@ -56,8 +63,9 @@ class Metrics:
         )  # fmt: skip
         self._remote_labels: set[str] = set()
         self.in_flight = Gauge(
-            "bpfexec_executions_in_flight", "Executions running right now.", registry=r
-        )
+            "bpfexec_executions_in_flight", "Executions running right now.",
+            multiprocess_mode=GAUGE_MODE, registry=r,
+        )  # fmt: skip
         self.rejected = Counter(
             "bpfexec_executions_rejected",
             "Executions refused before running because the concurrency limit was reached.",
@@ -75,14 +83,26 @@ class Metrics:
             "bpfexec_module_cache_evictions", "Modules evicted to stay within the cache bounds.",
             registry=r,
         )  # fmt: skip
-        self.modules_cached = Gauge("bpfexec_modules_cached", "Modules in the cache.", registry=r)
+        self.modules_cached = Gauge(
+            "bpfexec_modules_cached", "Modules in the cache.", multiprocess_mode=GAUGE_MODE,
+            registry=r,
+        )  # fmt: skip
         self.cache_bytes = Gauge(
-            "bpfexec_module_cache_bytes", "Total size of the modules in the cache.", registry=r
-        )
+            "bpfexec_module_cache_bytes", "Total size of the modules in the cache.",
+            multiprocess_mode=GAUGE_MODE, registry=r,
+        )  # fmt: skip
         self.load_seconds = Histogram(
             "bpfexec_module_load_seconds", "Time to parse and verify a module not yet cached.",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.store_corrupt = Counter(
+            "bpfexec_store_corrupt_modules",
+            "Module files of the store whose content did not match their hash (discarded).",
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "bpfexec_auth_failures", "RPCs refused as UNAUTHENTICATED.", registry=r
+        )
         self.grpc_started = Counter(
             "grpc_server_started", "RPCs started on the server.",
             ["grpc_type", "grpc_service", "grpc_method"], registry=r,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import NoReturn
 
 import grpc
@@ -31,15 +31,23 @@ log = logging.getLogger(__name__)
 ERROR_DOMAIN = "bpfexec"  # google.rpc.ErrorInfo.domain of every error this service raises
 
 
+TenantOf = Callable[[grpc.aio.ServicerContext], str]
+
+
 class ExecutorServicer(pb_grpc.ExecutorServicer):
-    def __init__(self, service: ExecutionService) -> None:
+    """`tenant_of(context)` names the caller's tenant (`server.auth`); default: one tenant."""
+
+    def __init__(self, service: ExecutionService, tenant_of: TenantOf | None = None) -> None:
         self._service = service
+        self._tenant = tenant_of or (lambda context: "")
 
     async def LoadModule(
         self, request: pb.LoadModuleRequest, context: grpc.aio.ServicerContext
     ) -> pb.Module:
         try:
-            module = await self._service.load(request.code, request.name or None)
+            module = await self._service.load(
+                request.code, request.name or None, self._tenant(context)
+            )
         except Exception as exc:
             await _abort(context, exc)
         return self._module(module)
@@ -48,7 +56,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self, request: pb.GetModuleRequest, context: grpc.aio.ServicerContext
     ) -> pb.Module:
         try:
-            return self._module(self._service.get(request.id))
+            return self._module(await self._service.get(request.id, self._tenant(context)))
         except Exception as exc:
             await _abort(context, exc)
 
@@ -56,14 +64,16 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self, request: pb.ListModulesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModulesResponse:
         return pb.ListModulesResponse(
-            modules=[self._module(module) for module in self._service.modules()]
+            modules=[
+                self._module(module) for module in self._service.modules(self._tenant(context))
+            ]
         )
 
     async def DeleteModule(
         self, request: pb.DeleteModuleRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteModuleResponse:
         try:
-            self._service.delete(request.id)
+            await self._service.delete(request.id, self._tenant(context))
         except Exception as exc:
             await _abort(context, exc)
         return pb.DeleteModuleResponse()
@@ -85,6 +95,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 arguments(request.args),
                 request.fuel or None,
                 timeout=context.time_remaining(),
+                tenant=self._tenant(context),
             )
         except Exception as exc:
             await _abort(context, exc)
@@ -130,6 +141,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 start.request.fuel or None,
                 timeout=context.time_remaining(),
                 helpers=session,
+                tenant=self._tenant(context),
             )
         )
         run.add_done_callback(lambda _: outbox.put_nowait(None))

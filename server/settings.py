@@ -26,6 +26,7 @@ from vm import Limits
 
 ENV_PREFIX = "BPFEXEC_"
 ENGINES = ("interpreter", "jit")
+LOG_FORMATS = ("text", "json")
 
 
 def _knob(default: Any, help: str) -> Any:
@@ -53,7 +54,21 @@ class Settings:
         10.0, "seconds a client gets to answer one remote helper call (then HELPER_ERROR)"
     )
     grace_period: float = _knob(10.0, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    workers: int = _knob(
+        1, "server processes sharing the port (SO_REUSEPORT); metrics are summed across them"
+    )
     max_message_bytes: int = _knob(64 << 20, "largest gRPC message accepted or sent, in bytes")
+    store: str = _knob("", "directory keeping every accepted module on disk (empty: memory only)")
+    auth_tokens_file: str = _knob(
+        "", "file of accepted bearer tokens, one per line, optionally TENANT:TOKEN (empty: no auth)"
+    )
+    shared_modules: bool = _knob(
+        False, "with auth: every tenant sees every module (default: only the uploader's tenant)"
+    )
+    tls_cert: str = _knob("", "PEM certificate chain of the server (with --tls-key: TLS)")
+    tls_key: str = _knob("", "PEM private key of the server")
+    tls_client_ca: str = _knob("", "PEM CA certificates; clients must present one it signed (mTLS)")
+    log_format: str = _knob("text", "log format: text or json (one line per request either way)")
     limits: Limits = field(default_factory=Limits, metadata={"help": "VM limits"})
 
     def __post_init__(self) -> None:
@@ -67,10 +82,20 @@ class Settings:
             raise ValueError(
                 f"remote_helper_timeout must be positive, got {self.remote_helper_timeout}"
             )
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.grace_period < 0:
             raise ValueError(f"grace_period must not be negative, got {self.grace_period}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r} (available: {', '.join(ENGINES)})")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(
+                f"unknown log_format {self.log_format!r} (available: {', '.join(LOG_FORMATS)})"
+            )
 
     @classmethod
     def from_args(
@@ -145,3 +170,30 @@ def _parse(name: str, kind: type, text: str) -> Any:
         return kind(text)
     except ValueError as exc:
         raise ValueError(f"{_env_name(name)}={text!r}: {exc}") from None
+
+
+def knob_table() -> str:
+    """Every knob as a Markdown table (flag, environment variable, default, meaning).
+
+    docs/hardening.md embeds this table; a test keeps the copy current.
+    """
+    defaults = Settings()
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for target, instance in ((Settings, defaults), (Limits, defaults.limits)):
+        for knob, _ in _knobs(target):
+            flag = "--" + knob.name.replace("_", "-")
+            default = _shown(knob.name, getattr(instance, knob.name))
+            meaning = knob.metadata["help"].replace("|", "\\|")
+            rows.append(f"| `{flag}` | `{_env_name(knob.name)}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(name: str, value: Any) -> str:
+    """A default as the table shows it: sizes in bytes also in KiB/MiB/GiB."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 10_000:
+        return f"`{value!r}`"
+    if name.endswith("_bytes"):
+        for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+            if value % (1 << shift) == 0:
+                return f"`{value}` ({value >> shift} {unit})"
+    return f"`{value:_}`"

@@ -1,0 +1,180 @@
+"""`ModuleStore`: every accepted module kept on disk, so a restarted server still has it.
+
+The store is a directory (`--store DIR`):
+
+- `<hex>`: the module's bytes; `<hex>` is their sha256, so the module id is
+  `sha256:<hex>` (`vm.program.content_id`).
+- `<hex>.json`: what the bytes do not say: the name given at upload and the
+  tenants that uploaded the module (who may see it).
+- `.tmp-*`: a write in progress, or one a crash interrupted: never read.
+- `<hex>.corrupt`: bytes that did not match their name, set aside for a
+  person to inspect; never served.
+
+Every write goes to a temporary file in the same directory, is fsynced, then
+renamed over its final name (`os.replace`, atomic on POSIX), and the directory
+is fsynced: a reader sees the old file or the new one, never half of one, and a
+crash loses at most the write in progress. Every read checks the content hash.
+
+This module stores and checks bytes; it never parses or verifies a module
+(`ExecutionService` does, through the cache).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.metrics import Metrics
+from vm.program import content_id
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"sha256:([0-9a-f]{64})")
+_FILE = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class StoredModule:
+    """A module read back from the store, its bytes checked against its id."""
+
+    id: str
+    code: bytes
+    name: str | None
+    tenants: frozenset[str]
+
+
+class ModuleStore:
+    def __init__(self, directory: str | os.PathLike[str], metrics: Metrics) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._metrics = metrics
+        self._lock = threading.Lock()  # one writer of a module's metadata at a time
+
+    def ids(self) -> list[str]:
+        """The ids of every stored module, oldest first (temporary and set-aside files excluded)."""
+        found = [
+            (entry.stat().st_mtime_ns, entry.name)
+            for entry in os.scandir(self.directory)
+            if entry.is_file() and _FILE.fullmatch(entry.name)
+        ]
+        return ["sha256:" + name for _, name in sorted(found)]
+
+    def has(self, module_id: str) -> bool:
+        path = self._path(module_id)
+        return path is not None and path.is_file()
+
+    def read(self, module_id: str) -> StoredModule | None:
+        """The stored module, or None if absent or corrupt (a corrupt file is set aside)."""
+        path = self._path(module_id)
+        if path is None:
+            return None
+        try:
+            code = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if content_id(code) != module_id:
+            self._set_aside(path)
+            return None
+        name, tenants = self._metadata(path)
+        return StoredModule(module_id, code, name, tenants)
+
+    def save(self, module_id: str, code: bytes, name: str | None, tenants: Iterable[str]) -> None:
+        """Keep `code` (if not kept already) and its metadata, durably, before returning."""
+        path = self._path(module_id)
+        if path is None or content_id(code) != module_id:
+            raise ValueError(f"module id {module_id} is not the sha256 of its {len(code)} bytes")
+        with self._lock:
+            # Metadata first: bytes without metadata would be a module nobody may see.
+            self._write(f"{path.name}.json", _metadata_json(name, tenants))
+            if not path.is_file():
+                self._write(path.name, code)
+
+    def set_tenants(self, module_id: str, name: str | None, tenants: Iterable[str]) -> None:
+        path = self._path(module_id)
+        if path is not None:
+            with self._lock:
+                self._write(f"{path.name}.json", _metadata_json(name, tenants))
+
+    def delete(self, module_id: str) -> bool:
+        """Forget a module; False if it was not stored."""
+        path = self._path(module_id)
+        if path is None:
+            return False
+        with self._lock:
+            existed = _unlink(path)
+            _unlink(path.with_name(f"{path.name}.json"))
+            self._sync_directory()
+        return existed
+
+    def _path(self, module_id: str) -> Path | None:
+        """The file of a module id; None for anything that is not one (never a path outside)."""
+        match = _ID.fullmatch(module_id)
+        return self.directory / match.group(1) if match else None
+
+    def _metadata(self, path: Path) -> tuple[str | None, frozenset[str]]:
+        try:
+            data = json.loads(path.with_name(f"{path.name}.json").read_text())
+            return data.get("name"), frozenset(str(t) for t in data.get("tenants", ()))
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            # Missing or unreadable metadata: the module exists but belongs to no tenant.
+            log.warning("module store: no usable metadata for %s (%s)", path.name, exc)
+            return None, frozenset()
+
+    def _set_aside(self, path: Path) -> None:
+        self._metrics.store_corrupt.inc()
+        aside = path.with_name(path.name + ".corrupt")
+        log.error(
+            "module store: %s does not match its sha256 (corrupt); moved to %s, not served",
+            path.name,
+            aside.name,
+        )
+        try:
+            os.replace(path, aside)
+        except OSError as exc:  # already moved by another reader, or read-only: still not served
+            log.error("module store: could not set %s aside: %s", path.name, exc)
+
+    def _write(self, name: str, data: bytes) -> None:
+        """Atomically replace `name` by `data`: temporary file, fsync, rename, fsync the dir."""
+        fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, self.directory / name)
+        except BaseException:
+            _unlink(Path(temporary))
+            raise
+        self._sync_directory()
+
+    def _sync_directory(self) -> None:
+        """Make renames and unlinks durable (where the platform lets a directory be fsynced)."""
+        try:
+            fd = os.open(self.directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _metadata_json(name: str | None, tenants: Iterable[str]) -> bytes:
+    return json.dumps({"name": name, "tenants": sorted(set(tenants))}).encode()
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True

@@ -1,0 +1,172 @@
+"""`bpfexec serve --workers N`: N server processes sharing one port.
+
+A Python process does its Python work on one core (the GIL), so to use more
+cores of one machine the parent starts N worker processes, each a complete
+server (`server.app.serve`) with its own module cache, all bound to the same
+port with SO_REUSEPORT: the kernel hands each new connection to one of them.
+This is the pattern of grpcio's multiprocessing example. Workers are started
+with the "spawn" method, so no gRPC state crosses a fork. Any worker may answer
+any request: a client whose module is not cached by the worker it reached gets
+NOT_FOUND and uploads it again, as with replicas.
+
+Metrics: before starting the workers the parent points prometheus_client's
+multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`) at a fresh directory, where the
+workers write their values; the parent alone serves /metrics, summing them with
+`MultiProcessCollector` (gauges over the live workers only).
+
+Lifetime: SIGTERM or SIGINT to the parent is passed on to every worker, each of
+which shuts down gracefully (`Settings.grace_period`), then the parent exits.
+If a worker exits on its own, the parent stops the others and exits non-zero,
+so that a supervisor (systemd, Kubernetes) restarts the whole.
+
+This module starts, watches and stops processes; it serves no RPC itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+EXIT_OK = 0
+EXIT_WORKER_FAILED = 1
+EXIT_WORKER_CONFIG = 2  # what a worker exits with when its settings cannot be used
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+def serve_workers(settings: Settings) -> int:
+    """Run `settings.workers` server processes until SIGTERM or SIGINT; the exit status."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise ValueError("--workers above 1 needs SO_REUSEPORT, which this platform lacks")
+    stopping = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in _STOP_SIGNALS}
+    metrics_dir = tempfile.mkdtemp(prefix="bpfexec-metrics-")
+    os.environ[MULTIPROC_DIR_ENV] = metrics_dir
+    try:
+        with _reserve_port(settings.host, settings.port) as port:
+            worker_settings = dataclasses.replace(settings, port=port, metrics_port=0)
+            context = multiprocessing.get_context("spawn")
+            workers = [
+                context.Process(
+                    target=_run_worker, args=(worker_settings,), name=f"bpfexec-worker-{n}"
+                )
+                for n in range(settings.workers)
+            ]
+            for worker in workers:
+                worker.start()
+                log.info("started %s (pid %d)", worker.name, worker.pid)
+            metrics_http = _serve_metrics(settings, metrics_dir) if settings.metrics_port else None
+            log.info(
+                "serving on port %d with %d worker processes (metrics: %s)",
+                port,
+                settings.workers,
+                f"port {settings.metrics_port}" if metrics_http else "off",
+            )
+            try:
+                failed = _wait_for_stop_or_failure(workers, stopping)
+            finally:
+                _stop(workers, settings.grace_period, metrics_dir)
+                if metrics_http is not None:
+                    metrics_http.shutdown()
+                    metrics_http.server_close()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        os.environ.pop(MULTIPROC_DIR_ENV, None)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    codes = [worker.exitcode for worker in workers]
+    log.info("stopped (worker exit codes %s)", codes)
+    if failed:
+        return EXIT_WORKER_CONFIG if EXIT_WORKER_CONFIG in codes else EXIT_WORKER_FAILED
+    # A worker that already stopped gracefully may still get the parent's SIGTERM
+    # on its way out (a terminal's Ctrl-C reaches every process of the group).
+    clean = (0, -signal.SIGTERM)
+    return EXIT_OK if all(code in clean for code in codes) else EXIT_WORKER_FAILED
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _run_worker(settings: Settings) -> None:
+    """The body of one worker process: a complete server until SIGTERM or SIGINT."""
+    from server.app import serve
+    from server.registry import HelperConfigError
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        asyncio.run(serve(settings))
+    except (ValueError, HelperConfigError, OSError) as exc:
+        log.error("cannot serve: %s", exc)
+        sys.exit(EXIT_WORKER_CONFIG)
+
+
+@contextmanager
+def _reserve_port(host: str, port: int) -> Iterator[int]:
+    """Hold `host:port` (a free port if 0) with SO_REUSEPORT while the workers bind it.
+
+    The socket never listens, so it receives no connection; it only fixes the
+    port every worker binds, and fails early when another program holds it.
+    """
+    address = host.strip("[]")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
+        yield int(sock.getsockname()[1])
+
+
+def _serve_metrics(settings: Settings, metrics_dir: str) -> WSGIServer:
+    """/metrics on `settings.metrics_port`: the sum of every worker's values."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    server, _ = start_http_server(settings.metrics_port, settings.host, registry=registry)
+    return server
+
+
+def _wait_for_stop_or_failure(workers: Sequence[BaseProcess], stopping: threading.Event) -> bool:
+    """Block until a stop signal (False) or until a worker exits on its own (True)."""
+    while not stopping.is_set():
+        exited = wait([worker.sentinel for worker in workers], timeout=0.2)
+        if exited:
+            gone = [w for w in workers if w.sentinel in exited]
+            for worker in gone:
+                log.error("%s exited with status %s: stopping", worker.name, worker.exitcode)
+            return True
+    log.info("shutting down %d workers: in-flight requests get their grace period", len(workers))
+    return False
+
+
+def _stop(workers: Sequence[BaseProcess], grace_period: float, metrics_dir: str) -> None:
+    """SIGTERM every live worker, wait out its grace period, then kill what is left."""
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        worker.join(grace_period + 10)
+        if worker.is_alive():
+            log.error("%s did not stop in time: killing it", worker.name)
+            worker.kill()
+            worker.join()
+        if worker.pid is not None:
+            mark_process_dead(worker.pid, metrics_dir)
