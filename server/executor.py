@@ -124,6 +124,7 @@ class ExecutionService:
         self._helpers = _counted(helpers, metrics)
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="bpfexec-execute")
+        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="bpfexec-jit")
 
     # Modules
 
@@ -144,7 +145,21 @@ class ExecutionService:
         start = time.perf_counter()
         program = load(code, name or "<module>", self.limits)
         self.metrics.load_seconds.observe(time.perf_counter() - start)
+        if self.engine == "jit":
+            # Compiling takes longer than loading; the interpreter serves until it is done.
+            self._compiler.submit(self._compile, program)
         return program
+
+    def _compile(self, program: Program) -> None:
+        from vm.jit import compile_program
+
+        start = time.perf_counter()
+        compile_program(program)
+        self.metrics.jit_compile_seconds.observe(time.perf_counter() - start)
+
+    def _engine_for(self, program: Program) -> str:
+        """The JIT once the program's native code is ready, the interpreter before."""
+        return "jit" if self.engine == "jit" and "jit" in program.compiled else "interpreter"
 
     async def get(self, module_id: str, tenant: str = "") -> CachedModule:
         """The module if `tenant` may see it, from the cache or else the store."""
@@ -239,7 +254,8 @@ class ExecutionService:
                 start = time.perf_counter()
                 quick = execute(
                     module.program, function, args, fuel=min(budget, INLINE_FUEL),
-                    helpers=self._helpers, limits=self.limits, engine=self.engine,
+                    helpers=self._helpers, limits=self.limits,
+                    engine=self._engine_for(module.program),
                 )  # fmt: skip
             except BaseException:
                 self._slots.release()
@@ -289,7 +305,7 @@ class ExecutionService:
         try:
             result = execute(
                 program, function, args, fuel=fuel, helpers=resolver, limits=self.limits,
-                engine=self.engine, interrupt=interrupt,
+                engine=self._engine_for(program), interrupt=interrupt,
             )  # fmt: skip
         finally:
             self.metrics.in_flight.dec()
@@ -303,6 +319,7 @@ class ExecutionService:
     def close(self, wait: bool = True) -> None:
         """Stop the pool; running executions finish unless interrupted first."""
         self._pool.shutdown(wait=wait, cancel_futures=True)
+        self._compiler.shutdown(wait=wait, cancel_futures=True)
 
 
 def _counted(registry: HelperRegistry, metrics: Metrics) -> HelperRegistry:

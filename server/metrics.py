@@ -91,6 +91,10 @@ class Metrics:
             "bpfexec_module_cache_bytes", "Total size of the modules in the cache.",
             multiprocess_mode=GAUGE_MODE, registry=r,
         )  # fmt: skip
+        self.jit_compile_seconds = Histogram(
+            "bpfexec_jit_compile_seconds", "Time to compile a module to native code.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.load_seconds = Histogram(
             "bpfexec_module_load_seconds", "Time to parse and verify a module not yet cached.",
             buckets=LATENCY_BUCKETS, registry=r,

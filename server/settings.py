@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vm import Limits
+from vm.machine import available_engines
 
 ENV_PREFIX = "BPFEXEC_"
-ENGINES = ("interpreter", "jit")
+ENGINES = available_engines()
 LOG_FORMATS = ("text", "json")
 
 
@@ -44,7 +45,11 @@ class Settings:
     entry_point_helpers: bool = _knob(
         True, "load the helper registries of the 'bpfexec.helpers' entry-point group"
     )
-    engine: str = _knob("interpreter", "execution engine: interpreter or jit")
+    engine: str = _knob(
+        ENGINES[-1],
+        "execution engine: jit (native code, compiled in the background after an upload; "
+        "the interpreter serves until it is ready) or interpreter",
+    )
     max_concurrent_executions: int = _knob(
         16, "executions running at once; beyond, Execute answers RESOURCE_EXHAUSTED"
     )

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from vm.machine import available_engines
+
 FIXTURES = Path(__file__).parent / "fixtures"
 C_SOURCES = FIXTURES / "c"
 OBJECTS = FIXTURES / "obj"
@@ -74,16 +76,6 @@ def compile_c(tmp_path_factory: pytest.TempPathFactory) -> CompileC:
         return target
 
     return compile_c
-
-
-def available_engines() -> list[str]:
-    """Every engine this installation can run: the interpreter, and the JIT with llvmlite."""
-    import importlib.util
-
-    engines = ["interpreter"]
-    if importlib.util.find_spec("llvmlite") and (Path(__file__).parents[1] / "vm" / "jit").exists():
-        engines.append("jit")
-    return engines
 
 
 @pytest.fixture(params=available_engines())

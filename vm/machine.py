@@ -218,15 +218,24 @@ def prepare(
     )
 
 
+def available_engines() -> tuple[str, ...]:
+    """The engines this installation can run: the JIT needs llvmlite."""
+    import importlib.util
+
+    return ("interpreter", "jit") if importlib.util.find_spec("llvmlite") else ("interpreter",)
+
+
 def get_engine(name: str) -> Engine:
     if name == "interpreter":
         from vm.interpreter import Interpreter
 
         return Interpreter()
     if name == "jit":
-        from vm.jit import Jit  # type: ignore[import-not-found]
-
-        return Jit()  # type: ignore[no-any-return]
+        try:
+            from vm.jit import Jit
+        except ImportError as exc:
+            raise RequestError(str(exc)) from None
+        return Jit()
     raise RequestError(f"unknown engine {name!r} (available: interpreter, jit)")
 
 
