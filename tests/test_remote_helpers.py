@@ -26,6 +26,7 @@ from client.client import Client, HelperCall
 from client.errors import InvalidArgument, MemoryFault
 from server.app import RunningServer, serve_in_thread
 from server.settings import Settings
+from vm import Limits
 
 TIMEOUT = 10.0
 HELPER_TIMEOUT = 0.5
@@ -35,6 +36,8 @@ BUFFER0 = 0x4_0000_0000  # address of argument buffer 0
 FILL_BUFFER = b"r6 = r1\ncall 100\nr0 = *(u64 *)(r6 + 0)\nexit\n"
 # Calls #100 once, then runs about 300k instructions: long enough to misbehave in.
 CALL_THEN_LOOP = b"call 100\nr0 = 0\nloop:\nr0 += 1\nif r0 < 100000 goto loop\nexit\n"
+# Still running when a late message arrives, even as native code.
+CALL_THEN_SPIN = b"call 100\nloop:\ngoto loop\n"
 CALL_TWICE = b"call 100\nr6 = r0\ncall 100\nr0 += r6\nexit\n"
 
 
@@ -241,8 +244,10 @@ class RawStream:
         self.channel.close()
 
 
-def start(module_id: str, numbers: tuple[int, ...] = (100,)) -> dict[str, object]:
-    request = pb.ExecuteRequest(module_id=module_id, fuel=10**7)
+def start(
+    module_id: str, numbers: tuple[int, ...] = (100,), fuel: int = 10**7
+) -> dict[str, object]:
+    request = pb.ExecuteRequest(module_id=module_id, fuel=fuel)
     return {"start": pb.ExecuteStart(request=request, helper_numbers=numbers)}
 
 
@@ -269,15 +274,16 @@ VIOLATIONS = {
 @pytest.mark.parametrize("case", list(VIOLATIONS))
 def test_protocol_violations_end_the_stream(server: RunningServer, client: Client, case) -> None:
     messages, expected = VIOLATIONS[case]
-    module = client.load(CALL_THEN_LOOP)
+    module = client.load(CALL_THEN_SPIN)
+    fuel = Limits().max_fuel  # the program is still running when the violation arrives
     stream = RawStream(server)
     try:
         with pytest.raises(grpc.RpcError) as caught:
             if case != "result-first":
-                stream.send(**start(module.id))
+                stream.send(**start(module.id, fuel=fuel))
                 assert stream.receive().helper_call.call_id == 1
             for message in messages:
-                stream.send(**(start(module.id) if message == "start" else message))
+                stream.send(**(start(module.id, fuel=fuel) if message == "start" else message))
             while True:  # whatever the server still sends, the stream must end in error
                 stream.receive()
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
