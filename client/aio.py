@@ -35,6 +35,7 @@ from client.client import (
     describe,
     execute_request,
     helper_table,
+    open_channel,
     result_message,
     start_message,
 )
@@ -65,15 +66,7 @@ class AsyncClient:
         if credentials is None:
             credentials = channel_credentials(tls, tls_cert, tls_key)
         self._metadata = bearer_metadata(token)
-        channel_options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            *options,
-        ]
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=channel_options)
+        self._channel = open_channel(target, credentials, max_message_bytes, options, aio=True)
         self._stub = pb_grpc.ExecutorStub(self._channel)
         self.target = target
         self.timeout = timeout

@@ -82,15 +82,7 @@ class Client:
         if credentials is None:
             credentials = channel_credentials(tls, tls_cert, tls_key)
         self._metadata = bearer_metadata(token)
-        channel_options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            *options,
-        ]
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=channel_options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self._channel = open_channel(target, credentials, max_message_bytes, options)
         self._stub = pb_grpc.ExecutorStub(self._channel)
         self.target = target
         self.timeout = timeout
@@ -297,6 +289,26 @@ def channel_credentials(
         private_key=_read(tls_key) if tls_key else None,
         certificate_chain=_read(tls_cert) if tls_cert else None,
     )
+
+
+def open_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    max_message_bytes: int,
+    options: Sequence[tuple[str, object]],
+    *,
+    aio: bool = False,
+) -> Any:
+    """A channel (a `grpc.aio` one with `aio=True`) with the clients' message limits."""
+    channel_options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        *options,
+    ]
+    api: Any = grpc.aio if aio else grpc
+    if credentials is None:
+        return api.insecure_channel(target, options=channel_options)
+    return api.secure_channel(target, credentials, options=channel_options)
 
 
 def bearer_metadata(token: str | None) -> Metadata | None:

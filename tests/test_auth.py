@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from support import free_port
 
 from client.aio import AsyncClient
 from client.cli_remote import check_health
@@ -41,14 +42,6 @@ def settings(tmp_path: Path, **changes: object) -> Settings:
 def server(tmp_path: Path) -> Iterator[RunningServer]:
     with serve_in_thread(settings(tmp_path, metrics_port=free_port())) as running:
         yield running
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def client(server: RunningServer, tenant: str | None) -> Client:

@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from seed_helpers import registry as seed_registry
-from test_server import free_port, sample, scrape, wait_until
+from support import free_port, wait_until
+from test_server import sample, scrape
 
 from client._pb.bpfexec.v1 import executor_pb2 as pb
 from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc

@@ -7,7 +7,6 @@ back, as a result or as a status code with its message.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 import time
 import urllib.request
@@ -20,6 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from support import free_port, wait_until
 
 from client.cli_remote import check_health
 from client.client import Client
@@ -42,12 +42,6 @@ CALL_999 = b"call 999\nexit\n"
 PRINTK = b"call 6\nexit\n"
 
 TIMEOUT = 10.0  # no single call of these tests may hang longer
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # Fuel for programs that must outlive their deadline: days, even for native code.
@@ -87,13 +81,6 @@ def scrape(server: RunningServer) -> dict[tuple[str, frozenset[tuple[str, str]]]
 
 def sample(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def wait_until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def in_flight(server: RunningServer) -> float:

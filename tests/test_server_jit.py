@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from test_server import free_port
+from support import free_port
 
 from client import Client
 from server.app import serve_in_thread

@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support import free_port, wait_until
 
 from client._pb.bpfexec.v1 import executor_pb2, executor_pb2_grpc
 from client.cli_remote import check_health
@@ -28,19 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
 CONNECTIONS = 16  # all on one worker by chance: 2**-15
 RUNS_PER_CONNECTION = 5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def metric_values(metrics_port: int) -> dict[str, float]:
