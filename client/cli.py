@@ -188,8 +188,10 @@ def cmd_conformance_plugin(args: argparse.Namespace) -> int:
     """The plugin protocol of the shared BPF conformance runner.
 
     The program arrives hex-encoded on stdin; the optional argument is the
-    initial memory in hex: r1 = its address, r2 = its length. Helper 5 returns
-    its first argument. r0 is printed in hex.
+    initial memory in hex: r1 = its address, r2 = its length. r0 is printed in
+    hex. The host functions are the ones the suite's tests call: helper 5
+    returns its first argument, runtime function 0x2a (`call` with src 2)
+    returns 0.
     """
     from vm.helpers import HelperRegistry
     from vm.loader import ELF_MAGIC, load
@@ -203,6 +205,7 @@ def cmd_conformance_plugin(args: argparse.Namespace) -> int:
         raise UsageError("program and memory must be hex") from None
     helpers = HelperRegistry()
     helpers.register(lambda ctx, a, b, c, d, e: a, id=5, name="conformance_identity")
+    helpers.register(lambda ctx, a, b, c, d, e: 0, id=0x2A, name="conformance_runtime")
     is_elf = code[:4] == ELF_MAGIC
     if is_elf != args.elf:
         raise UsageError("an ELF object needs --elf" if is_elf else "--elf given, but no ELF")

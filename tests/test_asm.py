@@ -147,6 +147,7 @@ def test_round_trip_of_a_whole_listing() -> None:
         (Instruction(0x85, 0, 0, 0, 42), "call 42"),
         (Instruction(0x85, 0, 0, 0, -1), "call -1"),
         (Instruction(0x85, 0, 1, 0, -3), "call local -3"),
+        (Instruction(0x85, 0, 2, 0, 42), "call runtime 42"),
         (Instruction(0x8D, 8), "callx r8"),
         (Instruction(0x8D, 0, 0, 0, 8), "callx r8"),  # clang 14 puts the register in imm
         (Instruction(0x95), "exit"),
@@ -177,7 +178,7 @@ def test_lddw_prints_its_value_in_decimal_like_llvm() -> None:
         Instruction(0x99),  # ldsx of 64 bits
         Instruction(0xDB, imm=0x02),  # unknown atomic operation
         Instruction(0xD3),  # atomic of 8 bits
-        Instruction(0x85, src=2),  # call by BTF id
+        Instruction(0x85, src=3),  # call with an unknown src
         Instruction(0x86),  # call in JMP32
         Instruction(0x96),  # exit in JMP32
         Instruction(0x38),  # legacy load of 64 bits

@@ -163,6 +163,14 @@ def test_plugin_helper_5_returns_its_first_argument(engine):
     assert proc.stdout == f"{77:x}\n"
 
 
+def test_plugin_runtime_function_0x2a_returns_0(engine):
+    # The suite's call_runtime test: `call` with src 2, imm 0x2a, expects r0 = 0.
+    proc = bpfexec(
+        "conformance-plugin", "--engine", engine, stdin="852000002a000000" + "95" + "0" * 14
+    )
+    assert (proc.returncode, proc.stdout) == (0, "0\n")
+
+
 def test_plugin_runs_elf(compile_c, engine):
     # example(r1, r2) returns r2 when r1 > 3: r1 is the memory's address, r2 its length.
     code = compile_c("example").read_bytes().hex()

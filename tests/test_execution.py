@@ -307,6 +307,15 @@ def test_callx_calls_the_helper_numbered_in_a_register(engine):
     assert result.trap.kind == TrapKind.UNKNOWN_HELPER and "#99" in result.trap.message
 
 
+def test_runtime_function_calls_resolve_like_helper_numbers(engine):
+    # `call` with src 2 names a kfunc by BTF id in the kernel; here the host resolves the id.
+    reg = HelperRegistry()
+    reg.register(lambda ctx, a, *r: a * 2, id=42, name="twice")
+    assert run("r1 = 21\ncall runtime 42\nexit", engine=engine, helpers=reg).return_value == 42
+    with pytest.raises(vm.LinkError, match="unknown helper: #43"):
+        run("call runtime 43\nexit", engine=engine, helpers=reg)
+
+
 def test_log_limits_drop_extra_lines(engine):
     reg = HelperRegistry()
     reg.register(lambda ctx, *a: ctx.log("line") or 0, id=3, name="say")

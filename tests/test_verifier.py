@@ -233,11 +233,6 @@ REJECTED = {
         0,
         "legacy packet access (ld_abs/ld_ind) is not supported",
     ),
-    "kfunc call": (
-        [I(isa.OP_CALL, 0, isa.CALL_BTF, 0, 7), EXIT],
-        0,
-        "call by BTF id (kfunc, src 2) is not supported",
-    ),
     "call src 3": ([I(isa.OP_CALL, 0, 3, 0, 7), EXIT], 0, "call with src 3 is not valid"),
     **{
         f"lddw src {src}": ([*lddw(1, 0, src), EXIT], 0, f"lddw with src {src} (")

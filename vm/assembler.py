@@ -148,6 +148,7 @@ class _Assembler:
             (rf"(goto|gotol)\s+({_TARGET})", self._goto),
             (rf"if\s+({_REG})\s*({_JUMP_OP_RE})\s*({_REG}|{_NUM})\s+goto\s+({_TARGET})", self._if),
             (rf"call\s+local\s+({_NUM})", self._call_local),
+            (rf"call\s+runtime\s+({_NUM})", self._call_runtime),
             (rf"call\s+({_NUM})", self._call_number),
             (rf"call\s+({_IDENT})", self._call_name),
             (rf"callx\s+({_REG})", self._callx),
@@ -349,6 +350,9 @@ class _Assembler:
     def _call_number(self, m: re.Match[str]) -> _Slot:
         return self._slot(isa.OP_CALL, src=isa.CALL_HELPER, imm=self._imm32(m[1]))
 
+    def _call_runtime(self, m: re.Match[str]) -> _Slot:
+        return self._slot(isa.OP_CALL, src=isa.CALL_BTF, imm=self._imm32(m[1]))
+
     def _call_name(self, m: re.Match[str]) -> _Slot:
         slot = self._slot(isa.OP_CALL, src=isa.CALL_HELPER, imm=-1)
         slot.call_label = m[1]
@@ -509,7 +513,7 @@ class _Assembler:
                 helper_calls[pc] = HelperRef(name=slot.call_label)
                 return insn
             return Instruction(isa.OP_CALL, src=isa.CALL_LOCAL, imm=target - pc - 1)
-        if insn.opcode == isa.OP_CALL and insn.src == isa.CALL_HELPER:
+        if isa.is_helper_call(insn):
             helper_calls[pc] = HelperRef(number=insn.imm)
             return insn
         if slot.jump_label is None:

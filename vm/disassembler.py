@@ -192,6 +192,8 @@ def _jump(insn: Instruction) -> str:
             return f"call {insn.imm}"
         if insn.src == isa.CALL_LOCAL:
             return f"call local {_offset(insn.imm)}"
+        if insn.src == isa.CALL_BTF:
+            return f"call runtime {insn.imm}"
         return _invalid(insn, f"(call with src {insn.src})")
     name = isa.JMP_NAMES.get(op)
     if name is None:

@@ -375,7 +375,7 @@ class _Linker:
                 for reloc in self.obj.relocations.get(section.index, ()):
                     self._relocate_data(section, reloc)
         for pc, insn in enumerate(self.instructions):
-            if insn.opcode == isa.OP_CALL and insn.src == isa.CALL_HELPER:
+            if isa.is_helper_call(insn):
                 self.helper_calls.setdefault(pc, HelperRef(number=insn.imm & isa.MASK32))
         return Program(
             instructions=tuple(self.instructions),

@@ -473,7 +473,7 @@ def decode_op(program: Program, pc: int) -> Op:
         return _atomic_op(insn, pc) if insn.mode == isa.ATOMIC else _store_op(insn, pc)
     if cls == LD and insn.opcode == isa.LDDW:
         return _lddw_op(insn, isa.lddw_value(insn, program.instructions[pc + 1]))
-    if insn.opcode == isa.OP_CALL and insn.src == isa.CALL_HELPER:
+    if isa.is_helper_call(insn):
         return _helper_op(pc)
     if insn.opcode == isa.OP_CALLX:
         return _callx_op(insn, pc)

@@ -102,7 +102,9 @@ ATOMIC_OPS = frozenset(
 # Source register values of `call` (JMP | CALL | K).
 CALL_HELPER = 0  # imm is a helper number
 CALL_LOCAL = 1  # imm is a pc offset to a function of the program
-CALL_BTF = 2  # helper by BTF id: kernel-only, rejected
+# imm is a BTF id, the kernel's name for a "kfunc" or runtime function; a userspace VM
+# has no BTF, so the host resolves the id like a helper number.
+CALL_BTF = 2
 
 # Source register values of `lddw` (LD | IMM | DW).
 LDDW_IMM = 0  # imm64 is a plain 64-bit constant
@@ -201,6 +203,11 @@ def is_jump(insn: Instruction) -> bool:
 def jump_offset(insn: Instruction) -> int:
     """The pc delta of a jump: `gotol` carries it in imm, every other jump in offset."""
     return insn.imm if insn.opcode == OP_JA32 else insn.offset
+
+
+def is_helper_call(insn: Instruction) -> bool:
+    """`call imm` of a host function: a helper number (src 0) or a runtime function id (src 2)."""
+    return insn.opcode == OP_CALL and insn.src in (CALL_HELPER, CALL_BTF)
 
 
 def callx_register(insn: Instruction) -> int:

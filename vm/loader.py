@@ -93,7 +93,7 @@ def _raw(data: bytes, name: str) -> Program:
             target = pc + 1 + insn.imm
             if 0 < target < len(code):
                 starts.setdefault(target, f"fn_{target}")
-        elif insn.opcode == isa.OP_CALL and insn.src == isa.CALL_HELPER:
+        elif isa.is_helper_call(insn):
             helper_calls[pc] = HelperRef(number=insn.imm & isa.MASK32)
         pc += 2 if insn.opcode == isa.LDDW else 1
     ordered = sorted(starts)

@@ -70,7 +70,7 @@ def _second_slots(code: tuple[Instruction, ...]) -> set[int]:
 
 
 def _is_helper_call(insn: Instruction) -> bool:
-    return insn.opcode == isa.OP_CALL and insn.src == isa.CALL_HELPER
+    return isa.is_helper_call(insn)
 
 
 def _error(program: Program, pc: int, message: str) -> VerifyError:
@@ -219,10 +219,11 @@ def _check_call(
     _require_zero(insn, "dst", "offset")
     if insn.src == isa.CALL_LOCAL:
         _check_target(code, pc + 1 + insn.imm, second, "call")
-    elif insn.src == isa.CALL_BTF:
-        raise _Problem("call by BTF id (kfunc, src 2) is not supported: kernel-only")
-    elif insn.src != isa.CALL_HELPER:
-        raise _Problem(f"call with src {insn.src} is not valid (0: helper, 1: local function)")
+    elif insn.src not in (isa.CALL_HELPER, isa.CALL_BTF):
+        raise _Problem(
+            f"call with src {insn.src} is not valid (0: helper, 1: local function, 2: runtime "
+            "function)"
+        )
 
 
 def _check_ld(code: tuple[Instruction, ...], pc: int, insn: Instruction) -> None:
