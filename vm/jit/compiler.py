@@ -6,17 +6,18 @@ each costs and how it ends. Every pc that is entered by a call (the program's
 functions and every local call target) becomes one internal LLVM function
 holding the blocks reachable from it by jumps and fall-through:
 
-    %res bpf_fn_<pc>(ptr ctx, i64 depth, i64 fuel, i64 r0, ..., i64 r10)
-    %res = {r0..r5, fuel}
+    %res.<pc> bpf_fn_<pc>(ptr ctx, i64 depth, i64 fuel, i64 <params>...)
+    %res.<pc> = {<results>..., fuel}
 
-A local call is a native call: the callee gets the caller's r0..r9, `r10 -
-frame_size` and the fuel left, and hands back r0..r5 and the fuel; r6..r10 of
-the caller are its own values, so they survive the call exactly as the
-interpreter's frame stack restores them. Registers live in allocas (SROA makes
-them SSA values); within a block they are cached, so the IR stays small. Every
-exported function gets a wrapper `i64 bpf_entry_<pc>(ptr ctx)` that reads the
-initial registers and fuel from the context, writes r0..r5 and the fuel back
-and returns a `Status`.
+A local call is a native call: the callee gets the caller's registers it may
+read (`vm.jit.liveness`), `r10 - frame_size` and the fuel left, and hands back
+those of r0..r5 its callers may read, and the fuel; r6..r10 of the caller are
+its own values, so they survive the call exactly as the interpreter's frame
+stack restores them. A registers the analysis proves unread starts as 0.
+Registers live in allocas (SROA makes them SSA values); within a block they
+are cached, so the IR stays small. Every exported function gets a wrapper
+`i64 bpf_entry_<pc>(ptr ctx)` that reads the initial registers and fuel from
+the context, writes r0 and the fuel back and returns a `Status`.
 
 Memory accesses translate the virtual address through the context's region
 table with a bounds check. In a module built with `frame_bytes > 0`, accesses
@@ -26,7 +27,7 @@ uses such a module only when every frame of every call depth lies inside the
 stack region (`ModuleIR.frame_low`), and a fully checked module otherwise.
 
 Traps call `bpf_trap` (kind, pc, details and fuel into the context) and
-return; callers check the status after every call and unwind. Helper calls
+return a fuel of -1, which callers check after every call to unwind. Helper calls
 spill the registers to the context and go through one external function, the
 runtime's Python dispatcher. No host address is ever stored in an eBPF
 register: host pointers exist only inside the access that uses them.
@@ -50,11 +51,11 @@ from vm import isa
 from vm.interpreter import CALL, EXIT, FALL, JUMP, Block
 from vm.isa import MASK32, NUM_REGISTERS, Instruction
 from vm.jit.context import FIELD_INDEX, REGION_COUNT, Access, Context, Status
+from vm.jit.liveness import Signature, signatures, uses_and_defs
 from vm.memory import OFFSET_MASK, REGION_SHIFT
 from vm.program import Program
 
 DISPATCH_SYMBOL = "bpfexec_jit_dispatch"  # i64 (ptr ctx, i64 pc): 0, or a trap is recorded
-RESULT_REGISTERS = 6  # a call hands back r0..r5; r6..r10 belong to the caller
 FUEL = NUM_REGISTERS  # the fuel counter is cached and spilled like a register
 # Blocks compiled in total may exceed the program's own by this factor (code reachable
 # from several call targets is compiled once per target); beyond it, do not compile.
@@ -99,8 +100,12 @@ def _ir_type(ctype: type) -> str:
 
 
 CONTEXT_TYPE = "{ " + ", ".join(_ir_type(ctype) for _, ctype in Context._fields_) + " }"
-RESULT_TYPE = "{ " + ", ".join(["i64"] * (RESULT_REGISTERS + 1)) + " }"
-_RESULT_FUEL = RESULT_REGISTERS  # index of the fuel in %res
+UNWOUND = -1  # the fuel a function hands back when it unwinds after a trap
+
+
+def _result_type(signature: Signature) -> str:
+    """`{ results..., fuel }`: what `bpf_fn_<pc>` returns."""
+    return "{ " + ", ".join(["i64"] * (len(signature.results) + 1)) + " }"
 
 
 def _signed(value: int, bits: int = 64) -> int:
@@ -188,23 +193,25 @@ def build_module(
 
     if _writes_frame_pointer(code):
         frame_bytes = 0
+    jumps = {pc: successors(blocks[pc], code) for pcs in bodies.values() for pc in pcs}  # type: ignore[arg-type]
+    signature = signatures(bodies, blocks, code, jumps)
     helper_pcs: set[int] = set()
     parts = [_PRELUDE]
+    parts += [f"%res.{entry} = type {_result_type(signature[entry])}" for entry in sorted(bodies)]
     frame_low = 0
     for entry in sorted(bodies):
-        fn = _FunctionCompiler(program, blocks, frame_bytes, helper_pcs)
+        fn = _FunctionCompiler(program, blocks, frame_bytes, helper_pcs, signature)
         parts.append(fn.compile(entry, bodies[entry]))
         frame_low = max(frame_low, fn.frame_low)
     symbols = {}
     for pc in entries:
         symbols[pc] = f"bpf_entry_{pc}"
-        parts.append(_wrapper(pc))
+        parts.append(_wrapper(pc, signature[pc]))
     return ModuleIR("\n".join(parts), symbols, len(bodies), total, frozenset(helper_pcs), frame_low)
 
 
 _PRELUDE = f"""
 %ctx = type {CONTEXT_TYPE}
-%res = type {RESULT_TYPE}
 
 declare i64 @{DISPATCH_SYMBOL}(ptr, i64) nounwind
 declare i16 @llvm.bswap.i16(i16)
@@ -257,32 +264,31 @@ ok:
 """
 
 
-def _wrapper(pc: int) -> str:
-    """`i64 bpf_entry_<pc>(ctx)`: registers and fuel from the context in, and back out."""
+def _wrapper(pc: int, signature: Signature) -> str:
+    """`i64 bpf_entry_<pc>(ctx)`: registers and fuel from the context in, r0 and fuel out."""
     lines = [f"define i64 @bpf_entry_{pc}(ptr noalias %ctx) nounwind {{", "entry:"]
     args = []
-    for n in range(NUM_REGISTERS):
+    for n in signature.params:
         lines.append(f"  %rp{n} = {_field('%ctx', 'regs', str(n))}")
         lines.append(f"  %r{n} = load i64, ptr %rp{n}")
         args.append(f"i64 %r{n}")
+    fuel_index = len(signature.results)
     lines += [
         f"  %fp = {_field('%ctx', 'fuel')}",
         "  %fuel = load i64, ptr %fp",
-        f"  %res = call %res @bpf_fn_{pc}(ptr %ctx, i64 0, i64 %fuel, {', '.join(args)})",
-        f"  %sp = {_field('%ctx', 'status')}",
-        "  %status = load i64, ptr %sp",
-        "  %ok = icmp eq i64 %status, 0",
+        f"  %res = call %res.{pc} @bpf_fn_{pc}(ptr %ctx, i64 0, i64 %fuel, {', '.join(args)})",
+        f"  %left = extractvalue %res.{pc} %res, {fuel_index}",
+        f"  %ok = icmp ne i64 %left, {UNWOUND}",
         "  br i1 %ok, label %done, label %trapped",
         "done:",
-    ]
-    for n in range(RESULT_REGISTERS):
-        lines.append(f"  %out{n} = extractvalue %res %res, {n}")
-        lines.append(f"  store i64 %out{n}, ptr %rp{n}")
-    lines += [
-        f"  %left = extractvalue %res %res, {_RESULT_FUEL}",
+        "  %out = extractvalue %res.{pc} %res, 0".replace("{pc}", str(pc)),
+        f"  %r0p = {_field('%ctx', 'regs', '0')}",
+        "  store i64 %out, ptr %r0p",
         "  store i64 %left, ptr %fp",
         "  ret i64 0",
         "trapped:",
+        f"  %sp = {_field('%ctx', 'status')}",
+        "  %status = load i64, ptr %sp",
         "  ret i64 %status",
         "}",
     ]
@@ -315,8 +321,11 @@ class _FunctionCompiler:
         blocks: Sequence[Block | None],
         frame_bytes: int,
         helper_pcs: set[int],
+        signature: dict[int, Signature],
     ) -> None:
         self.code = program.instructions
+        self.signature = signature
+        self.entry = 0  # the function being compiled
         self.blocks = blocks
         self.frame_bytes = frame_bytes
         self.helper_pcs = helper_pcs
@@ -394,16 +403,8 @@ class _FunctionCompiler:
             f"{trap}:",
             f"  call void @bpf_trap(ptr %ctx, i64 {int(status)}, i64 {pc}, i64 {a}, i64 {b}, "
             f"i64 {c}, i64 {fuel})",
-            "  ret %res undef",
+            "  br label %unwind",
         ]
-        self.start(cont)
-
-    def unwind_if_status(self) -> None:
-        """Return at once when a callee or the dispatcher recorded a trap."""
-        status = self.value(f"load i64, ptr {self.field('status')}")
-        failed = self.value(f"icmp ne i64 {status}, 0")
-        cont = self.new_label()
-        self.emit(f"br i1 {failed}, label %unwind, label %{cont}, !prof {COLD}")
         self.start(cont)
 
     def check_interrupt(self, pc: int | str) -> None:
@@ -413,24 +414,29 @@ class _FunctionCompiler:
     # -- the function ---------------------------------------------------------------------
 
     def compile(self, entry: int, pcs: list[int]) -> str:
+        self.entry = entry
         for pc in pcs:
             block = self.blocks[pc]
             assert block is not None
             self.block(block)
-        params = ", ".join(f"i64 %a{n}" for n in range(NUM_REGISTERS))
+        signature = self.signature[entry]
+        params = ", ".join(f"i64 %a{n}" for n in signature.params)
+        result = f"%res.{entry}"
         head = [
-            f"define internal %res @bpf_fn_{entry}(ptr noalias %ctx, i64 %depth, i64 %a{FUEL}, "
-            f"{params}) nounwind {{",
+            f"define internal {result} @bpf_fn_{entry}(ptr noalias %ctx, i64 %depth, "
+            f"i64 %a{FUEL}, {params}) nounwind {{",
             "entry:",
         ]
         for n in range(NUM_REGISTERS + 1):
             head.append(f"  %r{n} = alloca i64")
-            head.append(f"  store i64 %a{n}, ptr %r{n}")
+            value = f"%a{n}" if n in signature.params or n == FUEL else "0"
+            head.append(f"  store i64 {value}, ptr %r{n}")
         head.append(f"  %ip = {_field('%ctx', 'interrupt')}")
         head.append(f"  %interrupt = load ptr, ptr %ip, !invariant.load {INVARIANT}")
         head += self.frame_prologue()
         head.append(f"  br label %pc{entry}")
-        tail = ["unwind:", "  ret %res undef", "}"]
+        unwound = ", ".join(["i64 undef"] * len(signature.results) + [f"i64 {UNWOUND}"])
+        tail = ["unwind:", f"  ret {result} {{ {unwound} }}", "}"]
         return "\n".join(head + self.lines + self.cold + tail)
 
     def frame_prologue(self) -> list[str]:
@@ -468,11 +474,10 @@ class _FunctionCompiler:
             self.flush()
             self.emit(f"br label %pc{block.next_pc}")
         elif block.kind == EXIT:
-            result = "undef"
-            for n in [*range(RESULT_REGISTERS), FUEL]:
-                index = _RESULT_FUEL if n == FUEL else n
-                result = self.value(f"insertvalue %res {result}, i64 {self.get(n)}, {index}")
-            self.emit(f"ret %res {result}")
+            result, ty = "undef", f"%res.{self.entry}"
+            for index, n in enumerate([*self.signature[self.entry].results, FUEL]):
+                result = self.value(f"insertvalue {ty} {result}, i64 {self.get(n)}, {index}")
+            self.emit(f"ret {ty} {result}")
         elif block.kind == CALL:
             self.local_call(block)
         else:
@@ -485,18 +490,29 @@ class _FunctionCompiler:
         self.trap_if(too_deep, Status.CALL_DEPTH_EXCEEDED, block.end_pc)
         self.check_interrupt(block.end_pc)
         frame_size = self.invariant("frame_size")
-        args = [self.get(n) for n in range(NUM_REGISTERS)]
-        args[isa.FRAME_POINTER] = self.value(f"sub i64 {args[isa.FRAME_POINTER]}, {frame_size}")
+        callee = self.signature[block.target]
+        args = []
+        for n in callee.params:
+            value = self.get(n)
+            if n == isa.FRAME_POINTER:
+                value = self.value(f"sub i64 {value}, {frame_size}")
+            args.append(f"i64 {value}")
         depth = self.value("add i64 %depth, 1")
-        arglist = ", ".join(f"i64 {a}" for a in args)
+        ty = f"%res.{block.target}"
         result = self.value(
-            f"call %res @bpf_fn_{block.target}(ptr %ctx, i64 {depth}, i64 {self.get(FUEL)}, "
-            f"{arglist})"
+            f"call {ty} @bpf_fn_{block.target}(ptr %ctx, i64 {depth}, i64 {self.get(FUEL)}, "
+            f"{', '.join(args)})"
         )
-        self.unwind_if_status()
-        for n in range(RESULT_REGISTERS):
-            self.set(n, self.value(f"extractvalue %res {result}, {n}"))
-        self.set(FUEL, self.value(f"extractvalue %res {result}, {_RESULT_FUEL}"))
+        fuel = self.value(f"extractvalue {ty} {result}, {len(callee.results)}")
+        unwound = self.value(f"icmp eq i64 {fuel}, {UNWOUND}")
+        cont = self.new_label()
+        self.emit(f"br i1 {unwound}, label %unwind, label %{cont}, !prof {COLD}")
+        self.start(cont)
+        for n in range(6):  # r0..r5: the callee's, or never read again
+            self.set(n, "0")
+        for index, n in enumerate(callee.results):
+            self.set(n, self.value(f"extractvalue {ty} {result}, {index}"))
+        self.set(FUEL, fuel)
         self.flush()
         self.emit(f"br label %pc{block.next_pc}")
 
@@ -562,7 +578,8 @@ class _FunctionCompiler:
     def helper_call(self, pc: int) -> None:
         """Spill registers and fuel, let the Python dispatcher run the call, take r0 back."""
         self.helper_pcs.add(pc)
-        for n in range(NUM_REGISTERS):
+        uses, _ = uses_and_defs(self.code[pc])
+        for n in sorted(uses):
             self.emit(f"store i64 {self.get(n)}, ptr {self.field('regs', str(n))}")
         fuel_field = self.field("fuel")
         self.emit(f"store i64 {self.get(FUEL)}, ptr {fuel_field}")

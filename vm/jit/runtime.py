@@ -327,7 +327,7 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
         machine.fuel = ctx.fuel
         del keep
     if status == Status.OK:
-        machine.registers[:6] = ctx.regs[:6]
+        machine.registers[0] = ctx.regs[0]
         return machine.registers[0]
     raise locate_trap(_trap(Status(status), ctx, run), machine.program)
 
