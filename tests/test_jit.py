@@ -16,7 +16,7 @@ pytest.importorskip("llvmlite")
 
 import vm
 from vm import HelperRegistry, Limits, TrapKind
-from vm.jit import Jit, compile_program
+from vm.jit import Jit, best_compiled, compile_program
 from vm.loader import load
 from vm.memory import STACK_BASE, buffer_base
 
@@ -57,6 +57,22 @@ def test_compiled_once_and_cached_with_the_program():
     assert jit(program).return_value == 1
     assert program.compiled["jit"] is compiled
     assert compiled.compile_seconds > 0
+
+
+def test_the_quick_tier_runs_until_the_optimized_one_is_compiled(compile_c):
+    program = load(compile_c("local_calls").read_bytes())
+    reference = [vm.execute(program, fn.name, [9], fuel=5000) for fn in program.functions]
+    assert best_compiled(program) is None
+    quick = compile_program(program, quick=True)
+    assert quick.native and quick.quick and best_compiled(program) is quick
+    for fn, expected in zip(program.functions, reference, strict=True):
+        result = vm.execute(program, fn.name, [9], engine="jit", fuel=5000)
+        assert (result.return_value, result.fuel_used) == (
+            expected.return_value,
+            expected.fuel_used,
+        )
+    optimized = compile_program(program)
+    assert not optimized.quick and best_compiled(program) is optimized
 
 
 def test_concurrent_first_runs_compile_once():

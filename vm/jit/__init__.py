@@ -2,7 +2,8 @@
 
     from vm.jit import Jit, compile_program
     vm.execute(program, "sum", [100], engine="jit")
-    compile_program(program).compile_seconds
+    compile_program(program).compile_seconds  # the optimized tier
+    compile_program(program, quick=True)  # the first tier: quick to compile
 
 Importing this package needs llvmlite (`pip install bpfexec[jit]`); without it
 the import fails with an ImportError that says so, and callers use the
@@ -24,10 +25,16 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from vm.interpreter import Interpreter
-from vm.jit.runtime import CompiledProgram, compile_program, run_native, runs_natively
+from vm.jit.runtime import (
+    CompiledProgram,
+    best_compiled,
+    compile_program,
+    run_native,
+    runs_natively,
+)
 from vm.machine import Machine
 
-__all__ = ["CompiledProgram", "Jit", "compile_program"]
+__all__ = ["CompiledProgram", "Jit", "best_compiled", "compile_program"]
 
 
 class Jit:
@@ -37,7 +44,9 @@ class Jit:
     name = "jit"
 
     def run(self, machine: Machine) -> int:
-        compiled = compile_program(machine.program)
+        # The best tier compiled so far (the server compiles both in the background),
+        # else the optimized one, now.
+        compiled = best_compiled(machine.program) or compile_program(machine.program)
         if runs_natively(compiled, machine):
             return run_native(compiled, machine)
         return Interpreter().run(machine)

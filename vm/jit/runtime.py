@@ -50,6 +50,10 @@ MAX_NATIVE_CALL_DEPTH = 4096
 # Accesses this far below r10 are left unchecked when the run's frames allow it.
 FRAME_BYTES = Limits().stack_frame_size
 
+# Keys of the tiers' CompiledPrograms in `Program.compiled`.
+OPTIMIZED = "jit"
+QUICK = "jit.quick"
+
 _ENTRY_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
 _DISPATCH_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 
@@ -87,6 +91,7 @@ class CompiledProgram:
     fallback: str = ""  # non-empty: why this program is not compiled
     fast: NativeCode | None = None
     checked: NativeCode | None = None
+    quick: bool = False  # the first tier: compiled fast, runs a few times slower
 
     @property
     def native(self) -> bool:
@@ -105,7 +110,7 @@ class CompiledProgram:
         if self.checked is None:
             with _LLVM_LOCK:
                 if self.checked is None:
-                    self.checked = _native_code(self.program, frame_bytes=0)
+                    self.checked = _native_code(self.program, 0, self.quick)
         return self.checked
 
 
@@ -163,19 +168,30 @@ def _interpreter_blocks(program: Program) -> list[Block | None]:
     return blocks  # type: ignore[no-any-return]
 
 
-def compile_program(program: Program) -> CompiledProgram:
-    """The native code of `program`, compiled on first use and cached with it."""
-    compiled = program.compiled.get("jit")
+def compile_program(program: Program, *, quick: bool = False) -> CompiledProgram:
+    """The native code of `program`, compiled on first use and cached with it.
+
+    `quick` asks for the first tier: LLVM's fast instruction selection and
+    register allocation after SROA alone, several times quicker to compile and
+    several times slower to run than the default, optimized tier.
+    """
+    key = QUICK if quick else OPTIMIZED
+    compiled = program.compiled.get(key)
     if compiled is None:
         with _LLVM_LOCK:
-            compiled = program.compiled.get("jit")
+            compiled = program.compiled.get(key)
             if compiled is None:
-                compiled = _compile(program)
-                program.compiled["jit"] = compiled
+                compiled = _compile(program, quick)
+                program.compiled[key] = compiled
     return compiled  # type: ignore[no-any-return]
 
 
-def _compile(program: Program) -> CompiledProgram:
+def best_compiled(program: Program) -> CompiledProgram | None:
+    """The best tier of native code compiled so far for `program`, if any."""
+    return program.compiled.get(OPTIMIZED) or program.compiled.get(QUICK)  # type: ignore[return-value]
+
+
+def _compile(program: Program, quick: bool) -> CompiledProgram:
     if sys.byteorder != "little":
         return CompiledProgram(program, "eBPF memory is little-endian; this host is not")
     try:
@@ -183,13 +199,13 @@ def _compile(program: Program) -> CompiledProgram:
     except Exception as exc:  # the interpreter reports it when the program runs
         return CompiledProgram(program, f"the interpreter cannot decode it: {exc}")
     try:
-        fast = _native_code(program, FRAME_BYTES)
+        fast = _native_code(program, FRAME_BYTES, quick)
     except Unsupported as exc:
         return CompiledProgram(program, str(exc))
-    return CompiledProgram(program, fast=fast)
+    return CompiledProgram(program, fast=fast, quick=quick)
 
 
-def _native_code(program: Program, frame_bytes: int) -> NativeCode:
+def _native_code(program: Program, frame_bytes: int, quick: bool) -> NativeCode:
     start = time.perf_counter()
     blocks = _interpreter_blocks(program)
     module = build_module(program, blocks, [fn.pc for fn in program.functions], frame_bytes)
@@ -201,10 +217,10 @@ def _native_code(program: Program, frame_bytes: int) -> NativeCode:
     machine = target.create_target_machine(
         cpu=llvm.get_host_cpu_name(),
         features=llvm.get_host_cpu_features().flatten(),
-        opt=2,
+        opt=0 if quick else 2,
         jit=True,
     )
-    _optimize(native, machine)
+    _optimize(native, machine, quick)
     engine = llvm.create_mcjit_compiler(native, machine)
     engine.finalize_object()
     entries = {
@@ -223,8 +239,8 @@ def _native_code(program: Program, frame_bytes: int) -> NativeCode:
     )
 
 
-def _optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine) -> None:
-    """Registers to SSA, then the cheap clean-ups; instruction selection does the rest.
+def _optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine, quick: bool) -> None:
+    """Registers to SSA, then (optimized tier) the cheap clean-ups; codegen does the rest.
 
     The full -O2 pipeline (loop unrolling, vectorization, GVN, LICM) costs two to
     three times more compile time for little gain on this IR: registers are the
@@ -233,8 +249,9 @@ def _optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine) -> None:
     builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(1))
     passes = llvm.create_new_module_pass_manager()
     passes.add_sroa_pass()
-    passes.add_instruction_combine_pass()
-    passes.add_simplify_cfg_pass()
+    if not quick:
+        passes.add_instruction_combine_pass()
+        passes.add_simplify_cfg_pass()
     passes.run(module, builder)
 
 
