@@ -29,6 +29,7 @@ from vm import isa  # noqa: E402
 from vm.errors import Trap, TrapKind  # noqa: E402
 from vm.helpers import Helper, HelperChain, HelperRegistry  # noqa: E402
 from vm.isa import Instruction  # noqa: E402
+from vm.jit import compile_program  # noqa: E402
 from vm.loader import load  # noqa: E402
 from vm.program import Function, HelperRef, Program  # noqa: E402
 
@@ -304,19 +305,32 @@ def test_random_bytecode_agrees(code):
 # -- real programs ------------------------------------------------------------------------
 
 
+TIERS = ("optimized", "quick")
+
+
+def loaded(code: bytes, name: str, tier: str) -> Program:
+    """A fresh Program whose JIT runs will use `tier` (the quick one once compiled)."""
+    program = load(code, name=name)
+    if tier == "quick":
+        compile_program(program, quick=True)
+    return program
+
+
+@pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("path", CASE_FILES, ids=[p.stem for p in CASE_FILES])
-def test_instruction_cases_agree(path: Path) -> None:
+def test_instruction_cases_agree(path: Path, tier: str) -> None:
     case = parse_case(path.read_text(), path.name)
-    program = load(case.asm.encode(), name=path.name)
+    program = loaded(case.asm.encode(), path.name, tier)
     for fuel in (BUDGET, 3):  # and once starved, to compare where fuel runs out
         both(program, None, case.arguments, fuel=fuel)
 
 
+@pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize("source", C_FIXTURES, ids=[p.stem for p in C_FIXTURES])
-def test_c_fixtures_agree(compile_c, source: Path) -> None:
+def test_c_fixtures_agree(compile_c, source: Path, tier: str) -> None:
     resolver = HelperChain(seed_registry, AnyHelper())
     for debug in (False, True):
-        program = load(compile_c(source.stem, debug=debug).read_bytes(), name=source.name)
+        program = loaded(compile_c(source.stem, debug=debug).read_bytes(), source.name, tier)
         for fn in program.functions:
             for args in ([], [7, 3, 2], [bytes(range(64)), 64], [0x0000000700000005]):
                 for fuel in (100_000, 25):
