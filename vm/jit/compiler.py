@@ -218,7 +218,7 @@ declare i16 @llvm.bswap.i16(i16)
 declare i32 @llvm.bswap.i32(i32)
 declare i64 @llvm.bswap.i64(i64)
 
-define internal void @bpf_trap(ptr noalias %ctx, i64 %status, i64 %pc, i64 %a, i64 %b, i64 %c,
+define internal preserve_allcc void @bpf_trap(ptr noalias %ctx, i64 %status, i64 %pc, i64 %a, i64 %b, i64 %c,
                                i64 %fuel) cold noinline nounwind {{
   %p0 = {_field("%ctx", "status")}
   store i64 %status, ptr %p0
@@ -235,7 +235,7 @@ define internal void @bpf_trap(ptr noalias %ctx, i64 %status, i64 %pc, i64 %a, i
   ret void
 }}
 
-define internal ptr @bpf_translate(ptr noalias %ctx, i64 %addr, i64 %size, i64 %write)
+define internal preserve_allcc ptr @bpf_translate(ptr noalias %ctx, i64 %addr, i64 %size, i64 %write)
     cold noinline nounwind {{
   %region = lshr i64 %addr, {REGION_SHIFT}
   %known = icmp ult i64 %region, {REGION_COUNT}
@@ -401,7 +401,7 @@ class _FunctionCompiler:
         self.emit(f"br i1 {failed}, label %{trap}, label %{cont}, !prof {COLD}")
         self.cold += [
             f"{trap}:",
-            f"  call void @bpf_trap(ptr %ctx, i64 {int(status)}, i64 {pc}, i64 {a}, i64 {b}, "
+            f"  call preserve_allcc void @bpf_trap(ptr %ctx, i64 {int(status)}, i64 {pc}, i64 {a}, i64 {b}, "
             f"i64 {c}, i64 {fuel})",
             "  br label %unwind",
         ]
@@ -710,7 +710,7 @@ class _FunctionCompiler:
         self.start(slow)
         address = self.value(f"add i64 {self.real(root)}, {offset}")
         checked = self.value(
-            f"call ptr @bpf_translate(ptr %ctx, i64 {address}, i64 {size}, "
+            f"call preserve_allcc ptr @bpf_translate(ptr %ctx, i64 {address}, i64 {size}, "
             f"i64 {int(access != Access.READ)})"
         )
         missing = self.value(f"icmp eq ptr {checked}, null")
