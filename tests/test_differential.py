@@ -305,6 +305,31 @@ def test_random_bytecode_agrees(code):
 # -- real programs ------------------------------------------------------------------------
 
 
+INDEXED = """
+    r3 = r1
+    r3 += r2
+    r0 = *(u8 *)(r3 + 0)
+    r4 = r1
+    r4 += r2
+    r5 = *(u64 *)(r4 - 3)
+    r0 += r5
+    *(u16 *)(r3 + 1) = r0
+    exit
+"""
+
+
+@pytest.mark.parametrize(
+    "index",
+    [0, 3, 12, 13, 14, 15, 16, -1, -3, 1 << 32, (1 << 32) + 5, -(1 << 32), 2**63 - 1, -(2**63)],
+)
+def test_pointer_plus_index_register_is_checked_exactly(index: int) -> None:
+    # A root pointer plus an index register: the fast check must agree with the exact
+    # translation at both ends of the buffer, across regions (the second buffer sits
+    # 1 << 32 above the first) and when the sum wraps.
+    program = load(INDEXED.encode(), name="indexed.s")
+    both(program, None, [bytes(range(16)), index & (2**64 - 1), bytes(range(100, 116))])
+
+
 TIERS = ("optimized", "quick")
 
 

@@ -73,6 +73,10 @@ COLD = "!0"  # branch weights: the first successor is almost never taken
 INVARIANT = "!1"  # the region table and limits do not change while native code runs
 
 
+# What a register holds: root + constant (+ index); see _FunctionCompiler.roots.
+Root = tuple[str, int, str | None]
+
+
 class Unsupported(Exception):
     """The program uses something the compiler does not reproduce exactly."""
 
@@ -218,8 +222,8 @@ declare i16 @llvm.bswap.i16(i16)
 declare i32 @llvm.bswap.i32(i32)
 declare i64 @llvm.bswap.i64(i64)
 
-define internal preserve_allcc void @bpf_trap(ptr noalias %ctx, i64 %status, i64 %pc, i64 %a, i64 %b, i64 %c,
-                               i64 %fuel) cold noinline nounwind {{
+define internal preserve_allcc void @bpf_trap(ptr noalias %ctx, i64 %status, i64 %pc,
+    i64 %a, i64 %b, i64 %c, i64 %fuel) cold noinline nounwind {{
   %p0 = {_field("%ctx", "status")}
   store i64 %status, ptr %p0
   %p1 = {_field("%ctx", "trap_pc")}
@@ -235,8 +239,8 @@ define internal preserve_allcc void @bpf_trap(ptr noalias %ctx, i64 %status, i64
   ret void
 }}
 
-define internal preserve_allcc ptr @bpf_translate(ptr noalias %ctx, i64 %addr, i64 %size, i64 %write)
-    cold noinline nounwind {{
+define internal preserve_allcc ptr @bpf_translate(ptr noalias %ctx, i64 %addr, i64 %size,
+    i64 %write) cold noinline nounwind {{
   %region = lshr i64 %addr, {REGION_SHIFT}
   %known = icmp ult i64 %region, {REGION_COUNT}
   %index = select i1 %known, i64 %region, i64 0
@@ -326,6 +330,11 @@ class _FunctionCompiler:
         self.code = program.instructions
         self.signature = signature
         self.entry = 0  # the function being compiled
+        # Parameters no instruction of the function writes: they are their argument
+        # everywhere, and their translations are computed once, in the prologue.
+        self.unchanged: frozenset[int] = frozenset()
+        self.prologue: list[str] = []
+        self.hoisted: dict[str, dict[str, str]] = {}
         self.blocks = blocks
         self.frame_bytes = frame_bytes
         self.helper_pcs = helper_pcs
@@ -335,9 +344,10 @@ class _FunctionCompiler:
         self.label = ""
         self.cache: dict[int, str] = {}  # register -> its current value in this block
         self.dirty: set[int] = set()  # registers whose value is not in their alloca yet
-        # register -> (root, constant): the register holds root + constant, root an
-        # SSA value of this block (or %a10, the frame pointer of the call)
-        self.roots: dict[int, tuple[str, int]] = {}
+        # register -> (root, constant, index): the register holds root + constant
+        # (+ index), root and index SSA values of this block (root may be %a10, the
+        # frame pointer of the call). Any such split gives an exact bounds check.
+        self.roots: dict[int, Root] = {}
         # root -> its region index, offset and host address, and region lengths
         self.translations: dict[str, dict[str, str]] = {}
         self.frame_low = 0  # bytes below r10 reached by unchecked accesses
@@ -365,11 +375,13 @@ class _FunctionCompiler:
         self.label = label
 
     def get(self, n: int) -> str:
+        if n in self.unchanged:
+            return f"%a{n}"
         if n not in self.cache:
             self.cache[n] = self.value(f"load i64, ptr %r{n}")
         return self.cache[n]
 
-    def set(self, n: int, value: str, root: tuple[str, int] | None = None) -> None:
+    def set(self, n: int, value: str, root: Root | None = None) -> None:
         self.cache[n] = value
         self.dirty.add(n)
         if root is not None and abs(root[1]) < MAX_FRAME_OFFSET:
@@ -377,8 +389,8 @@ class _FunctionCompiler:
         else:
             self.roots.pop(n, None)
 
-    def root_of(self, n: int) -> tuple[str, int]:
-        return self.roots.get(n) or (self.get(n), 0)
+    def root_of(self, n: int) -> Root:
+        return self.roots.get(n) or (self.get(n), 0, None)
 
     def flush(self) -> None:
         for n in sorted(self.dirty):
@@ -401,8 +413,8 @@ class _FunctionCompiler:
         self.emit(f"br i1 {failed}, label %{trap}, label %{cont}, !prof {COLD}")
         self.cold += [
             f"{trap}:",
-            f"  call preserve_allcc void @bpf_trap(ptr %ctx, i64 {int(status)}, i64 {pc}, i64 {a}, i64 {b}, "
-            f"i64 {c}, i64 {fuel})",
+            f"  call preserve_allcc void @bpf_trap(ptr %ctx, i64 {int(status)}, i64 {pc}, "
+            f"i64 {a}, i64 {b}, i64 {c}, i64 {fuel})",
             "  br label %unwind",
         ]
         self.start(cont)
@@ -415,6 +427,7 @@ class _FunctionCompiler:
 
     def compile(self, entry: int, pcs: list[int]) -> str:
         self.entry = entry
+        self.unchanged = frozenset(self.signature[entry].params) - self.written(pcs)
         for pc in pcs:
             block = self.blocks[pc]
             assert block is not None
@@ -433,11 +446,24 @@ class _FunctionCompiler:
             head.append(f"  store i64 {value}, ptr %r{n}")
         head.append(f"  %ip = {_field('%ctx', 'interrupt')}")
         head.append(f"  %interrupt = load ptr, ptr %ip, !invariant.load {INVARIANT}")
-        head += self.frame_prologue()
+        head += self.frame_prologue() + self.prologue
         head.append(f"  br label %pc{entry}")
         unwound = ", ".join(["i64 undef"] * len(signature.results) + [f"i64 {UNWOUND}"])
         tail = ["unwind:", f"  ret {result} {{ {unwound} }}", "}"]
         return "\n".join(head + self.lines + self.cold + tail)
+
+    def written(self, pcs: list[int]) -> set[int]:
+        """Registers some instruction of these blocks may write (r10 counts as written)."""
+        written = {isa.FRAME_POINTER}
+        for pc in pcs:
+            block = self.blocks[pc]
+            assert block is not None
+            end = block.end_pc + 1 if block.kind != FALL else block.next_pc
+            for insn in self.code[block.pc : end]:
+                written |= uses_and_defs(insn)[1]
+            if block.kind == CALL:
+                written |= set(range(6))
+        return written
 
     def frame_prologue(self) -> list[str]:
         """The host address of r10, for unchecked accesses (the runtime vouches for it)."""
@@ -459,7 +485,7 @@ class _FunctionCompiler:
         self.cache.clear()
         self.dirty.clear()
         self.translations.clear()
-        self.roots = {isa.FRAME_POINTER: (_FRAME, 0)} if self.frame_bytes else {}
+        self.roots = {isa.FRAME_POINTER: (_FRAME, 0, None)} if self.frame_bytes else {}
         fuel = self.get(FUEL)
         short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
         self.trap_if(short, Status.OUT_OF_FUEL, block.pc, block.cost)
@@ -617,11 +643,16 @@ class _FunctionCompiler:
             else:
                 self.set(d, self.value(f"zext i32 {rhs} to i64"))
             return
-        # Pointer arithmetic by a constant keeps the root: accesses share its translation.
-        root = None
+        # Pointer arithmetic by a constant, or the addition of one index register,
+        # keeps the root: accesses share its translation (hoisted out of loops).
+        root: Root | None = None
         if wide and not from_register and op in (isa.ADD, isa.SUB):
-            base, constant = self.root_of(d)
-            root = (base, constant + (insn.imm if op == isa.ADD else -insn.imm))
+            base, constant, index = self.root_of(d)
+            root = (base, constant + (insn.imm if op == isa.ADD else -insn.imm), index)
+        elif wide and op == isa.ADD and insn.src != d:
+            base, constant, index = self.root_of(d)
+            if index is None:
+                root = (base, constant, rhs)
         lhs = self.operand(d, wide)
         result = self.binary(op, lhs, rhs, ty, signed=insn.offset == 1)
         if wide:
@@ -690,25 +721,28 @@ class _FunctionCompiler:
 
     def host_pointer(self, base: int, offset: int, size: int, access: Access, pc: int) -> str:
         """The host address of r[base] + offset, or a trap when it is out of bounds."""
-        root, constant = self.root_of(base)
+        root, constant, index = self.root_of(base)
         offset += constant
-        if root == _FRAME and -self.frame_bytes <= offset <= -size:
+        if root == _FRAME and index is None and -self.frame_bytes <= offset <= -size:
             self.frame_low = max(self.frame_low, -offset)
             return self.value(f"getelementptr i8, ptr %fp.host, i64 {offset}")
         # Fast check against the root's region; when it fails (a fault, or an address
         # past the root's region into another), the out-of-line translation decides.
-        region = self.translation(root, access)
+        region = self.translation(root, access, size)
         start = self.value(f"add i64 {region['offset']}, {offset}")
-        end = self.value(f"add i64 {start}, {size}")
-        outside = self.value(f"icmp ugt i64 {end}, {region[_LENGTH[access]]}")
-        if offset < 0:
-            below = self.value(f"icmp slt i64 {start}, 0")
-            outside = self.value(f"or i1 {outside}, {below}")
+        if index is not None:
+            start = self.value(f"add i64 {start}, {index}")
+        # One unsigned compare covers both ends: a negative start is a huge one.
+        outside = self.value(f"icmp uge i64 {start}, {region[f'{_LENGTH[access]}.{size}']}")
         fast = self.value(f"getelementptr i8, ptr {region['host']}, i64 {offset}")
+        if index is not None:
+            fast = self.value(f"getelementptr i8, ptr {fast}, i64 {index}")
         here, slow, done = self.label, self.new_label(), self.new_label()
         self.emit(f"br i1 {outside}, label %{slow}, label %{done}, !prof {COLD}")
         self.start(slow)
         address = self.value(f"add i64 {self.real(root)}, {offset}")
+        if index is not None:
+            address = self.value(f"add i64 {address}, {index}")
         checked = self.value(
             f"call preserve_allcc ptr @bpf_translate(ptr %ctx, i64 {address}, i64 {size}, "
             f"i64 {int(access != Access.READ)})"
@@ -723,9 +757,21 @@ class _FunctionCompiler:
     def real(self, root: str) -> str:
         return f"%a{isa.FRAME_POINTER}" if root == _FRAME else root
 
-    def translation(self, root: str, access: Access) -> dict[str, str]:
-        """Region index, offset, host address and length for `root`, once per block."""
-        region = self.translations.get(root)
+    def translation(self, root: str, access: Access, size: int) -> dict[str, str]:
+        """Region index, offset, host address and length for `root`: once per block, or
+        once per function in the prologue for an unchanged parameter."""
+        if root in (f"%a{n}" for n in self.unchanged):
+            body, self.lines = self.lines, self.prologue
+            try:
+                return self._translation(root, access, size, self.hoisted)
+            finally:
+                self.lines = body
+        return self._translation(root, access, size, self.translations)
+
+    def _translation(
+        self, root: str, access: Access, size: int, cache: dict[str, dict[str, str]]
+    ) -> dict[str, str]:
+        region = cache.get(root)
         if region is None:
             value = self.real(root)
             number = self.value(f"lshr i64 {value}, {REGION_SHIFT}")
@@ -736,10 +782,16 @@ class _FunctionCompiler:
             base = self.invariant("region_base", index, "ptr")
             host = self.value(f"getelementptr i8, ptr {base}, i64 {offset}")
             region = {"index": index, "offset": offset, "host": host}
-            self.translations[root] = region
+            cache[root] = region
         table = _LENGTH[access]
         if table not in region:
             region[table] = self.invariant(table, region["index"])
+        starts = f"{table}.{size}"  # how many offsets an access of `size` may start at
+        if starts not in region:
+            length = region[table]
+            fits = self.value(f"icmp uge i64 {length}, {size}")
+            last = self.value(f"sub i64 {length}, {size - 1}")
+            region[starts] = self.value(f"select i1 {fits}, i64 {last}, i64 0")
         return region
 
     def load(self, insn: Instruction, pc: int) -> None:
