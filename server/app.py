@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from client._pb.bpfexec.v1 import executor_pb2, executor_pb2_grpc
+from server.admission import RequestLimit
 from server.auth import Authenticator, server_credentials
 from server.executor import ExecutionService
 from server.metrics import Metrics
@@ -37,6 +39,11 @@ from server.store import ModuleStore
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name
+# Seconds a thread holding the GIL keeps it while another waits (Python's default
+# is 5 ms). Programs on the interpreter hold it in the pool threads; a shorter
+# interval lets the event loop in sooner, so refusals and health checks stay
+# prompt under load (docs/hardening.md, "Load and fault tests").
+SWITCH_INTERVAL = 0.001
 
 
 @dataclass
@@ -50,6 +57,7 @@ class RunningServer:
     metrics: Metrics
     port: int
     metrics_http: WSGIServer | None
+    authenticator: Authenticator | None = None
 
     @property
     def address(self) -> str:
@@ -74,7 +82,9 @@ async def start(settings: Settings) -> RunningServer:
     """Build and start the gRPC server (and the metrics HTTP server) for `settings`."""
     metrics = Metrics()
     authenticator = (
-        Authenticator.from_file(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        Authenticator.from_file(settings.auth_tokens_file, settings.auth_reload_interval)
+        if settings.auth_tokens_file
+        else None
     )
     service = ExecutionService(
         helpers=build_registry(settings.helpers, use_entry_points=settings.entry_point_helpers),
@@ -94,13 +104,16 @@ async def start(settings: Settings) -> RunningServer:
         log.info("module store %s: %d modules restored", settings.store, restored)
     tenant_of = authenticator.tenant_of if authenticator is not None else None
     # Order matters: the metrics interceptor caches handlers by method, so it
-    # must come after (inside) the one that may refuse a call.
+    # must come after (inside) the one that may refuse a call. The request
+    # limit decides per call inside the handler it wraps, so it may come last:
+    # its refusals are logged and counted, and refused calls are never counted in.
     interceptors: list[grpc.aio.ServerInterceptor] = [
         RequestLogInterceptor(SERVICE_NAME, tenant_of)
     ]
     if authenticator is not None:
         interceptors.append(authenticator.interceptor(metrics))
     interceptors.append(metrics.interceptor())
+    interceptors.append(RequestLimit(SERVICE_NAME, settings.max_concurrent_requests, metrics))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -132,11 +145,14 @@ async def start(settings: Settings) -> RunningServer:
         metrics_http, _ = start_http_server(
             settings.metrics_port, settings.host, registry=metrics.registry
         )
-    return RunningServer(settings, server, service, health, metrics, port, metrics_http)
+    return RunningServer(
+        settings, server, service, health, metrics, port, metrics_http, authenticator
+    )
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the tokens."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     running = await start(settings)
     log.info(
         "serving %s on %s (metrics: %s)",
@@ -150,6 +166,9 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    if running.authenticator is not None:  # `kill -HUP`: read the tokens file again
+        loop.add_signal_handler(signal.SIGHUP, running.authenticator.reload)
+        running.authenticator.reload_if_changed()  # changed before the handler was in place
     await stopping.wait()
     log.info("shutting down: in-flight requests have %.1f s to finish", settings.grace_period)
     await running.stop()

@@ -29,6 +29,7 @@ returns, and a module missing from the cache is read back from the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -83,6 +84,17 @@ class Overloaded(ServiceError):
         super().__init__(
             f"the server is already running its maximum of {limit} concurrent executions: "
             "retry later or on another replica"
+        )
+
+
+class TooManyRequests(ServiceError):
+    """More calls in progress than `max_concurrent_requests` (`server.admission`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"the server is already handling its maximum of {limit} concurrent requests "
+            "(max_concurrent_requests): retry later or on another replica"
         )
 
 
@@ -150,16 +162,26 @@ class ExecutionService:
             self._compiler.submit(self._compile, program)
         return program
 
-    def _compile(self, program: Program) -> None:
+    def _compile(self, program: Program, quick: bool = True) -> None:
+        """Compile the quick tier, then queue the optimized one behind the modules
+        already waiting, so that every new module gets native code soon."""
         from vm.jit import compile_program
 
         start = time.perf_counter()
-        compile_program(program)
-        self.metrics.jit_compile_seconds.observe(time.perf_counter() - start)
+        compile_program(program, quick=quick)
+        if not quick:
+            self.metrics.jit_compile_seconds.observe(time.perf_counter() - start)
+            return
+        with contextlib.suppress(RuntimeError):  # shutting down: the quick tier serves
+            self._compiler.submit(self._compile, program, False)
 
     def _engine_for(self, program: Program) -> str:
-        """The JIT once the program's native code is ready, the interpreter before."""
-        return "jit" if self.engine == "jit" and "jit" in program.compiled else "interpreter"
+        """The JIT once a tier of the program's native code is ready, the interpreter before."""
+        if self.engine != "jit":
+            return "interpreter"
+        from vm.jit import best_compiled
+
+        return "jit" if best_compiled(program) is not None else "interpreter"
 
     async def get(self, module_id: str, tenant: str = "") -> CachedModule:
         """The module if `tenant` may see it, from the cache or else the store."""

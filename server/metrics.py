@@ -15,6 +15,7 @@ This module only counts; it never decides anything.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -64,6 +65,11 @@ class Metrics:
         self._remote_labels: set[str] = set()
         self.in_flight = Gauge(
             "bpfexec_executions_in_flight", "Executions running right now.",
+            multiprocess_mode=GAUGE_MODE, registry=r,
+        )  # fmt: skip
+        self.requests_in_progress = Gauge(
+            "bpfexec_requests_in_progress",
+            "Executor calls admitted and not yet finished (bounded by max_concurrent_requests).",
             multiprocess_mode=GAUGE_MODE, registry=r,
         )  # fmt: skip
         self.rejected = Counter(
@@ -205,8 +211,8 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 response = await behaviour(request, context)
                 code = _code_name(context, "OK")
                 return response
-            except BaseException:
-                code = _code_name(context, "CANCELLED" if context.cancelled() else "UNKNOWN")
+            except BaseException as exc:
+                code = _failed_code(context, exc)
                 raise
             finally:
                 finish(start, code)
@@ -224,8 +230,8 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 async for response in behaviour(request, context):
                     yield response
                 code = _code_name(context, "OK")
-            except BaseException:
-                code = _code_name(context, "CANCELLED" if context.cancelled() else "UNKNOWN")
+            except BaseException as exc:
+                code = _failed_code(context, exc)
                 raise
             finally:
                 finish(start, code)
@@ -245,6 +251,17 @@ _HANDLER_ATTRS = {
     (True, False): "stream_unary",
     (True, True): "stream_stream",
 }
+
+
+def _failed_code(context: grpc.aio.ServicerContext, exc: BaseException) -> str:
+    """The status of a handler that raised: the one it set, else CANCELLED or UNKNOWN.
+
+    A client that goes away surfaces as CancelledError, or as GeneratorExit when
+    gRPC leaves a streaming handler suspended and asyncio closes it later; by
+    then `context.cancelled()` may still be False, so the exception decides.
+    """
+    gone = isinstance(exc, (asyncio.CancelledError, GeneratorExit)) or context.cancelled()
+    return _code_name(context, "CANCELLED" if gone else "UNKNOWN")
 
 
 def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:

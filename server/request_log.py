@@ -32,10 +32,16 @@ FIELDS = ("method", "module", "function", "outcome", "fuel", "duration_ms", "pee
 TenantOf = Callable[[grpc.aio.ServicerContext], str]
 
 
-def configure_logging(log_format: str, level: int = logging.INFO) -> None:
-    """Send every log record of the process to stderr, as text lines or JSON objects."""
+def configure_logging(
+    log_format: str, level: int = logging.INFO, *, text_format: str = TEXT_FORMAT
+) -> None:
+    """Send every log record of the process to stderr, as text lines or JSON objects.
+
+    `text_format` is the `logging.Formatter` format of a text line (`--workers`
+    adds the process id to tell its workers apart).
+    """
     handler = logging.StreamHandler()
-    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(text_format)
     handler.setFormatter(formatter)
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
@@ -85,18 +91,20 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
+            caller = self._caller(context)
             response = None
             try:
                 response = await behaviour(request, context)
                 return response
             finally:
-                self._emit(method, context, start, request, response)
+                self._emit(method, context, start, caller, request, response)
 
         return unary
 
     def _stream(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start = time.perf_counter()
+            caller = self._caller(context)
             seen: dict[str, Any] = {}
 
             async def first_kept() -> AsyncIterator[Any]:
@@ -104,36 +112,54 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                     seen.setdefault("first", message)
                     yield message
 
+            closed = False
             try:
                 async for response in behaviour(first_kept(), context):
                     seen["last"] = response
                     yield response
+            except GeneratorExit:
+                # Closed after the call ended (the client went away mid-write): the
+                # call object is gone, so nothing more may be asked of `context`.
+                closed = True
+                raise
             finally:
-                self._emit(method, context, start, seen.get("first"), seen.get("last"))
+                context_alive = None if closed else context
+                self._emit(
+                    method, context_alive, start, caller, seen.get("first"), seen.get("last")
+                )
 
         return stream
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> dict[str, Any]:
+        """Peer and tenant, read while the call is surely alive."""
+        if not log.isEnabledFor(logging.INFO):
+            return {}
+        caller = {"peer": context.peer()}
+        if self._tenant_of is not None:
+            caller["tenant"] = self._tenant_of(context)
+        return caller
 
     def _emit(
         self,
         method: str,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext | None,
         start: float,
+        caller: dict[str, Any],
         request: Any,
         response: Any,
     ) -> None:
+        """One line; `context` is None when the call has already been torn down."""
         if not log.isEnabledFor(logging.INFO):
             return
         fields = request_fields(request, response)
-        status = _code_name(context, "CANCELLED" if context.cancelled() else "OK")
+        if context is None:
+            status = "CANCELLED"
+        else:
+            status = _code_name(context, "CANCELLED" if context.cancelled() else "OK")
         if status != "OK" or "outcome" not in fields:
             fields["outcome"] = status
-        fields.update(
-            method=method,
-            duration_ms=round((time.perf_counter() - start) * 1000, 3),
-            peer=context.peer(),
-        )
-        if self._tenant_of is not None:
-            fields["tenant"] = self._tenant_of(context)
+        fields.update(method=method, duration_ms=round((time.perf_counter() - start) * 1000, 3))
+        fields.update(caller)
         line = {name: fields[name] for name in FIELDS if name in fields}
         text = " ".join(f"{name}={value}" for name, value in line.items() if name != "method")
         log.info("%s %s", method, text, extra={"request": line})

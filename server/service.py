@@ -21,7 +21,13 @@ from grpc_status import rpc_status
 from client._pb.bpfexec.v1 import executor_pb2 as pb
 from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 from server.cache import CachedModule
-from server.executor import DeadlineExceeded, ExecutionService, ModuleNotFound, Overloaded
+from server.executor import (
+    DeadlineExceeded,
+    ExecutionService,
+    ModuleNotFound,
+    Overloaded,
+    TooManyRequests,
+)
 from server.remote import HelperCall, ProtocolViolation, RemoteHelpers, ShadowedHelper
 from vm import Helper, HelperRef, LimitError, LinkError, LoadError, RequestError, Result, Trap
 from vm.machine import Argument
@@ -305,6 +311,7 @@ def _helper(helper: Helper) -> pb.Helper:
 _STATUS: list[tuple[type[Exception], grpc.StatusCode, str]] = [
     (ModuleNotFound, grpc.StatusCode.NOT_FOUND, "MODULE_NOT_FOUND"),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_EXECUTIONS"),
+    (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_REQUESTS"),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     (LimitError, grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED"),
     (LinkError, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_HELPER"),
@@ -334,6 +341,12 @@ def status_of(exc: Exception) -> status_pb2.Status | None:
         details.append(error_details_pb2.QuotaFailure(violations=[
             error_details_pb2.QuotaFailure.Violation(
                 subject="executions", description=f"at most {exc.limit} concurrent executions"
+            )
+        ]))  # fmt: skip
+    elif isinstance(exc, TooManyRequests):
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject="requests", description=f"at most {exc.limit} concurrent requests"
             )
         ]))  # fmt: skip
     elif isinstance(exc, LinkError):

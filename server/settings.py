@@ -53,6 +53,11 @@ class Settings:
     max_concurrent_executions: int = _knob(
         16, "executions running at once; beyond, Execute answers RESOURCE_EXHAUSTED"
     )
+    max_concurrent_requests: int = _knob(
+        1000,
+        "Executor calls in progress at once, per process (uploads, executions, streams, "
+        "whether running or waiting); beyond, a call is refused with RESOURCE_EXHAUSTED",
+    )
     cache_max_modules: int = _knob(1024, "modules kept in the cache (least recently used go)")
     cache_max_bytes: int = _knob(256 << 20, "total bytes of modules kept in the cache")
     remote_helper_timeout: float = _knob(
@@ -67,6 +72,11 @@ class Settings:
     auth_tokens_file: str = _knob(
         "", "file of accepted bearer tokens, one per line, optionally TENANT:TOKEN (empty: no auth)"
     )
+    auth_reload_interval: float = _knob(
+        5.0,
+        "seconds between checks, as calls arrive, for a changed --auth-tokens-file "
+        "(inode, size, mtime); 0: reload on SIGHUP only",
+    )
     shared_modules: bool = _knob(
         False, "with auth: every tenant sees every module (default: only the uploader's tenant)"
     )
@@ -80,7 +90,12 @@ class Settings:
         for name in ("port", "metrics_port"):
             if not 0 <= getattr(self, name) < 1 << 16:
                 raise ValueError(f"{name} {getattr(self, name)} is not a TCP port (0..65535)")
-        for name in ("max_concurrent_executions", "cache_max_modules", "cache_max_bytes"):
+        for name in (
+            "max_concurrent_executions",
+            "max_concurrent_requests",
+            "cache_max_modules",
+            "cache_max_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.remote_helper_timeout <= 0:
@@ -89,8 +104,9 @@ class Settings:
             )
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
-        if self.grace_period < 0:
-            raise ValueError(f"grace_period must not be negative, got {self.grace_period}")
+        for name in ("grace_period", "auth_reload_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r} (available: {', '.join(ENGINES)})")
         if bool(self.tls_cert) != bool(self.tls_key):

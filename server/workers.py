@@ -17,7 +17,13 @@ workers write their values; the parent alone serves /metrics, summing them with
 Lifetime: SIGTERM or SIGINT to the parent is passed on to every worker, each of
 which shuts down gracefully (`Settings.grace_period`), then the parent exits.
 If a worker exits on its own, the parent stops the others and exits non-zero,
-so that a supervisor (systemd, Kubernetes) restarts the whole.
+so that a supervisor (systemd, Kubernetes) restarts the whole. SIGHUP to the
+parent is passed on too: each worker reads its tokens file again. Workers start
+with SIGHUP ignored (a disposition that survives exec), so one that arrives
+while a worker is still importing does not kill it; the worker reads the file
+after that anyway.
+
+Logging: each worker sets up the parent's `--log-format` and level.
 
 This module starts, watches and stops processes; it serves no RPC itself.
 """
@@ -44,6 +50,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from server.request_log import configure_logging
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,21 +68,25 @@ def serve_workers(settings: Settings) -> int:
         raise ValueError("--workers above 1 needs SO_REUSEPORT, which this platform lacks")
     stopping = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in _STOP_SIGNALS}
+    reloading = threading.Event()
+    handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: see above
     metrics_dir = tempfile.mkdtemp(prefix="bpfexec-metrics-")
     os.environ[MULTIPROC_DIR_ENV] = metrics_dir
     try:
         with _reserve_port(settings.host, settings.port) as port:
             worker_settings = dataclasses.replace(settings, port=port, metrics_port=0)
             context = multiprocessing.get_context("spawn")
+            level = logging.getLogger().getEffectiveLevel()
             workers = [
                 context.Process(
-                    target=_run_worker, args=(worker_settings,), name=f"bpfexec-worker-{n}"
+                    target=_run_worker, args=(worker_settings, level), name=f"bpfexec-worker-{n}"
                 )
                 for n in range(settings.workers)
             ]
             for worker in workers:
                 worker.start()
                 log.info("started %s (pid %d)", worker.name, worker.pid)
+            signal.signal(signal.SIGHUP, lambda *_: reloading.set())
             metrics_http = _serve_metrics(settings, metrics_dir) if settings.metrics_port else None
             log.info(
                 "serving on port %d with %d worker processes (metrics: %s)",
@@ -84,7 +95,7 @@ def serve_workers(settings: Settings) -> int:
                 f"port {settings.metrics_port}" if metrics_http else "off",
             )
             try:
-                failed = _wait_for_stop_or_failure(workers, stopping)
+                failed = _wait_for_stop_or_failure(workers, stopping, reloading)
             finally:
                 _stop(workers, settings.grace_period, metrics_dir)
                 if metrics_http is not None:
@@ -108,12 +119,12 @@ def serve_workers(settings: Settings) -> int:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _run_worker(settings: Settings) -> None:
+def _run_worker(settings: Settings, level: int = logging.INFO) -> None:
     """The body of one worker process: a complete server until SIGTERM or SIGINT."""
     from server.app import serve
     from server.registry import HelperConfigError
 
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    configure_logging(settings.log_format, level, text_format=LOG_FORMAT)
     try:
         asyncio.run(serve(settings))
     except (ValueError, HelperConfigError, OSError) as exc:
@@ -144,9 +155,17 @@ def _serve_metrics(settings: Settings, metrics_dir: str) -> WSGIServer:
     return server
 
 
-def _wait_for_stop_or_failure(workers: Sequence[BaseProcess], stopping: threading.Event) -> bool:
-    """Block until a stop signal (False) or until a worker exits on its own (True)."""
+def _wait_for_stop_or_failure(
+    workers: Sequence[BaseProcess], stopping: threading.Event, reloading: threading.Event
+) -> bool:
+    """Block until a stop signal (False) or until a worker exits on its own (True).
+
+    Meanwhile pass each SIGHUP (`reloading`) on to the workers.
+    """
     while not stopping.is_set():
+        if reloading.is_set():
+            reloading.clear()
+            _forward(workers, signal.SIGHUP)
         exited = wait([worker.sentinel for worker in workers], timeout=0.2)
         if exited:
             gone = [w for w in workers if w.sentinel in exited]
@@ -155,6 +174,16 @@ def _wait_for_stop_or_failure(workers: Sequence[BaseProcess], stopping: threadin
             return True
     log.info("shutting down %d workers: in-flight requests get their grace period", len(workers))
     return False
+
+
+def _forward(workers: Sequence[BaseProcess], sig: signal.Signals) -> None:
+    """Send `sig` to every live worker (not yet reaped, so its pid is still its own)."""
+    sent = 0
+    for worker in workers:
+        if worker.pid is not None and worker.is_alive():
+            os.kill(worker.pid, sig)
+            sent += 1
+    log.info("passed %s on to %d workers", sig.name, sent)
 
 
 def _stop(workers: Sequence[BaseProcess], grace_period: float, metrics_dir: str) -> None:

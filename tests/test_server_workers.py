@@ -2,17 +2,21 @@
 
 Every client below opens its own connection, so the kernel spreads them over
 both workers (SO_REUSEPORT); the parent's /metrics must then count every
-execution exactly once, and SIGTERM to the parent must stop every worker.
+execution exactly once, SIGTERM to the parent must stop every worker, and the
+workers must log in the parent's `--log-format`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -27,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
 CONNECTIONS = 16  # all on one worker by chance: 2**-15
 RUNS_PER_CONNECTION = 5
+SERVING = "serving bpfexec.v1.Executor on "  # what each worker logs once it listens
+LOG = "serve.log"  # the server's stdout and stderr
 
 
 def metric_values(metrics_port: int) -> dict[str, float]:
@@ -61,21 +67,43 @@ def alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT load balancing is Linux's")
-def test_two_workers_share_the_port_and_sum_their_metrics(tmp_path: Path) -> None:
-    port, metrics_port = free_port(), free_port()
+@contextmanager
+def serve_workers(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`bpfexec serve --workers 2 FLAGS...` on a free port; its output goes to `tmp_path/LOG`.
+
+    Yields once both workers serve (health answers as soon as one does, and
+    until the other listens the kernel gives it no connection), then stops it.
+    """
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BPFEXEC_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     command = [
         sys.executable, "-m", "client.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
-        "--port", str(port), "--metrics-port", str(metrics_port), "--no-entry-point-helpers",
+        "--port", str(port), "--no-entry-point-helpers", *flags,
     ]  # fmt: skip
-    output = tmp_path / "serve.log"
-    with output.open("w") as sink:
+    with (tmp_path / LOG).open("w") as sink:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=sink)
     try:
         address = f"127.0.0.1:{port}"
-        wait_until(lambda: check_health(address, timeout=0.5) == "SERVING", timeout=30)
+        wait_until(lambda: len(serving_workers(tmp_path / LOG)) == 2, timeout=60)
+        assert check_health(address, timeout=5) == "SERVING"
+        yield process, address
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def serving_workers(log: Path) -> list[str]:
+    """The lines in which a worker said it serves, text or JSON."""
+    return [line for line in log.read_text().splitlines() if SERVING in line]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT load balancing is Linux's")
+def test_two_workers_share_the_port_and_sum_their_metrics(tmp_path: Path) -> None:
+    metrics_port = free_port()
+    output = tmp_path / LOG
+    with serve_workers(tmp_path, "--metrics-port", str(metrics_port)) as (process, address):
         started = re.findall(r"bpfexec-worker-\d \(pid (\d+)\)", output.read_text())
         worker_pids = [int(pid) for pid in started]
         assert len(worker_pids) == 2, output.read_text()
@@ -91,7 +119,32 @@ def test_two_workers_share_the_port_and_sum_their_metrics(tmp_path: Path) -> Non
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0, output.read_text()
         assert not any(alive(pid) for pid in worker_pids)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT load balancing is Linux's")
+def test_workers_log_json_lines_like_the_parent(tmp_path: Path) -> None:
+    """`--log-format json` reaches the workers: every line on stderr is a JSON object."""
+    output = tmp_path / LOG
+    flags = ("--metrics-port", "0", "--log-format", "json")
+    with serve_workers(tmp_path, *flags) as (process, address):
+        for _ in range(CONNECTIONS):  # a LoadModule and an Execute each
+            assert run_on_own_connection(address, ADD_ONE, 1) == [42]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, output.read_text()
+
+    lines = output.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line, the parent's and the workers'
+    assert sum(SERVING in record["message"] for record in records) == 2
+    requests = [record for record in records if record["logger"] == "bpfexec.requests"]
+    assert len(requests) == 2 * CONNECTIONS
+    assert sorted(record["method"] for record in requests) == sorted(
+        ["LoadModule", "Execute"] * CONNECTIONS
+    )
+    module_id = requests[0]["module"]
+    for record in requests:
+        assert record["level"] == "INFO" and record["outcome"] == "OK"
+        assert record["module"] == module_id and str(module_id).startswith("sha256:")
+        assert isinstance(record["duration_ms"], float)
+        assert str(record["peer"]).startswith("ipv4:127.0.0.1:")
+        assert record["message"].startswith(record["method"] + " ")
+    assert {record["fuel"] for record in requests if record["method"] == "Execute"} == {3}

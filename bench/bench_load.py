@@ -1,0 +1,488 @@
+"""Load and fault scenarios against a real `bpfexec serve` process, with their figures.
+
+    python bench/bench_load.py [--seconds 30] [--concurrency 16] [--engine E]
+                               [--scenarios sustained killed flood overload sigterm]
+
+The long versions of tests/test_load_fault.py. Each scenario starts its own
+server process on free localhost ports, drives it over gRPC from this process
+(client threads, or client processes where a client must die), reads the
+server's resident memory from /proc/PID/status and its metrics over HTTP:
+
+- sustained: `--concurrency` client threads, one connection each, execute two
+  small programs for `--seconds`; throughput, p50/p99/p99.9 latency, errors,
+  RSS after the warm-up and at the end (and its peak in between);
+- killed: rounds of client processes blocked inside a remote helper, then
+  SIGKILLed; time until the server's in-flight gauge is back to 0;
+- flood: `--flood` malformed uploads (random bytes, truncated ELF objects) in
+  flight at once; the statuses, the time, and a check the server still serves;
+- overload: room for 2 executions, `--excess` more arriving while 2 long ones
+  run; refusal latency and health-check latency during the overload;
+- sigterm: SIGTERM with uploads and executions in flight; drain time, what each
+  in-flight call got, and how many acknowledged uploads a restart finds.
+
+Linux only (/proc). Prints one markdown table per scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from client._pb.bpfexec.v1 import executor_pb2 as pb
+from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from client.cli_remote import check_health
+from client.client import Client
+from client.errors import BpfexecError
+
+ROOT = Path(__file__).resolve().parent.parent
+OBJECTS = ROOT / "tests" / "fixtures" / "obj"
+ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
+COUNT_TO_R1 = b"r0 = 0\nloop:\nr0 += 1\nif r0 < r1 goto loop\nexit\n"
+FOREVER = b"r0 = 0\nloop:\nr0 += 1\ngoto loop\n"
+CALL_THEN_COUNT = b"call 100\nr0 = 0\nloop:\nr0 += 1\nif r0 < 100000 goto loop\nexit\n"
+NEVER_ENDS = 10**15
+BLOCKED_CLIENT = """
+import sys, time
+from client.client import Client
+
+def block(call, *registers):
+    print("in-helper", flush=True)
+    time.sleep(60)
+    return 0
+
+with Client(sys.argv[1], timeout=60) as client:
+    client.execute(sys.argv[2], helpers={100: block})
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 10) - 1] * 1e3
+
+
+class Server:
+    """`bpfexec serve` in a subprocess, its output in a temporary file, killed by `close()`."""
+
+    def __init__(self, engine: str, *flags: str) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BPFEXEC_")}
+        command = [
+            sys.executable, "-X", "faulthandler", "-m", "client.cli", "serve",
+            "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+            "--no-entry-point-helpers", "--engine", engine, *flags,
+        ]  # fmt: skip
+        # A file, not a pipe nobody reads: logging never blocks. Closed by close().
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        wait_until(self._serving, 30, "the server to start")
+
+    def crash(self) -> str | None:
+        """None while the server runs; else its exit status and the frame it crashed in."""
+        if self.process.poll() is None:
+            return None
+        self.log.seek(0)
+        lines = self.log.read().splitlines()
+        current = [i for i, line in enumerate(lines) if line.startswith("Current thread")]
+        frame = lines[current[-1] + 1].strip() if current and current[-1] + 1 < len(lines) else ""
+        frame = frame.replace(f"{ROOT}{os.sep}", "")
+        return f"exit status {self.process.returncode} {frame}".strip()
+
+    def _serving(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {self.process.returncode}")
+        return check_health(self.address, timeout=0.5) == "SERVING"
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            line = next(line for line in status if line.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    def metric(self, name: str) -> float:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            for family in text_string_to_metric_families(reply.read().decode()):
+                for sample in family.samples:
+                    if sample.name == name and not sample.labels:
+                        return float(sample.value)
+        return 0.0
+
+    def wait_for_jit(self, engine: str, modules: int) -> None:
+        if engine == "jit":
+            wait_until(
+                lambda: self.metric("bpfexec_jit_compile_seconds_count") >= modules, 60, "the JIT"
+            )
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        self.log.close()
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(["| figure | value |", "| --- | ---: |"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def sustained(engine: str, seconds: float, concurrency: int) -> list[tuple[str, str]]:
+    server = Server(engine)
+    try:
+        with Client(server.address, timeout=30) as client:
+            add_one, count = client.load(ADD_ONE), client.load(COUNT_TO_R1)
+        server.wait_for_jit(engine, 2)
+        own_connection = [("grpc.use_local_subchannel_pool", 1)]
+        clients = [
+            Client(server.address, timeout=30, options=own_connection) for _ in range(concurrency)
+        ]
+        errors: Counter[str] = Counter()
+
+        def drive(i: int, until: float) -> tuple[list[float], int]:
+            """Execute until `until` on client i: the latencies, and the wrong results."""
+            latencies, wrong, n = [], 0, i
+            while time.perf_counter() < until:
+                n += concurrency
+                start = time.perf_counter()
+                try:
+                    if n % 2:
+                        ok = clients[i].execute(add_one, args=[n]).return_value == n + 1
+                    else:
+                        target = 2000 + n % 100  # beyond the inline slice: the pool runs it
+                        ok = clients[i].execute(count, args=[target]).return_value == target
+                except BpfexecError as error:
+                    errors[error.code.name] += 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+                wrong += not ok
+            return latencies, wrong
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            warm_up = time.perf_counter() + 2  # connections, caches, code paths
+            list(pool.map(drive, range(concurrency), [warm_up] * concurrency))
+            errors.clear()
+            rss_start = peak = server.rss_mib()
+            start = time.perf_counter()
+            runs = [pool.submit(drive, i, start + seconds) for i in range(concurrency)]
+            while not all(run.done() for run in runs):
+                peak = max(peak, server.rss_mib())
+                time.sleep(0.5)
+            elapsed = time.perf_counter() - start
+            rss_end = server.rss_mib()
+        for client in clients:
+            client.close()
+        every = [latency for run in runs for latency in run.result()[0]]
+        wrong = sum(run.result()[1] for run in runs)
+        quantiles = " / ".join(f"{percentile_ms(every, q):.2f}" for q in (50, 99, 99.9))
+        return [
+            ("client threads (one connection each)", str(concurrency)),
+            ("executions", f"{len(every):,} in {elapsed:.1f} s"),
+            ("executions/s", f"{len(every) / elapsed:,.0f}"),
+            ("p50 / p99 / p99.9 ms", quantiles),
+            ("errors / wrong results", f"{sum(errors.values())} {dict(errors)} / {wrong}"),
+            ("RSS after warm-up / peak / end MiB", f"{rss_start:.1f} / {peak:.1f} / {rss_end:.1f}"),
+        ]
+    finally:
+        server.close()
+
+
+def killed(engine: str, rounds: int, clients: int) -> list[tuple[str, str]]:
+    """Rounds of `clients` client processes killed inside a remote helper call.
+
+    A server that dies is counted as a crash, with where it crashed, and
+    replaced by a fresh one for the next round.
+    """
+    flags = ("--max-concurrent-executions", str(clients), "--remote-helper-timeout", "60")
+    server = Server(engine, *flags)
+    freed: list[float] = []
+    crashes: list[str] = []
+    try:
+        for _ in range(rounds):
+            with Client(server.address, timeout=30) as client:
+                module = client.load(CALL_THEN_COUNT)
+                command = [sys.executable, "-c", BLOCKED_CLIENT, server.address, module.id]
+                children = [
+                    subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                    for _ in range(clients)
+                ]
+                try:
+                    for child in children:
+                        assert child.stdout is not None and child.stdout.readline() == "in-helper\n"
+                    killed_at = time.perf_counter()
+                    for child in children:
+                        child.kill()
+                    try:
+                        wait_until(partial(idle, server), 30, "the executions to stop")
+                        freed.append(time.perf_counter() - killed_at)
+                        result = client.execute(module, helpers={100: lambda call, *r: 0})
+                        assert result.return_value == 100_000
+                    except (OSError, BpfexecError):
+                        pass  # the server is gone: counted below
+                finally:
+                    for child in children:
+                        child.kill()
+                        child.wait(30)
+            time.sleep(0.2)  # a crash in a late clean-up happens just after the round
+            crash = server.crash()
+            if crash is not None:
+                crashes.append(crash)
+                server.close()
+                server = Server(engine, *flags)
+        median = statistics.median(freed) * 1e3 if freed else float("nan")
+        slowest = max(freed) * 1e3 if freed else float("nan")
+        return [
+            ("client processes killed (rounds x clients)", f"{rounds} x {clients}"),
+            ("time to free the executions, median / max ms", f"{median:.0f} / {slowest:.0f}"),
+            ("server crashes", f"{len(crashes)}" + "".join(f"; {c}" for c in Counter(crashes))),
+        ]
+    finally:
+        server.close()
+
+
+def flood(engine: str, count: int) -> list[tuple[str, str]]:
+    rng = random.Random(6)
+    objects = [path.read_bytes() for path in sorted(OBJECTS.glob("*-O2.o"))]
+    modules = []
+    for i in range(count):
+        if i % 3 == 0:
+            modules.append(rng.randbytes(rng.randrange(1, 400)))
+        elif i % 3 == 1:
+            modules.append(rng.randbytes(8 * rng.randrange(1, 64)))
+        else:
+            whole = rng.choice(objects)
+            modules.append(whole[: rng.randrange(len(whole))])
+    server = Server(engine, "--max-concurrent-requests", str(count + 10))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ExecutorStub(channel)
+            good = stub.LoadModule(pb.LoadModuleRequest(code=ADD_ONE), timeout=30)
+            start = time.perf_counter()
+            calls = [
+                stub.LoadModule.future(pb.LoadModuleRequest(code=code), timeout=120)
+                for code in modules
+            ]
+            codes: Counter[str] = Counter()
+            for call in calls:
+                error = call.exception()
+                codes[error.code().name if isinstance(error, grpc.Call) else "OK"] += 1
+            elapsed = time.perf_counter() - start
+            request = pb.ExecuteRequest(module_id=good.id, args=[pb.Argument(value=41)])
+            serves = stub.Execute(request, timeout=30).return_value == 42
+        return [
+            ("malformed uploads in flight at once", f"{count:,}"),
+            ("statuses", ", ".join(f"{code} {n}" for code, n in codes.items())),
+            ("uploads answered/s", f"{count / elapsed:,.0f}"),
+            ("module loaded before still runs", "yes" if serves else "NO"),
+            ("RSS after the flood MiB", f"{server.rss_mib():.1f}"),
+        ]
+    finally:
+        server.close()
+
+
+def overload(engine: str, excess: int) -> list[tuple[str, str]]:
+    server = Server(engine, "--max-concurrent-executions", "2", "--max-fuel", str(NEVER_ENDS))
+    try:
+        with Client(server.address, timeout=60) as client:
+            module = client.load(COUNT_TO_R1)
+            server.wait_for_jit(engine, 1)
+            n = calibrate(client, module, 3.0)  # each admitted run takes about 3 s
+            health: list[float] = []
+            done = threading.Event()
+
+            def probe_health() -> None:
+                while not done.is_set():
+                    begin = time.perf_counter()
+                    assert check_health(server.address, timeout=30) == "SERVING"
+                    health.append(time.perf_counter() - begin)
+                    time.sleep(0.02)
+
+            def attempt(_: int) -> tuple[str, float]:
+                begin = time.perf_counter()
+                try:
+                    ok = client.execute(module, args=[n], fuel=NEVER_ENDS).return_value == n
+                    return ("OK" if ok else "WRONG"), time.perf_counter() - begin
+                except BpfexecError as error:
+                    return error.code.name, time.perf_counter() - begin
+
+            with ThreadPoolExecutor(2 + excess) as pool:
+                admitted = [pool.submit(attempt, i) for i in range(2)]
+                wait_until(lambda: server.metric("bpfexec_executions_in_flight") == 2, 30, "runs")
+                prober = threading.Thread(target=probe_health)
+                prober.start()
+                refused = list(pool.map(attempt, range(excess)))
+                finished = [future.result() for future in admitted]
+                done.set()
+                prober.join()
+        refusals = [seconds * 1e3 for code, seconds in refused if code == "RESOURCE_EXHAUSTED"]
+        checks = [seconds * 1e3 for seconds in health]
+        excess_codes = Counter(code for code, _ in refused)
+        return [
+            ("admitted (the limit) / arriving while they run", f"2 / {excess}"),
+            ("admitted runs", f"{', '.join(code for code, _ in finished)} (about 3 s each)"),
+            ("the others", ", ".join(f"{code} {n}" for code, n in excess_codes.items())),
+            ("refusal latency median / max ms", f"{median(refusals)} / {top(refusals)}"),
+            (
+                "health check during the overload median / max ms",
+                f"{median(checks)} / {top(checks)}",
+            ),
+        ]
+    finally:
+        server.close()
+
+
+def sigterm(engine: str, grace: float) -> list[tuple[str, str]]:
+    store = tempfile.mkdtemp(prefix="bpfexec-bench-store-")
+    flags = ("--store", store, "--grace-period", str(grace), "--max-fuel", str(NEVER_ENDS))
+    server = Server(engine, *flags)
+    uploaded: list[str] = []
+    uploads: Counter[str] = Counter()
+    outcomes: dict[str, str] = {}
+    stop = threading.Event()
+    try:
+        with Client(server.address, timeout=30) as client:
+            count, forever = client.load(COUNT_TO_R1), client.load(FOREVER)
+            server.wait_for_jit(engine, 2)
+            n = calibrate(client, count, grace / 3)  # a third of the grace period alone
+
+        def upload(worker: int) -> None:
+            with Client(server.address, timeout=30) as own:
+                for i in range(10**9):
+                    if stop.is_set():
+                        return
+                    try:
+                        uploaded.append(own.load(f"r0 = {worker}\nr0 += {i}\nexit\n".encode()).id)
+                        uploads["OK"] += 1
+                    except BpfexecError as error:
+                        uploads[error.code.name] += 1
+                        return
+
+        def run(name: str) -> None:
+            with Client(server.address, timeout=120) as own:
+                try:
+                    if name == "never-ending":
+                        own.execute(forever, fuel=NEVER_ENDS)
+                    else:
+                        assert own.execute(count, args=[n], fuel=NEVER_ENDS).return_value == n
+                    outcomes[name] = "OK"
+                except BpfexecError as error:
+                    outcomes[name] = error.code.name
+
+        names = ["fits the grace 1", "fits the grace 2", "never-ending"]
+        workers = [threading.Thread(target=upload, args=(i,)) for i in range(4)]
+        workers += [threading.Thread(target=run, args=(name,)) for name in names]
+        for worker in workers:
+            worker.start()
+        wait_until(lambda: server.metric("bpfexec_executions_in_flight") == 3, 30, "runs")
+        wait_until(lambda: uploads["OK"] >= 4, 30, "uploads")
+        signalled = time.perf_counter()
+        server.process.send_signal(signal.SIGTERM)
+        status = server.process.wait(grace + 60)
+        drain = time.perf_counter() - signalled
+        stop.set()
+        for worker in workers:
+            worker.join(60)
+        restarted = Server(engine, "--store", store)
+        try:
+            with Client(restarted.address, timeout=30) as client:
+                present = {module.id for module in client.list_modules()}
+        finally:
+            restarted.close()
+        return [
+            ("grace period s", f"{grace:g}"),
+            ("SIGTERM to exit s (exit status)", f"{drain:.2f} ({status})"),
+            ("executions in flight", ", ".join(f"{k}: {v}" for k, v in outcomes.items())),
+            ("uploads", ", ".join(f"{code} {n}" for code, n in uploads.items())),
+            ("acknowledged uploads missing after a restart", str(len(set(uploaded) - present))),
+        ]
+    finally:
+        stop.set()
+        server.close()
+
+
+def calibrate(client: Client, module: object, seconds: float) -> int:
+    """The count for COUNT_TO_R1 that runs about `seconds` on this server, alone."""
+    n = 10**5
+    while True:
+        start = time.perf_counter()
+        client.execute(module, args=[n], fuel=NEVER_ENDS)  # type: ignore[arg-type]
+        elapsed = time.perf_counter() - start
+        if elapsed > 0.2:
+            return int(n * seconds / elapsed)
+        n *= 10
+
+
+def idle(server: Server) -> bool:
+    return server.metric("bpfexec_executions_in_flight") == 0
+
+
+def median(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f}" if values else "-"
+
+
+def top(values: list[float]) -> str:
+    return f"{max(values):.0f}" if values else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="sustained load duration")
+    parser.add_argument("--concurrency", type=int, default=16, help="sustained client threads")
+    parser.add_argument("--engine", default=None, help="server engine (default: the server's)")
+    parser.add_argument("--rounds", type=int, default=5, help="killed-client rounds")
+    parser.add_argument("--clients", type=int, default=4, help="client processes killed per round")
+    parser.add_argument("--flood", type=int, default=1000, help="malformed uploads in flight")
+    parser.add_argument("--excess", type=int, default=40, help="executions beyond the limit")
+    parser.add_argument("--grace", type=float, default=5.0, help="grace period for SIGTERM")
+    parser.add_argument(
+        "--scenarios", nargs="+", default=["sustained", "killed", "flood", "overload", "sigterm"]
+    )
+    args = parser.parse_args()
+    if args.engine is None:
+        from vm.machine import available_engines
+
+        args.engine = available_engines()[-1]
+    scenarios = {
+        "sustained": lambda: sustained(args.engine, args.seconds, args.concurrency),
+        "killed": lambda: killed(args.engine, args.rounds, args.clients),
+        "flood": lambda: flood(args.engine, args.flood),
+        "overload": lambda: overload(args.engine, args.excess),
+        "sigterm": lambda: sigterm(args.engine, args.grace),
+    }
+    print(f"engine {args.engine}, {os.cpu_count()} CPUs")
+    for name in args.scenarios:
+        print(f"\n### {name}\n\n{table(scenarios[name]())}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
