@@ -1,6 +1,6 @@
 """Benchmark: the same C programs on the interpreter, the JIT and native code, in one run.
 
-    python bench/bench_engines.py [--quick] [--repeat N]
+    python bench/bench_engines.py [--quick] [--repeat N] [--ubpf-lib DIR]
 
 Each program of `bench/programs/` is compiled twice from the same source: to
 eBPF with clang (`-O2 -target bpf`), loaded and run by both engines with fuel
@@ -13,6 +13,14 @@ native code at once scale against one.
 The interpreter runs a smaller input where the full one would take too long;
 its time is then scaled up by instruction count (marked with `~`).
 It measures, it never asserts: tests live in `tests/`.
+
+With `--ubpf-lib DIR` (a uBPF build, made by the reader from the upstream
+project: `libubpf.a` and `ubpf.h`), `bench/ubpf_runner.c` is compiled against
+it and a second table puts uBPF's x86-64 JIT beside ours and native code on
+the same bytecode and inputs. Its times are per run only: the inputs are
+built outside the timed region for all three (in the first table, the JIT and
+native columns also pay for building them in Python), our JIT's time is
+`Result.duration_ns` (the engine's run, without `prepare`), and checks stay on.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import vm
+from vm import isa
 from vm.loader import load
+from vm.memory import RODATA_BASE
 
 PROGRAMS = Path(__file__).parent / "programs"
 INTERPRETER_BUDGET = 3_000_000  # instructions the interpreter runs per case at most
@@ -153,23 +164,146 @@ def bench_cases(programs, libraries, repeat: int, quick: bool) -> None:
         )
 
 
+# uBPF's x86-64 JIT beside ours (--ubpf-lib): the same bytecode behind an entry stub.
+
+
+def build_ubpf_runner(work: Path, lib_dir: Path) -> Path:
+    """Compile bench/ubpf_runner.c against a uBPF build (libubpf.a, ubpf.h)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    libs = [d / "libubpf.a" for d in (lib_dir, lib_dir / "lib") if (d / "libubpf.a").is_file()]
+    includes = [d for d in (lib_dir, lib_dir / "include") if (d / "ubpf.h").is_file()]
+    if cc is None or not libs or not includes:
+        sys.exit(f"--ubpf-lib {lib_dir}: needs a C compiler, libubpf.a and ubpf.h there")
+    runner = work / "ubpf_runner"
+    source = Path(__file__).parent / "ubpf_runner.c"
+    subprocess.run(
+        [cc, "-O2", f"-I{includes[0]}", str(source), str(libs[0]), "-o", str(runner)], check=True
+    )
+    return runner
+
+
+def ubpf_inputs(program: vm.Program, function: str, args: list[int | bytes]) -> tuple[bytes, bytes]:
+    """Bytecode and memory image for uBPF, whose JIT enters at pc 0 with r1 = memory.
+
+    The memory holds one 8-byte slot per argument (integers in place, buffers
+    after the slots, 8-byte aligned). A stub in front of the program's own,
+    unchanged code loads r1..r5 from it and calls `function`, so both JITs run
+    the same instructions on the same inputs.
+    """
+    if program.data:
+        raise RuntimeError(f"{program.name}: writable globals are not supported on uBPF here")
+    memory = bytearray(8 * len(args))
+    mov, add = isa.ALU64 | isa.MOV | isa.X, isa.ALU64 | isa.ADD | isa.K
+    stub = [isa.Instruction(mov, dst=0, src=1)]  # r0 = the memory
+    for reg, arg in enumerate(args, start=1):
+        if isinstance(arg, bytes):
+            stub.append(isa.Instruction(mov, dst=reg, src=0))
+            stub.append(isa.Instruction(add, dst=reg, imm=len(memory)))
+            memory += arg + bytes(-len(arg) % 8)
+        else:
+            slot = 8 * (reg - 1)
+            memory[slot : slot + 8] = (arg & isa.MASK64).to_bytes(8, "little")
+            stub.append(isa.Instruction(isa.LDX | isa.MEM | isa.DW, dst=reg, src=0, offset=slot))
+    # A local call, not a jump: the function may itself be a call target (fib_rec), and
+    # uBPF gives call targets a prologue that only a call balances.
+    entry = program.function(function).pc
+    stub.append(isa.Instruction(isa.JMP | isa.CALL, src=isa.CALL_LOCAL, imm=entry + 1))
+    stub.append(isa.Instruction(isa.JMP | isa.EXIT))
+    return isa.encode([*stub, *program.instructions]), bytes(memory)
+
+
+def run_ubpf(
+    runner: Path, work: Path, program: vm.Program, function: str, args: list[int | bytes], runs: int
+) -> tuple[float, int]:
+    """Best seconds of `runs` calls of uBPF's JIT code, and its r0 (RuntimeError if it fails)."""
+    code, memory = ubpf_inputs(program, function, args)
+    (work / "ubpf_code.bin").write_bytes(code)
+    (work / "ubpf_memory.bin").write_bytes(memory)
+    command = [str(runner), str(work / "ubpf_code.bin"), str(work / "ubpf_memory.bin"), str(runs)]
+    if program.rodata:
+        (work / "ubpf_rodata.bin").write_bytes(program.rodata)
+        command += [str(work / "ubpf_rodata.bin"), str(RODATA_BASE)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode < 0:
+        raise RuntimeError(f"crashed ({signal.Signals(-done.returncode).name})")
+    if done.returncode != 0:
+        message = done.stderr.strip().splitlines()
+        raise RuntimeError(message[-1] if message else "failed")
+    fields = dict(field.split("=", 1) for field in done.stdout.split())
+    return int(fields["best_ns"]) / 1e9, int(fields["r0"], 16)
+
+
+def native_call_only(
+    library: ctypes.CDLL, function: str, args: list[int | bytes], runs: int
+) -> tuple[float, int]:
+    """Best seconds of `runs` native calls, fresh buffers made outside the timed region."""
+    fn = getattr(library, function)
+    fn.restype = ctypes.c_uint64
+    times, result = [], 0
+    for _ in range(runs):
+        native_args = [
+            ctypes.create_string_buffer(a, len(a)) if isinstance(a, bytes) else ctypes.c_uint64(a)
+            for a in args
+        ]
+        start = time.perf_counter()
+        result = int(fn(*native_args))
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def bench_ubpf(programs, libraries, runner: Path, work: Path, repeat: int, quick: bool) -> None:
+    print("\n| program | JIT (run only) | uBPF JIT | native C (call only) | JIT / uBPF "
+          "| uBPF / native | JIT / native |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for case in CASES:
+        program, library = programs[case.module], libraries[case.module]
+        size = case.size // 16 if quick and case.function != "fib_rec" else case.size
+        args = case.args(size)
+        runs: list[vm.Result] = []  # compiled and warm: bench_cases ran the same program
+        for _ in range(repeat):
+            result = vm.execute(program, case.function, args, fuel=10**10, engine="jit")
+            if result.trap is not None:
+                raise RuntimeError(f"{case.function} on jit: {result.trap}")
+            runs.append(result)
+        jit_time = min(r.duration_ns for r in runs) / 1e9
+        jit_r0 = runs[0].return_value
+        native_time, native_r0 = native_call_only(library, case.function, args, repeat)
+        if native_r0 != jit_r0:
+            raise RuntimeError(f"{case.function}: JIT {jit_r0:#x}, native {native_r0:#x}")
+        try:
+            ubpf_time, ubpf_r0 = run_ubpf(runner, work, program, case.function, args, repeat)
+        except RuntimeError as error:  # reported, not fatal
+            ubpf_cell, ratios = f"uBPF {error}", "n/a | n/a"
+        else:
+            if ubpf_r0 != jit_r0:
+                ubpf_cell, ratios = f"wrong r0 {ubpf_r0:#x}", "n/a | n/a"
+            else:
+                ubpf_cell = f"{ubpf_time * 1e3:,.3f} ms"
+                ratios = f"{jit_time / ubpf_time:.2f} | {ubpf_time / native_time:.2f}"
+        print(
+            f"| {case.function}({size}) | {jit_time * 1e3:,.3f} ms | {ubpf_cell} "
+            f"| {native_time * 1e3:,.3f} ms | {ratios} | {jit_time / native_time:.2f} |"
+        )
+
+
 def bench_compile(work: Path) -> None:
     from vm.jit import compile_program
 
-    print("\n| module | instructions | JIT compile time | per 1,000 instructions |")
-    print("| --- | ---: | ---: | ---: |")
+    print("\n| module | instructions | tier | JIT compile time | per 1,000 instructions |")
+    print("| --- | ---: | --- | ---: | ---: |")
     for source in sorted(PROGRAMS.glob("*.c")):
         data = (work / f"{source.stem}.o").read_bytes()
-        times = []
-        for _ in range(3):
-            program = load(data, name=source.name)  # a fresh Program: nothing cached
-            times.append(compile_program(program).compile_seconds)
-        count = len(program.instructions)
-        seconds = min(times)
-        print(
-            f"| {source.name} | {count:,} | {seconds * 1e3:.1f} ms "
-            f"| {seconds * 1e3 * 1000 / count:.1f} ms |"
-        )
+        for quick in (True, False):
+            times = []
+            for _ in range(3):
+                program = load(data, name=source.name)  # a fresh Program: nothing cached
+                times.append(compile_program(program, quick=quick).compile_seconds)
+            count = len(program.instructions)
+            seconds = min(times)
+            print(
+                f"| {source.name} | {count:,} | {'quick' if quick else 'optimized'} "
+                f"| {seconds * 1e3:.1f} ms | {seconds * 1e3 * 1000 / count:.1f} ms |"
+            )
 
 
 def bench_threads(program: vm.Program, n: int) -> None:
@@ -198,11 +332,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="runs per case (best is kept)")
     parser.add_argument("--quick", action="store_true", help="inputs 16 times smaller")
+    parser.add_argument(
+        "--ubpf-lib",
+        type=Path,
+        metavar="DIR",
+        help="a uBPF build (libubpf.a, ubpf.h): also compare with uBPF's x86-64 JIT",
+    )
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bpfexec-bench-") as tmp:
         work = Path(tmp)
         programs, libraries = build(work)
         bench_cases(programs, libraries, options.repeat, options.quick)
+        if options.ubpf_lib:
+            runner = build_ubpf_runner(work, options.ubpf_lib)
+            bench_ubpf(programs, libraries, runner, work, options.repeat, options.quick)
         bench_compile(work)
         bench_threads(programs["compute"], 50_000_000)
 
