@@ -294,22 +294,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except (UsageError, VmError) as exc:
-        print(f"bpfexec {args.command}: error: {exc}", file=sys.stderr)
+        _error(args.command, "error", str(exc))
         return EXIT_FAILED if args.command == "conformance-plugin" else EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         remote = sys.modules.get("client.errors")  # loaded only if a server was asked
         if remote is not None and isinstance(exc, remote.BpfexecError):
-            print(f"bpfexec {args.command}: error: {exc}", file=sys.stderr)
-            bad_input = isinstance(exc, (remote.InvalidArgument, remote.NotFound))
+            _error(args.command, "error", str(exc))
+            # A module or request beyond a server limit is bad input, as it is locally;
+            # a server at its concurrency limit is not.
+            bad_input = isinstance(exc, (remote.InvalidArgument, remote.NotFound)) or (
+                isinstance(exc, remote.ResourceExhausted) and exc.reason == "LIMIT_EXCEEDED"
+            )
             return EXIT_USAGE if bad_input else EXIT_FAILED
         # A bug of ours: still one line, never a traceback.
         if os.environ.get("BPFEXEC_DEBUG"):
             raise
-        problem = f"{type(exc).__name__}: {exc}"
-        print(f"bpfexec {args.command}: internal error: {problem}", file=sys.stderr)
+        _error(args.command, "internal error", f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
+
+
+def _error(command: str, kind: str, message: str) -> None:
+    """One line on stderr, whatever the message holds (names from a file or a server)."""
+    from vm.loader import printable
+
+    print(f"bpfexec {command}: {kind}: {printable(message)}", file=sys.stderr)
 
 
 def _plugin_parser() -> argparse.ArgumentParser:

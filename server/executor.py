@@ -72,8 +72,9 @@ class ServiceError(Exception):
 class ModuleNotFound(ServiceError):
     def __init__(self, module_id: str) -> None:
         self.module_id = module_id
+        shown = module_id.encode("unicode_escape").decode("ascii")  # one line, always
         super().__init__(
-            f"module {module_id} is not cached on this server (evicted, deleted or never "
+            f"module {shown} is not cached on this server (evicted, deleted or never "
             "loaded): upload it again with LoadModule and retry"
         )
 

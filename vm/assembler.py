@@ -281,7 +281,7 @@ class _Assembler:
 
     @staticmethod
     def _number(text: str) -> int:
-        cleaned = text.replace(" ", "")
+        cleaned = "".join(text.split())  # every space `\s` matches, not just " "
         negative = cleaned.startswith("-")
         digits = cleaned.lstrip("+-")
         if len(digits) > 40:
@@ -488,7 +488,7 @@ class _Assembler:
             if is_function:
                 starts.setdefault(pc, label)  # two labels on one pc: the first names it
         if 0 not in starts:
-            starts[0] = DEFAULT_FUNCTION
+            starts[0] = self._unused_name(DEFAULT_FUNCTION)
         helper_calls: dict[int, HelperRef] = {}
         instructions: list[Instruction] = []
         for pc, slot in enumerate(self.slots):
@@ -505,6 +505,17 @@ class _Assembler:
         )
         return Assembled(tuple(instructions), functions, helper_calls)
 
+    def _unused_name(self, base: str) -> str:
+        """`base`, or `base_1`, `base_2`...: a name no label and no helper of the text has
+        (a listing names functions and helpers alike, so a clash would not read back)."""
+        taken = set(self.labels) | {slot.call_label for slot in self.slots if slot.call_label}
+        name = base
+        for n in itertools.count(1):
+            if name not in taken:
+                break
+            name = f"{base}_{n}"
+        return name
+
     def _resolve(self, pc: int, slot: _Slot, helper_calls: dict[int, HelperRef]) -> Instruction:
         insn = slot.insn
         if slot.call_label is not None:
@@ -514,7 +525,8 @@ class _Assembler:
                 return insn
             return Instruction(isa.OP_CALL, src=isa.CALL_LOCAL, imm=target - pc - 1)
         if isa.is_helper_call(insn):
-            helper_calls[pc] = HelperRef(number=insn.imm)
+            # Unsigned, as the loader records raw bytecode: `call -1` is helper #0xffffffff.
+            helper_calls[pc] = HelperRef(number=insn.imm & isa.MASK32)
             return insn
         if slot.jump_label is None:
             return insn

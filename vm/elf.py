@@ -128,19 +128,32 @@ def load_elf(data: bytes, name: str = "<module>", limits: Limits | None = None) 
 # -- reading: the only code that touches pyelftools ---------------------------------
 
 
+class _Progress:
+    """What the reader is reading: where a corrupt file stopped making sense."""
+
+    def __init__(self) -> None:
+        self.what = "the ELF header"
+
+
 def _read_object(data: bytes, name: str) -> _Object:
+    progress = _Progress()
     try:
         elf = ELFFile(io.BytesIO(data))
         _check_header(elf, name)
-        sections, symbols, relocations = _read_sections(elf, name)
-        section_names = {index: elf.get_section(index).name for index in range(elf.num_sections())}
+        sections, symbols, relocations = _read_sections(elf, name, progress)
+        section_names = {}
+        for index in range(elf.num_sections()):
+            progress.what = f"the name of section #{index}"
+            section_names[index] = elf.get_section(index).name
     except LoadError:
         raise
     # The parser is fed untrusted bytes and fails in many ways (its own errors,
     # struct.error, IndexError, ValueError, ZeroDivisionError on a zero entry
     # size...). Whatever it raises, the file is corrupt.
     except Exception as exc:
-        raise LoadError(f"{name}: corrupt or truncated ELF file ({_one_line(exc)})") from None
+        raise LoadError(
+            f"{name}: corrupt or truncated ELF file: cannot read {progress.what} ({_one_line(exc)})"
+        ) from None
     code = {s.index for s in sections.values() if s.kind == CODE}
     return _Object(sections, symbols, relocations, _read_lines(elf, code), section_names)
 
@@ -184,14 +197,17 @@ def _section_kind(name: str, flags: int) -> str:
 
 
 def _read_sections(
-    elf: ELFFile, name: str
+    elf: ELFFile, name: str, progress: _Progress
 ) -> tuple[dict[int, _Section], tuple[_Symbol, ...], dict[int, list[_Relocation]]]:
     sections: dict[int, _Section] = {}
     raw: list[Section] = []
+    progress.what = "the section header table"
     for index in range(elf.num_sections()):
+        progress.what = f"section header #{index} and its name"
         section = elf.get_section(index)
         raw.append(section)
         kind = _section_kind(section.name, section["sh_flags"])
+        progress.what = f"section #{index} {section.name!r}"
         if kind == MAPS:
             raise LoadError(
                 f"{name}: maps section {section.name!r} is not supported "
@@ -216,6 +232,7 @@ def _read_sections(
     symbol_tables: dict[int, list[_Symbol]] = {}
     for index, section in enumerate(raw):
         if isinstance(section, SymbolTableSection):
+            progress.what = f"symbol table {section.name!r}"
             symbol_tables[index] = _read_symbols(section, raw)
 
     relocations: dict[int, list[_Relocation]] = {}
@@ -231,6 +248,7 @@ def _read_sections(
         symbols = symbol_tables.get(section["sh_link"])
         if symbols is None:
             raise LoadError(f"{name}: {section.name!r} does not link to a symbol table")
+        progress.what = f"relocation section {section.name!r}"
         for reloc in section.iter_relocations():
             index = reloc["r_info_sym"]
             if index >= len(symbols):
@@ -438,7 +456,13 @@ class _Linker:
     def _section_name(self, index: int) -> str:
         """Name of a section, including the ones reading skipped (debug, license...)."""
         section = self.obj.sections.get(index)
-        return section.name if section is not None else self.obj.section_names.get(index, "?")
+        name = section.name if section is not None else self.obj.section_names.get(index)
+        return name or f"#{index}"
+
+    def _check_name(self, name: str, what: str) -> None:
+        """Helper and function names end up in messages, listings and responses."""
+        if not name or not name.isprintable():
+            raise LoadError(f"{self.name}: {what} has an empty or unprintable name {name!r}")
 
     # -- relocations ----------------------------------------------------------------
 
@@ -490,6 +514,7 @@ class _Linker:
             )
         if symbol.section is None and not symbol.special:
             # A prototype without a body: a helper the runtime resolves by name.
+            self._check_name(symbol.name, f"the helper called at pc {pc}")
             self.helper_calls[pc] = HelperRef(name=symbol.name)
             self.instructions[pc] = replace(insn, src=isa.CALL_HELPER)
             return
@@ -554,11 +579,14 @@ class _Linker:
                         f"{self.name}: function {symbol.name!r} at offset {symbol.value:#x} "
                         f"is not on an instruction of {section.name!r}"
                     )
+                self._check_name(symbol.name, f"the function at offset {symbol.value:#x}")
                 slot = symbol.value // isa.INSTRUCTION_SIZE
                 if slot not in starts or (symbol.is_global and not starts[slot][1]):
                     starts[slot] = (symbol.name, symbol.is_global)
             # Code before the first symbol still has to belong to a function.
-            starts.setdefault(0, (section.name, False))
+            if 0 not in starts:
+                self._check_name(section.name, f"code section #{section.index}")
+                starts[0] = (section.name, False)
             ordered = sorted(starts)
             base = self.base_pc[section.index]
             for start, end in zip(ordered, [*ordered[1:], count], strict=True):

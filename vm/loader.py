@@ -24,6 +24,7 @@ ELF_MAGIC = b"\x7fELF"
 def load(data: bytes, name: str = "<module>", limits: Limits | None = None) -> Program:
     """Load and verify a module; raises `LoadError` (or `VerifyError`) or `LimitError`."""
     limits = limits or Limits()
+    name = printable(name)  # it starts most messages, which must stay on one line
     if len(data) > limits.max_module_bytes:
         raise LimitError(
             f"{name}: module of {len(data)} bytes exceeds the limit of "
@@ -46,6 +47,13 @@ def load(data: bytes, name: str = "<module>", limits: Limits | None = None) -> P
     program = replace(program, name=name, id=content_id(data))
     verify(program)
     return program
+
+
+def printable(text: str) -> str:
+    """`text` with its unprintable characters (line breaks, controls) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _assembly_text(data: bytes) -> str | None:

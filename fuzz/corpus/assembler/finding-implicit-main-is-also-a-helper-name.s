@@ -1,0 +1,6 @@
+.globl main
+call a
+goto a
+a:
+call main
+exit

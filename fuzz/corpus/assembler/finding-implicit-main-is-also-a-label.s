@@ -1,0 +1,4 @@
+r0 = 0
+exit
+main:
+exit

@@ -1,0 +1,4 @@
+goto +1
+r0 += -5
+exit
+exit

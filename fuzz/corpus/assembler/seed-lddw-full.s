@@ -1,0 +1,2 @@
+r0 = 0x123456789abcdef0 ll
+    exit
