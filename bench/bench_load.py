@@ -29,22 +29,18 @@ import argparse
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from client._pb.bpfexec.v1 import executor_pb2 as pb
 from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
@@ -52,105 +48,26 @@ from client.cli_remote import check_health
 from client.client import Client
 from client.errors import BpfexecError
 
-ROOT = Path(__file__).resolve().parent.parent
-OBJECTS = ROOT / "tests" / "fixtures" / "obj"
-ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
-COUNT_TO_R1 = b"r0 = 0\nloop:\nr0 += 1\nif r0 < r1 goto loop\nexit\n"
-FOREVER = b"r0 = 0\nloop:\nr0 += 1\ngoto loop\n"
-CALL_THEN_COUNT = b"call 100\nr0 = 0\nloop:\nr0 += 1\nif r0 < 100000 goto loop\nexit\n"
-NEVER_ENDS = 10**15
-BLOCKED_CLIENT = """
-import sys, time
-from client.client import Client
-
-def block(call, *registers):
-    print("in-helper", flush=True)
-    time.sleep(60)
-    return 0
-
-with Client(sys.argv[1], timeout=60) as client:
-    client.execute(sys.argv[2], helpers={100: block})
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from server_process import (
+    ADD_ONE,
+    BLOCKED_CLIENT,
+    CALL_THEN_COUNT,
+    COUNT_TO_R1,
+    FOREVER,
+    NEVER_ENDS,
+    OBJECTS,
+    ROOT,
+    ServerProcess,
+    percentile,
+)
+from support import wait_until
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def percentile_ms(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 10) - 1] * 1e3
-
-
-class Server:
-    """`bpfexec serve` in a subprocess, its output in a temporary file, killed by `close()`."""
-
-    def __init__(self, engine: str, *flags: str) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BPFEXEC_")}
-        command = [
-            sys.executable, "-X", "faulthandler", "-m", "client.cli", "serve",
-            "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-            "--no-entry-point-helpers", "--engine", engine, *flags,
-        ]  # fmt: skip
-        # A file, not a pipe nobody reads: logging never blocks. Closed by close().
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        wait_until(self._serving, 30, "the server to start")
-
-    def crash(self) -> str | None:
-        """None while the server runs; else its exit status and the frame it crashed in."""
-        if self.process.poll() is None:
-            return None
-        self.log.seek(0)
-        lines = self.log.read().splitlines()
-        current = [i for i, line in enumerate(lines) if line.startswith("Current thread")]
-        frame = lines[current[-1] + 1].strip() if current and current[-1] + 1 < len(lines) else ""
-        frame = frame.replace(f"{ROOT}{os.sep}", "")
-        return f"exit status {self.process.returncode} {frame}".strip()
-
-    def _serving(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the server exited with status {self.process.returncode}")
-        return check_health(self.address, timeout=0.5) == "SERVING"
-
-    def rss_mib(self) -> float:
-        with open(f"/proc/{self.process.pid}/status") as status:
-            line = next(line for line in status if line.startswith("VmRSS:"))
-        return int(line.split()[1]) / 1024
-
-    def metric(self, name: str) -> float:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            for family in text_string_to_metric_families(reply.read().decode()):
-                for sample in family.samples:
-                    if sample.name == name and not sample.labels:
-                        return float(sample.value)
-        return 0.0
-
-    def wait_for_jit(self, engine: str, modules: int) -> None:
-        if engine == "jit":
-            wait_until(
-                lambda: self.metric("bpfexec_jit_compile_seconds_count") >= modules, 60, "the JIT"
-            )
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(30)
-        self.log.close()
+def start_server(engine: str, *flags: str) -> ServerProcess:
+    """A server process on `engine`, its log in a fresh temporary directory."""
+    log = Path(tempfile.mkdtemp(prefix="bpfexec-bench-")) / "server.log"
+    return ServerProcess(log, "--engine", engine, *flags)
 
 
 def table(rows: list[tuple[str, str]]) -> str:
@@ -158,11 +75,11 @@ def table(rows: list[tuple[str, str]]) -> str:
 
 
 def sustained(engine: str, seconds: float, concurrency: int) -> list[tuple[str, str]]:
-    server = Server(engine)
+    server = start_server(engine)
     try:
         with Client(server.address, timeout=30) as client:
             add_one, count = client.load(ADD_ONE), client.load(COUNT_TO_R1)
-        server.wait_for_jit(engine, 2)
+        server.wait_for_jit(2, engine, timeout=60)
         own_connection = [("grpc.use_local_subchannel_pool", 1)]
         clients = [
             Client(server.address, timeout=30, options=own_connection) for _ in range(concurrency)
@@ -192,19 +109,19 @@ def sustained(engine: str, seconds: float, concurrency: int) -> list[tuple[str, 
             warm_up = time.perf_counter() + 2  # connections, caches, code paths
             list(pool.map(drive, range(concurrency), [warm_up] * concurrency))
             errors.clear()
-            rss_start = peak = server.rss_mib()
+            rss_start = peak = server.rss_kib() / 1024
             start = time.perf_counter()
             runs = [pool.submit(drive, i, start + seconds) for i in range(concurrency)]
             while not all(run.done() for run in runs):
-                peak = max(peak, server.rss_mib())
+                peak = max(peak, server.rss_kib() / 1024)
                 time.sleep(0.5)
             elapsed = time.perf_counter() - start
-            rss_end = server.rss_mib()
+            rss_end = server.rss_kib() / 1024
         for client in clients:
             client.close()
         every = [latency for run in runs for latency in run.result()[0]]
         wrong = sum(run.result()[1] for run in runs)
-        quantiles = " / ".join(f"{percentile_ms(every, q):.2f}" for q in (50, 99, 99.9))
+        quantiles = " / ".join(f"{percentile(every, q) * 1e3:.2f}" for q in (50, 99, 99.9))
         return [
             ("client threads (one connection each)", str(concurrency)),
             ("executions", f"{len(every):,} in {elapsed:.1f} s"),
@@ -214,7 +131,7 @@ def sustained(engine: str, seconds: float, concurrency: int) -> list[tuple[str, 
             ("RSS after warm-up / peak / end MiB", f"{rss_start:.1f} / {peak:.1f} / {rss_end:.1f}"),
         ]
     finally:
-        server.close()
+        server.kill()
 
 
 def killed(engine: str, rounds: int, clients: int) -> list[tuple[str, str]]:
@@ -224,7 +141,7 @@ def killed(engine: str, rounds: int, clients: int) -> list[tuple[str, str]]:
     replaced by a fresh one for the next round.
     """
     flags = ("--max-concurrent-executions", str(clients), "--remote-helper-timeout", "60")
-    server = Server(engine, *flags)
+    server = start_server(engine, *flags)
     freed: list[float] = []
     crashes: list[str] = []
     try:
@@ -243,7 +160,7 @@ def killed(engine: str, rounds: int, clients: int) -> list[tuple[str, str]]:
                     for child in children:
                         child.kill()
                     try:
-                        wait_until(partial(idle, server), 30, "the executions to stop")
+                        wait_until(partial(idle, server), 30, what="the executions to stop")
                         freed.append(time.perf_counter() - killed_at)
                         result = client.execute(module, helpers={100: lambda call, *r: 0})
                         assert result.return_value == 100_000
@@ -257,8 +174,8 @@ def killed(engine: str, rounds: int, clients: int) -> list[tuple[str, str]]:
             crash = server.crash()
             if crash is not None:
                 crashes.append(crash)
-                server.close()
-                server = Server(engine, *flags)
+                server.kill()
+                server = start_server(engine, *flags)
         median = statistics.median(freed) * 1e3 if freed else float("nan")
         slowest = max(freed) * 1e3 if freed else float("nan")
         return [
@@ -267,7 +184,7 @@ def killed(engine: str, rounds: int, clients: int) -> list[tuple[str, str]]:
             ("server crashes", f"{len(crashes)}" + "".join(f"; {c}" for c in Counter(crashes))),
         ]
     finally:
-        server.close()
+        server.kill()
 
 
 def flood(engine: str, count: int) -> list[tuple[str, str]]:
@@ -282,7 +199,7 @@ def flood(engine: str, count: int) -> list[tuple[str, str]]:
         else:
             whole = rng.choice(objects)
             modules.append(whole[: rng.randrange(len(whole))])
-    server = Server(engine, "--max-concurrent-requests", str(count + 10))
+    server = start_server(engine, "--max-concurrent-requests", str(count + 10))
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ExecutorStub(channel)
@@ -304,18 +221,18 @@ def flood(engine: str, count: int) -> list[tuple[str, str]]:
             ("statuses", ", ".join(f"{code} {n}" for code, n in codes.items())),
             ("uploads answered/s", f"{count / elapsed:,.0f}"),
             ("module loaded before still runs", "yes" if serves else "NO"),
-            ("RSS after the flood MiB", f"{server.rss_mib():.1f}"),
+            ("RSS after the flood MiB", f"{server.rss_kib() / 1024:.1f}"),
         ]
     finally:
-        server.close()
+        server.kill()
 
 
 def overload(engine: str, excess: int) -> list[tuple[str, str]]:
-    server = Server(engine, "--max-concurrent-executions", "2", "--max-fuel", str(NEVER_ENDS))
+    server = start_server(engine, "--max-concurrent-executions", "2", "--max-fuel", str(NEVER_ENDS))
     try:
         with Client(server.address, timeout=60) as client:
             module = client.load(COUNT_TO_R1)
-            server.wait_for_jit(engine, 1)
+            server.wait_for_jit(1, engine, timeout=60)
             n = calibrate(client, module, 3.0)  # each admitted run takes about 3 s
             health: list[float] = []
             done = threading.Event()
@@ -337,7 +254,9 @@ def overload(engine: str, excess: int) -> list[tuple[str, str]]:
 
             with ThreadPoolExecutor(2 + excess) as pool:
                 admitted = [pool.submit(attempt, i) for i in range(2)]
-                wait_until(lambda: server.metric("bpfexec_executions_in_flight") == 2, 30, "runs")
+                wait_until(
+                    lambda: server.metric("bpfexec_executions_in_flight") == 2, 30, what="runs"
+                )
                 prober = threading.Thread(target=probe_health)
                 prober.start()
                 refused = list(pool.map(attempt, range(excess)))
@@ -358,13 +277,13 @@ def overload(engine: str, excess: int) -> list[tuple[str, str]]:
             ),
         ]
     finally:
-        server.close()
+        server.kill()
 
 
 def sigterm(engine: str, grace: float) -> list[tuple[str, str]]:
     store = tempfile.mkdtemp(prefix="bpfexec-bench-store-")
     flags = ("--store", store, "--grace-period", str(grace), "--max-fuel", str(NEVER_ENDS))
-    server = Server(engine, *flags)
+    server = start_server(engine, *flags)
     uploaded: list[str] = []
     uploads: Counter[str] = Counter()
     outcomes: dict[str, str] = {}
@@ -372,7 +291,7 @@ def sigterm(engine: str, grace: float) -> list[tuple[str, str]]:
     try:
         with Client(server.address, timeout=30) as client:
             count, forever = client.load(COUNT_TO_R1), client.load(FOREVER)
-            server.wait_for_jit(engine, 2)
+            server.wait_for_jit(2, engine, timeout=60)
             n = calibrate(client, count, grace / 3)  # a third of the grace period alone
 
         def upload(worker: int) -> None:
@@ -403,8 +322,8 @@ def sigterm(engine: str, grace: float) -> list[tuple[str, str]]:
         workers += [threading.Thread(target=run, args=(name,)) for name in names]
         for worker in workers:
             worker.start()
-        wait_until(lambda: server.metric("bpfexec_executions_in_flight") == 3, 30, "runs")
-        wait_until(lambda: uploads["OK"] >= 4, 30, "uploads")
+        wait_until(lambda: server.metric("bpfexec_executions_in_flight") == 3, 30, what="runs")
+        wait_until(lambda: uploads["OK"] >= 4, 30, what="uploads")
         signalled = time.perf_counter()
         server.process.send_signal(signal.SIGTERM)
         status = server.process.wait(grace + 60)
@@ -412,12 +331,12 @@ def sigterm(engine: str, grace: float) -> list[tuple[str, str]]:
         stop.set()
         for worker in workers:
             worker.join(60)
-        restarted = Server(engine, "--store", store)
+        restarted = start_server(engine, "--store", store)
         try:
             with Client(restarted.address, timeout=30) as client:
                 present = {module.id for module in client.list_modules()}
         finally:
-            restarted.close()
+            restarted.kill()
         return [
             ("grace period s", f"{grace:g}"),
             ("SIGTERM to exit s (exit status)", f"{drain:.2f} ({status})"),
@@ -427,7 +346,7 @@ def sigterm(engine: str, grace: float) -> list[tuple[str, str]]:
         ]
     finally:
         stop.set()
-        server.close()
+        server.kill()
 
 
 def calibrate(client: Client, module: object, seconds: float) -> int:
@@ -442,7 +361,7 @@ def calibrate(client: Client, module: object, seconds: float) -> int:
         n *= 10
 
 
-def idle(server: Server) -> bool:
+def idle(server: ServerProcess) -> bool:
     return server.metric("bpfexec_executions_in_flight") == 0
 
 

@@ -138,6 +138,12 @@ class ExecutionService:
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="bpfexec-execute")
         self._compiler = ThreadPoolExecutor(1, thread_name_prefix="bpfexec-jit")
+        # The JIT's lookup of a program's best native code; None on the interpreter.
+        self._best_compiled: Callable[[Program], object] | None = None
+        if engine == "jit":
+            from vm.jit import best_compiled
+
+            self._best_compiled = best_compiled
 
     # Modules
 
@@ -178,11 +184,9 @@ class ExecutionService:
 
     def _engine_for(self, program: Program) -> str:
         """The JIT once a tier of the program's native code is ready, the interpreter before."""
-        if self.engine != "jit":
+        if self._best_compiled is None:
             return "interpreter"
-        from vm.jit import best_compiled
-
-        return "jit" if best_compiled(program) is not None else "interpreter"
+        return "jit" if self._best_compiled(program) is not None else "interpreter"
 
     async def get(self, module_id: str, tenant: str = "") -> CachedModule:
         """The module if `tenant` may see it, from the cache or else the store."""

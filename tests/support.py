@@ -14,9 +14,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+def wait_until(
+    condition: Callable[[], object], timeout: float = 5.0, what: str = "condition"
+) -> None:
     """Poll `condition` until it holds; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert time.monotonic() < deadline, f"{what} not met in time"
         time.sleep(0.01)

@@ -11,15 +11,12 @@ work in flight. They are the short versions, bounded in count and time;
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +27,20 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from prometheus_client.parser import text_string_to_metric_families
-from support import free_port, wait_until
+from server_process import (
+    ADD_ONE,
+    BLOCKED_CLIENT,
+    CALL_THEN_COUNT,
+    COUNT_TO_R1,
+    FOREVER,
+    NEVER_ENDS,
+    OBJECTS,
+    ROOT,
+    TIMEOUT,
+    ServerProcess,
+    percentile,
+)
+from support import wait_until
 
 from client._pb.bpfexec.v1 import executor_pb2 as pb
 from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
@@ -46,97 +55,7 @@ pytestmark = pytest.mark.skipif(
     sys.platform != "linux", reason="reads /proc/PID/status and sends POSIX signals"
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-OBJECTS = ROOT / "tests" / "fixtures" / "obj"
-TIMEOUT = 20.0  # no single call or wait of these tests lasts longer
-
-ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
-COUNT_TO_R1 = b"r0 = 0\nloop:\nr0 += 1\nif r0 < r1 goto loop\nexit\n"
-FOREVER = b"r0 = 0\nloop:\nr0 += 1\ngoto loop\n"
-# Calls helper #100 (answered by the client), then counts to 100000.
-CALL_THEN_COUNT = b"call 100\nr0 = 0\nloop:\nr0 += 1\nif r0 < 100000 goto loop\nexit\n"
-NEVER_ENDS = 10**15  # fuel for programs that must outlive their test
-ENGINE = available_engines()[-1]  # the server's default: jit when llvmlite is installed
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # a client's own TCP connection
-
-# A client process that blocks inside a remote helper until it is killed.
-BLOCKED_CLIENT = """
-import sys, time
-from client.client import Client
-
-def block(call, *registers):
-    print("in-helper", flush=True)
-    time.sleep(60)
-    return 0
-
-with Client(sys.argv[1], timeout=30) as client:
-    client.execute(sys.argv[2], helpers={100: block})
-"""
-
-
-class ServerProcess:
-    """`bpfexec serve` in a subprocess, its output in a file, killed on close."""
-
-    def __init__(self, log: Path, *flags: str) -> None:
-        self.port, self.metrics_port = free_port(), free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.log = log
-        command = [
-            sys.executable, "-X", "faulthandler", "-m", "client.cli", "serve",  # a crash shows
-            "--port", str(self.port), "--metrics-port", str(self.metrics_port),
-            "--no-entry-point-helpers", *flags,
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BPFEXEC_")}
-        with open(log, "w") as output:  # a file, not a pipe nobody reads: logging never blocks
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, env=env
-            )
-        try:
-            wait_until(self._serving, timeout=TIMEOUT)
-        except BaseException:
-            self.kill()
-            raise
-
-    def _serving(self) -> bool:
-        assert self.process.poll() is None, f"the server exited:\n{self.output()}"
-        return check_health(self.address, timeout=0.5) == "SERVING"
-
-    def rss_kib(self) -> int:
-        with open(f"/proc/{self.process.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS line")
-
-    def samples(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        """Every sample of the metrics endpoint, fetched over HTTP like Prometheus does."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as reply:
-            text = reply.read().decode()
-        return {
-            (sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.samples().get((name, frozenset(labels.items())), 0.0)
-
-    def wait_for_jit(self, modules: int, engine: str = ENGINE) -> None:
-        """Wait until the background JIT has compiled `modules` modules (if it is the engine)."""
-        if engine == "jit":
-            wait_until(lambda: self.metric("bpfexec_jit_compile_seconds_count") >= modules, TIMEOUT)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(TIMEOUT)
 
 
 @contextmanager
@@ -149,11 +68,6 @@ def server_process(tmp_path: Path, *flags: str) -> Iterator[ServerProcess]:
         raise
     finally:
         server.kill()
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The `q`-th percentile (0 < q < 100) of `values`, by linear interpolation."""
-    return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 10) - 1]
 
 
 # Sustained concurrent executions

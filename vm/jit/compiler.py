@@ -760,7 +760,7 @@ class _FunctionCompiler:
     def translation(self, root: str, access: Access, size: int) -> dict[str, str]:
         """Region index, offset, host address and length for `root`: once per block, or
         once per function in the prologue for an unchanged parameter."""
-        if root in (f"%a{n}" for n in self.unchanged):
+        if root.startswith("%a") and int(root[2:]) in self.unchanged:
             body, self.lines = self.lines, self.prologue
             try:
                 return self._translation(root, access, size, self.hoisted)

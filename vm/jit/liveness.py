@@ -115,8 +115,9 @@ def signatures(
     while changed:
         changed = False
         for entry, pcs in bodies.items():
-            live_in = _function_liveness(entry, pcs, blocks, code, successors, summary, params,
-                                         results)  # fmt: skip
+            live_in = _function_liveness(
+                entry, pcs, blocks, code, successors, summary, params, results
+            )
             entry_live = live_in[entry] - {FRAME_POINTER}
             if not entry_live <= params[entry]:
                 params[entry] |= entry_live
