@@ -39,6 +39,9 @@ def test_sigterm_lets_the_in_flight_execution_finish() -> None:
         "BPFEXEC_PORT": str(port),  # from the environment...
         "BPFEXEC_METRICS_PORT": "1",  # ...unless a flag says otherwise
         "BPFEXEC_GRACE_PERIOD": "20",
+        # The interpreter: its run time is predictable (the JIT's quick tier may be
+        # ready in milliseconds and finish the run before SIGTERM is sent).
+        "BPFEXEC_ENGINE": "interpreter",
     }
     command = [sys.executable, "-m", "client.cli", "serve", "--metrics-port", str(metrics_port)]
     process = subprocess.Popen(
