@@ -98,7 +98,13 @@ class Metrics:
             multiprocess_mode=GAUGE_MODE, registry=r,
         )  # fmt: skip
         self.jit_compile_seconds = Histogram(
-            "bpfexec_jit_compile_seconds", "Time to compile a module to native code.",
+            "bpfexec_jit_compile_seconds",
+            "Time to compile a module to optimized native code (the JIT's second tier).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.jit_quick_compile_seconds = Histogram(
+            "bpfexec_jit_quick_compile_seconds",
+            "Time to compile a module to the JIT's quick tier, which serves first.",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.load_seconds = Histogram(

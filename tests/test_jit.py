@@ -130,6 +130,72 @@ def test_interrupt_requested_before_the_run_stops_at_the_first_backward_jump():
     assert interrupt.listeners == []  # the run removed its listener
 
 
+# Binary recursion without a single backward jump: only calls are poll sites.
+# fib(40) is about 3e8 calls, seconds of native work.
+FIB = """
+    call fib
+    exit
+fib:
+    if r1 < 2 goto small
+    r6 = r1
+    r1 -= 1
+    call fib
+    r7 = r0
+    r1 = r6
+    r1 -= 2
+    call fib
+    r0 += r7
+    exit
+small:
+    r0 = r1
+    exit
+"""
+
+
+def test_interrupt_stops_native_recursion_at_a_call():
+    program = asm(FIB)
+    assert jit(program, (10,)).return_value == 55
+    interrupt = vm.Interrupt()
+    timer = interrupt.after(0.05)
+    start = time.perf_counter()
+    result = jit(program, (40,), fuel=Limits().max_fuel, interrupt=interrupt)
+    timer.cancel()
+    assert result.trap is not None and result.trap.kind == TrapKind.DEADLINE_EXCEEDED
+    assert result.trap.instruction.startswith("call")  # type: ignore[union-attr]
+    assert time.perf_counter() - start < 0.05 + 0.1
+
+
+def test_an_interrupt_a_helper_requests_stops_both_engines_at_the_same_place():
+    """After a helper call native code reads the flag at its next poll site, whatever
+    fuel it has left: a backward jump here, exactly where the interpreter stops."""
+    program = asm("""
+        r6 = 0
+    loop:
+        r6 += 1
+        call 7
+        if r6 < 1000 goto loop
+        exit
+    """)
+    outcomes = []
+    for engine in ("interpreter", "jit"):
+        interrupt = vm.Interrupt()
+        registry = HelperRegistry()
+        calls: list[int] = []
+
+        @registry.helper(id=7, name="stop_on_the_third_call")
+        def stop(ctx, a, b, c, d, e, interrupt=interrupt, calls=calls):
+            calls.append(a)
+            if len(calls) == 3:
+                interrupt.request()
+            return 0
+
+        result = vm.execute(program, None, (), engine=engine, helpers=registry, interrupt=interrupt)
+        assert result.trap is not None and result.trap.kind == TrapKind.CANCELLED
+        outcomes.append((result.trap.to_dict(), result.fuel_used))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1][0]["pc"] == 1 and outcomes[1][1] == 1 + 3 * 3
+
+
 def test_native_code_runs_without_the_gil():
     """Python keeps running while native code does, and two native runs overlap in time."""
     program = asm(COUNT)

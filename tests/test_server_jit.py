@@ -22,11 +22,11 @@ pytestmark = pytest.mark.skipif("jit" not in available_engines(), reason="llvmli
 SUM = b"r0 = 0\nloop:\nr0 += r1\nr1 += -1\nif r1 != 0 goto loop\nexit\n"
 
 
-def compile_count(metrics_port: int) -> float:
+def compile_count(metrics_port: int, tier: str = "jit") -> float:
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as reply:
         for line in reply.read().decode().splitlines():
-            if line.startswith("bpfexec_jit_compile_seconds_count"):
+            if line.startswith(f"bpfexec_{tier}_compile_seconds_count"):
                 return float(line.split()[-1])
     return 0.0
 
@@ -45,6 +45,7 @@ def test_a_module_is_compiled_once_and_gives_the_interpreters_results():
         while compile_count(running.metrics_port) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert compile_count(running.metrics_port) == 1
+        assert compile_count(running.metrics_port, "jit_quick") == 1  # the tier before
         assert running.service.cache.get(module.id).program.compiled["jit"].native
         native = client.execute(module, args=[1000])
     assert (native.return_value, native.fuel_used) == (first.return_value, first.fuel_used)

@@ -28,8 +28,10 @@ TraceFn = Callable[[str], None]
 class Interrupt:
     """A request, from any thread, that a running execution stop.
 
-    Engines poll `reason` at least on every backward jump and every call; the
-    JIT additionally mirrors it into native memory through `listeners`.
+    The interpreter polls `reason` on every backward jump and every call. The
+    JIT mirrors it into native memory through `listeners` and reads that at the
+    same places, once per `vm.jit.compiler.POLL_INTERVAL` fuel and at the first
+    such place after a helper call (see docs/jit.md).
     """
 
     __slots__ = ("_lock", "listeners", "reason")

@@ -44,7 +44,7 @@ reproduce exactly, so the runtime can hand such programs to the interpreter.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vm import isa
@@ -57,6 +57,9 @@ from vm.program import Program
 
 DISPATCH_SYMBOL = "bpfexec_jit_dispatch"  # i64 (ptr ctx, i64 pc): 0, or a trap is recorded
 FUEL = NUM_REGISTERS  # the fuel counter is cached and spilled like a register
+# Fuel spent between two reads of the interrupt flag, at most: a bound on how late
+# native code notices an interrupt (about 0.1 ms of work at a billion instructions/s).
+POLL_INTERVAL = 1 << 17
 # Blocks compiled in total may exceed the program's own by this factor (code reachable
 # from several call targets is compiled once per target); beyond it, do not compile.
 MAX_DUPLICATION = 4
@@ -71,10 +74,13 @@ _LENGTH = {
 }
 COLD = "!0"  # branch weights: the first successor is almost never taken
 INVARIANT = "!1"  # the region table and limits do not change while native code runs
+LOOPING = "!2"  # branch weights: a backward jump is usually taken (a loop goes round)
 
 
 # What a register holds: root + constant (+ index); see _FunctionCompiler.roots.
 Root = tuple[str, int, str | None]
+# What a block knows on leaving: cached registers, roots, translations.
+_State = tuple[dict[int, str], dict[int, Root], dict[str, dict[str, str]]]
 
 
 class Unsupported(Exception):
@@ -239,6 +245,26 @@ define internal preserve_allcc void @bpf_trap(ptr noalias %ctx, i64 %status, i64
   ret void
 }}
 
+define internal preserve_allcc i1 @bpf_poll(ptr noalias %ctx, i64 %pc, i64 %fuel)
+    cold noinline nounwind {{
+  %ip = {_field("%ctx", "interrupt")}
+  %interrupt = load ptr, ptr %ip
+  %flag = load atomic i64, ptr %interrupt monotonic, align 8
+  %set = icmp ne i64 %flag, 0
+  br i1 %set, label %stop, label %go
+stop:
+  call preserve_allcc void @bpf_trap(ptr %ctx, i64 {int(Status.INTERRUPTED)}, i64 %pc,
+      i64 0, i64 0, i64 0, i64 %fuel)
+  ret i1 true
+go:
+  %far = icmp sgt i64 %fuel, {POLL_INTERVAL}
+  %next = sub i64 %fuel, {POLL_INTERVAL}
+  %poll_at = select i1 %far, i64 %next, i64 0
+  %pp = {_field("%ctx", "poll_at")}
+  store i64 %poll_at, ptr %pp
+  ret i1 false
+}}
+
 define internal preserve_allcc ptr @bpf_translate(ptr noalias %ctx, i64 %addr, i64 %size,
     i64 %write) cold noinline nounwind {{
   %region = lshr i64 %addr, {REGION_SHIFT}
@@ -265,6 +291,7 @@ ok:
 
 !0 = !{{!"branch_weights", i32 1, i32 1048576}}
 !1 = !{{}}
+!2 = !{{!"branch_weights", i32 31, i32 1}}
 """
 
 
@@ -351,6 +378,10 @@ class _FunctionCompiler:
         # root -> its region index, offset and host address, and region lengths
         self.translations: dict[str, dict[str, str]] = {}
         self.frame_low = 0  # bytes below r10 reached by unchecked accesses
+        self.predecessors: dict[int, int] = {}  # pc -> edges into it within the function
+        self.loop_heads: set[int] = set()  # targets of backward jumps
+        # pc -> (cache, roots, translations) left by its only predecessor (`leave`)
+        self.inherited: dict[int, _State] = {}
 
     # -- emission helpers ------------------------------------------------------------
 
@@ -419,14 +450,86 @@ class _FunctionCompiler:
         ]
         self.start(cont)
 
-    def check_interrupt(self, pc: int | str) -> None:
-        flag = self.value("load atomic i64, ptr %interrupt monotonic, align 8")
-        self.trap_if(self.value(f"icmp ne i64 {flag}, 0"), Status.INTERRUPTED, pc)
+    # Interrupts: the interpreter reads its flag at every backward jump and call. Native
+    # code does so at the same places, but only once the fuel has fallen below the
+    # context's `poll_at`, which `bpf_poll` then sets POLL_INTERVAL lower: in between, a
+    # poll site costs one comparison. Every block costs fuel, so a running program reads
+    # the flag at least once per POLL_INTERVAL of fuel spent in loops and calls. The
+    # runtime sets `poll_at` above the fuel at the start of a run and after each helper
+    # call, so the next poll site always reads the flag then, as the interpreter's does.
 
-    # -- the function ---------------------------------------------------------------------
+    def poll_at(self) -> str:
+        return self.value(f"load i64, ptr {self.field('poll_at')}")
+
+    def poll(self, pc: int) -> None:
+        """A poll site: read the interrupt flag (trapping at `pc`) if fuel < poll_at."""
+        fuel = self.get(FUEL)
+        low = self.value(f"icmp slt i64 {fuel}, {self.poll_at()}")
+        slow, cont = self.new_label(), self.new_label()
+        self.emit(f"br i1 {low}, label %{slow}, label %{cont}, !prof {COLD}")
+        self.start(slow)
+        self.read_flag(pc, fuel)
+        self.emit(f"br label %{cont}")
+        self.start(cont)
+
+    def read_flag(self, pc: int, fuel: str) -> None:
+        """Call `bpf_poll`, and unwind if it recorded an interrupt."""
+        stopped = self.value(f"call preserve_allcc i1 @bpf_poll(ptr %ctx, i64 {pc}, i64 {fuel})")
+        cont = self.new_label()
+        self.emit(f"br i1 {stopped}, label %unwind, label %{cont}, !prof {COLD}")
+        self.start(cont)
+
+    def back_edge(self, target: int, cond: str | None, fallthrough: int) -> None:
+        """A backward jump: the poll site and the target's fuel check in one comparison.
+
+        `fuel - cost < poll_at` holds whenever the target block does not fit (poll_at
+        is never negative) and whenever the fall-through's poll site must read the
+        flag (it does when fuel < poll_at), so one comparison before the branch covers both
+        edges; the slow path sorts out which, in the interpreter's order. The
+        target's body is entered past its own fuel check.
+        """
+        block = self.blocks[target]
+        assert block is not None
+        fuel = self.get(FUEL)
+        left = self.value(f"sub i64 {fuel}, {block.cost}")
+        low = self.value(f"icmp slt i64 {left}, {self.poll_at()}")
+        slow, fast = self.new_label(), self.new_label()
+        self.emit(f"br i1 {low}, label %{slow}, label %{fast}, !prof {COLD}")
+        self.start(fast)
+        # The jump goes straight back: the loop's latch is the block that exits it.
+        self.emit(f"store i64 {left}, ptr %r{FUEL}")
+        if cond is None:
+            self.emit(f"br label %pc{target}.body")
+        else:
+            forward = self.new_label()
+            self.emit(f"br i1 {cond}, label %pc{target}.body, label %{forward}, !prof {LOOPING}")
+            self.start(forward)
+            self.emit(f"store i64 {fuel}, ptr %r{FUEL}")
+            self.emit(f"br label %pc{fallthrough}")
+        self.start(slow)
+        if cond is not None:
+            slow_back, slow_forward = self.new_label(), self.new_label()
+            self.emit(f"br i1 {cond}, label %{slow_back}, label %{slow_forward}")
+            self.start(slow_forward)
+            self.poll(fallthrough)
+            self.emit(f"br label %pc{fallthrough}")
+            self.start(slow_back)
+        self.read_flag(target, fuel)
+        short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
+        self.trap_if(short, Status.OUT_OF_FUEL, target, block.cost)
+        self.emit(f"store i64 {left}, ptr %r{FUEL}")
+        self.emit(f"br label %pc{target}.body")
 
     def compile(self, entry: int, pcs: list[int]) -> str:
         self.entry = entry
+        self.predecessors = {entry: 1}  # the function's entry counts as one
+        for pc in pcs:
+            block = self.blocks[pc]
+            assert block is not None
+            for successor in successors(block, self.code):
+                self.predecessors[successor] = self.predecessors.get(successor, 0) + 1
+            if block.kind == JUMP and block.backward:
+                self.loop_heads.add(block.end_pc + 1 + isa.jump_offset(self.code[block.end_pc]))
         self.unchanged = frozenset(self.signature[entry].params) - self.written(pcs)
         for pc in pcs:
             block = self.blocks[pc]
@@ -444,8 +547,6 @@ class _FunctionCompiler:
             head.append(f"  %r{n} = alloca i64")
             value = f"%a{n}" if n in signature.params or n == FUEL else "0"
             head.append(f"  store i64 {value}, ptr %r{n}")
-        head.append(f"  %ip = {_field('%ctx', 'interrupt')}")
-        head.append(f"  %interrupt = load ptr, ptr %ip, !invariant.load {INVARIANT}")
         head += self.frame_prologue() + self.prologue
         head.append(f"  br label %pc{entry}")
         unwound = ", ".join(["i64 undef"] * len(signature.results) + [f"i64 {UNWOUND}"])
@@ -482,14 +583,21 @@ class _FunctionCompiler:
 
     def block(self, block: Block) -> None:
         self.start(f"pc{block.pc}")
-        self.cache.clear()
-        self.dirty.clear()
-        self.translations.clear()
-        self.roots = {isa.FRAME_POINTER: (_FRAME, 0, None)} if self.frame_bytes else {}
+        state = self.inherited.pop(block.pc, None)
+        if state is not None:
+            self.cache, self.roots, self.translations = state
+        else:
+            self.forget()
         fuel = self.get(FUEL)
         short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
         self.trap_if(short, Status.OUT_OF_FUEL, block.pc, block.cost)
         self.set(FUEL, self.value(f"sub i64 {fuel}, {block.cost}"))
+        if block.pc in self.loop_heads:  # back edges enter here, their fuel check done
+            self.flush()
+            self.emit(f"br label %pc{block.pc}.body")
+            self.start(f"pc{block.pc}.body")
+            self.forget()
+            self.get(FUEL)  # cached here: trap exits on conditional paths record it
         pc = block.pc
         end = block.end_pc if block.kind != FALL else block.next_pc
         while pc < end:
@@ -498,6 +606,7 @@ class _FunctionCompiler:
             pc += 2 if insn.opcode == isa.LDDW else 1
         if block.kind == FALL:
             self.flush()
+            self.leave(block)
             self.emit(f"br label %pc{block.next_pc}")
         elif block.kind == EXIT:
             result, ty = "undef", f"%res.{self.entry}"
@@ -510,11 +619,31 @@ class _FunctionCompiler:
             assert block.kind == JUMP
             self.jump(block)
 
+    def forget(self) -> None:
+        """Start from the allocas: at a block several edges enter."""
+        self.cache = {}
+        self.dirty.clear()
+        self.translations = {}
+        self.roots = {isa.FRAME_POINTER: (_FRAME, 0, None)} if self.frame_bytes else {}
+
+    def leave(self, block: Block) -> None:
+        """Hand what this block knows to each later block it is the only way into.
+
+        Its values dominate such a block, so that block keeps the cached registers,
+        roots and translations (a pointer computed before a branch is still known
+        after it). Called with nothing dirty, before the block's branches.
+        """
+        for pc in successors(block, self.code):
+            if pc > block.pc and self.predecessors.get(pc) == 1:
+                cache = dict(self.cache)
+                translations = {root: dict(region) for root, region in self.translations.items()}
+                self.inherited[pc] = (cache, dict(self.roots), translations)
+
     def local_call(self, block: Block) -> None:
         max_frames = self.invariant("max_frames")
         too_deep = self.value(f"icmp sge i64 %depth, {max_frames}")
         self.trap_if(too_deep, Status.CALL_DEPTH_EXCEEDED, block.end_pc)
-        self.check_interrupt(block.end_pc)
+        self.poll(block.end_pc)
         frame_size = self.invariant("frame_size")
         callee = self.signature[block.target]
         args = []
@@ -540,6 +669,7 @@ class _FunctionCompiler:
             self.set(n, self.value(f"extractvalue {ty} {result}, {index}"))
         self.set(FUEL, fuel)
         self.flush()
+        self.leave(block)
         self.emit(f"br label %pc{block.next_pc}")
 
     def jump(self, block: Block) -> None:
@@ -548,16 +678,15 @@ class _FunctionCompiler:
         fallthrough = block.end_pc + 1
         cond = None if insn.op == isa.JA else self.condition(insn)
         self.flush()
-        if block.backward:
-            # The interpreter checks after choosing the next pc, and traps there.
-            target: int | str = taken
-            if cond is not None:
-                target = self.value(f"select i1 {cond}, i64 {taken}, i64 {fallthrough}")
-            self.check_interrupt(target)
-        if cond is None:
-            self.emit(f"br label %pc{taken}")
-        else:
-            self.emit(f"br i1 {cond}, label %pc{taken}, label %pc{fallthrough}")
+        self.leave(block)
+        if not block.backward:
+            if cond is None:
+                self.emit(f"br label %pc{taken}")
+            else:
+                self.emit(f"br i1 {cond}, label %pc{taken}, label %pc{fallthrough}")
+            return
+        # The interpreter polls after choosing the next pc, either way, and traps there.
+        self.back_edge(taken, cond, fallthrough)
 
     def condition(self, insn: Instruction) -> str:
         wide = insn.cls == isa.JMP
@@ -721,11 +850,33 @@ class _FunctionCompiler:
 
     def host_pointer(self, base: int, offset: int, size: int, access: Access, pc: int) -> str:
         """The host address of r[base] + offset, or a trap when it is out of bounds."""
+        pointer = self.access(base, offset, size, access, pc, lambda host, _: host, "ptr")
+        assert pointer is not None
+        return pointer
+
+    def access(
+        self,
+        base: int,
+        offset: int,
+        size: int,
+        access: Access,
+        pc: int,
+        emit: Callable[[str, str], str | None],
+        ty: str | None,
+    ) -> str | None:
+        """`emit(host, qualifier)` at the host address of r[base] + offset, or a trap
+        when it is out of bounds; the value of type `ty` it returns (None: nothing).
+
+        The access is emitted on the fast and the slow path each, so that the fast one
+        can fold its address arithmetic into the instruction. The slow one is volatile
+        (harmless there) so that instcombine does not merge the two back into one
+        access through a phi of the addresses.
+        """
         root, constant, index = self.root_of(base)
         offset += constant
         if root == _FRAME and index is None and -self.frame_bytes <= offset <= -size:
             self.frame_low = max(self.frame_low, -offset)
-            return self.value(f"getelementptr i8, ptr %fp.host, i64 {offset}")
+            return emit(self.value(f"getelementptr i8, ptr %fp.host, i64 {offset}"), "")
         # Fast check against the root's region; when it fails (a fault, or an address
         # past the root's region into another), the out-of-line translation decides.
         region = self.translation(root, access, size)
@@ -734,11 +885,14 @@ class _FunctionCompiler:
             start = self.value(f"add i64 {start}, {index}")
         # One unsigned compare covers both ends: a negative start is a huge one.
         outside = self.value(f"icmp uge i64 {start}, {region[f'{_LENGTH[access]}.{size}']}")
+        inside, slow, done = self.new_label(), self.new_label(), self.new_label()
+        self.emit(f"br i1 {outside}, label %{slow}, label %{inside}, !prof {COLD}")
+        self.start(inside)
         fast = self.value(f"getelementptr i8, ptr {region['host']}, i64 {offset}")
         if index is not None:
             fast = self.value(f"getelementptr i8, ptr {fast}, i64 {index}")
-        here, slow, done = self.label, self.new_label(), self.new_label()
-        self.emit(f"br i1 {outside}, label %{slow}, label %{done}, !prof {COLD}")
+        fast_value = emit(fast, "")
+        self.emit(f"br label %{done}")
         self.start(slow)
         address = self.value(f"add i64 {self.real(root)}, {offset}")
         if index is not None:
@@ -749,10 +903,13 @@ class _FunctionCompiler:
         )
         missing = self.value(f"icmp eq ptr {checked}, null")
         self.trap_if(missing, Status.MEMORY_FAULT, pc, address, size, int(access))
+        slow_value = emit(checked, "volatile ")
         slow_end = self.label
         self.emit(f"br label %{done}")
         self.start(done)
-        return self.value(f"phi ptr [ {fast}, %{here} ], [ {checked}, %{slow_end} ]")
+        if ty is None:
+            return None
+        return self.value(f"phi {ty} [ {fast_value}, %{inside} ], [ {slow_value}, %{slow_end} ]")
 
     def real(self, root: str) -> str:
         return f"%a{isa.FRAME_POINTER}" if root == _FRAME else root
@@ -797,11 +954,18 @@ class _FunctionCompiler:
     def load(self, insn: Instruction, pc: int) -> None:
         size = isa.SIZE_BYTES[insn.size]
         ty = f"i{size * 8}"
-        host = self.host_pointer(insn.src, insn.offset, size, Access.READ, pc)
-        value = self.value(f"load {ty}, ptr {host}, align 1")
-        if size < 8:
-            extend = "sext" if insn.mode == isa.MEMSX else "zext"
-            value = self.value(f"{extend} {ty} {value} to i64")
+        extend = "sext" if insn.mode == isa.MEMSX else "zext"
+
+        def load(host: str, qualifier: str) -> str:
+            value = self.value(f"load {qualifier}{ty}, ptr {host}, align 1")
+            if size < 8:
+                value = self.value(f"{extend} {ty} {value} to i64")
+                if qualifier:  # nor the two extensions into one after the phi
+                    value = self.value(f"freeze i64 {value}")
+            return value
+
+        value = self.access(insn.src, insn.offset, size, Access.READ, pc, load, "i64")
+        assert value is not None
         self.set(insn.dst, value)
 
     def store(self, insn: Instruction, pc: int) -> None:
@@ -811,8 +975,11 @@ class _FunctionCompiler:
             value = self.narrow(self.get(insn.src), ty)
         else:
             value = str(_signed(insn.imm, size * 8))
-        host = self.host_pointer(insn.dst, insn.offset, size, Access.WRITE, pc)
-        self.emit(f"store {ty} {value}, ptr {host}, align 1")
+
+        def store(host: str, qualifier: str) -> None:
+            self.emit(f"store {qualifier}{ty} {value}, ptr {host}, align 1")
+
+        self.access(insn.dst, insn.offset, size, Access.WRITE, pc, store, None)
 
     def narrow(self, value: str, ty: str) -> str:
         return value if ty == "i64" else self.value(f"trunc i64 {value} to {ty}")

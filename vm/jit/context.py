@@ -56,6 +56,8 @@ class Context(ctypes.Structure):
         ("trap_c", ctypes.c_uint64),
         ("max_frames", ctypes.c_int64),  # frames a call may add below the entry's
         ("frame_size", ctypes.c_int64),  # bytes r10 moves down per call
+        # Poll sites read the interrupt flag once the fuel is below this (never < 0).
+        ("poll_at", ctypes.c_int64),
         # Points at a separate word that another thread may set: native code reads
         # it with an atomic load; it must not live inside this (noalias) struct.
         ("interrupt", ctypes.c_void_p),

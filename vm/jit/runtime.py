@@ -13,8 +13,8 @@ Machine on it:
 - helper calls come back into Python through one process-wide dispatcher
   callback, which runs the interpreter's own operation for that call site, so
   helper semantics (fuel cost, limits, errors) cannot drift between engines;
-- an interrupt listener sets a flag word that native code polls on backward
-  jumps and calls;
+- an interrupt listener sets a flag word that native code reads on backward
+  jumps and calls, once per `POLL_INTERVAL` of fuel (`vm.jit.compiler`);
 - a trap recorded by native code becomes the same `Trap` the interpreter
   raises, message and pc included.
 
@@ -141,6 +141,9 @@ def _dispatch(ctx_address: int, pc: int) -> int:
             run.helper_ops[pc](registers, machine)
         finally:
             ctx.fuel = machine.fuel  # a helper's cost is charged even when it then fails
+            # A helper may take long (a remote one is a round trip): the next poll
+            # site reads the interrupt flag, as the interpreter's does.
+            ctx.poll_at = machine.fuel + 1
         ctx.regs[0] = registers[0]
         return Status.OK
     except BaseException as exc:  # an exception must not cross the native frames
@@ -320,6 +323,7 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
     ctx = Context()
     ctx.regs[:] = machine.registers
     ctx.fuel = machine.fuel
+    ctx.poll_at = machine.fuel + 1  # the first poll site reads the interrupt flag
     ctx.max_frames = machine.limits.max_call_depth - 1  # the entry holds the first frame
     ctx.frame_size = machine.limits.stack_frame_size
     flag = ctypes.c_int64(0)
