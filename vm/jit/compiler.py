@@ -586,6 +586,7 @@ class _FunctionCompiler:
         state = self.inherited.pop(block.pc, None)
         if state is not None:
             self.cache, self.roots, self.translations = state
+            self.dirty.clear()  # the block before in pc order may have ended in exit
         else:
             self.forget()
         fuel = self.get(FUEL)
