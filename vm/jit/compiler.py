@@ -26,6 +26,8 @@ compile time (when no instruction writes r10), are not checked: the runtime
 uses such a module only when every frame of every call depth lies inside the
 stack region (`ModuleIR.frame_low`), and a fully checked module otherwise.
 
+Backward jumps and local calls poll the interrupt flag where the interpreter
+does, at the cost of one compare until a read is due (`poll`, `back_edge`).
 Traps call `bpf_trap` (kind, pc, details and fuel into the context) and
 return a fuel of -1, which callers check after every call to unwind. Helper calls
 spill the registers to the context and go through one external function, the
@@ -959,11 +961,7 @@ class _FunctionCompiler:
 
         def load(host: str, qualifier: str) -> str:
             value = self.value(f"load {qualifier}{ty}, ptr {host}, align 1")
-            if size < 8:
-                value = self.value(f"{extend} {ty} {value} to i64")
-                if qualifier:  # nor the two extensions into one after the phi
-                    value = self.value(f"freeze i64 {value}")
-            return value
+            return self.value(f"{extend} {ty} {value} to i64") if size < 8 else value
 
         value = self.access(insn.src, insn.offset, size, Access.READ, pc, load, "i64")
         assert value is not None
