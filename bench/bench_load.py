@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import signal
 import statistics
 import subprocess
@@ -56,9 +55,9 @@ from server_process import (
     COUNT_TO_R1,
     FOREVER,
     NEVER_ENDS,
-    OBJECTS,
     ROOT,
     ServerProcess,
+    malformed_modules,
     percentile,
 )
 from support import wait_until
@@ -188,17 +187,7 @@ def killed(engine: str, rounds: int, clients: int) -> list[tuple[str, str]]:
 
 
 def flood(engine: str, count: int) -> list[tuple[str, str]]:
-    rng = random.Random(6)
-    objects = [path.read_bytes() for path in sorted(OBJECTS.glob("*-O2.o"))]
-    modules = []
-    for i in range(count):
-        if i % 3 == 0:
-            modules.append(rng.randbytes(rng.randrange(1, 400)))
-        elif i % 3 == 1:
-            modules.append(rng.randbytes(8 * rng.randrange(1, 64)))
-        else:
-            whole = rng.choice(objects)
-            modules.append(whole[: rng.randrange(len(whole))])
+    modules = malformed_modules(count)
     server = start_server(engine, "--max-concurrent-requests", str(count + 10))
     try:
         with grpc.insecure_channel(server.address) as channel:

@@ -8,14 +8,13 @@ from /proc) and signals are real.
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-from support import free_port, wait_until
+from support import Samples, free_port, scrape_metrics, wait_until
 
 from client.cli_remote import check_health
 from vm.machine import available_engines
@@ -81,16 +80,9 @@ class ServerProcess:
                     return int(line.split()[1])
         raise AssertionError("no VmRSS line")
 
-    def samples(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    def samples(self) -> Samples:
         """Every sample of the metrics endpoint, fetched over HTTP like Prometheus does."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as reply:
-            text = reply.read().decode()
-        return {
-            (sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
+        return scrape_metrics(self.metrics_port, TIMEOUT)
 
     def metric(self, name: str, **labels: str) -> float:
         return self.samples().get((name, frozenset(labels.items())), 0.0)
@@ -129,3 +121,19 @@ class ServerProcess:
 def percentile(values: list[float], q: float) -> float:
     """The `q`-th percentile (0 < q < 100) of `values`, by linear interpolation."""
     return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 10) - 1]
+
+
+def malformed_modules(count: int, seed: int = 6) -> list[bytes]:
+    """Random bytes, random 8-byte-aligned "bytecode", and truncated ELF objects."""
+    rng = random.Random(seed)
+    objects = [path.read_bytes() for path in sorted(OBJECTS.glob("*-O2.o"))]
+    modules = []
+    for i in range(count):
+        if i % 3 == 0:
+            modules.append(rng.randbytes(rng.randrange(1, 400)))
+        elif i % 3 == 1:
+            modules.append(rng.randbytes(8 * rng.randrange(1, 64)))
+        else:
+            whole = rng.choice(objects)
+            modules.append(whole[: rng.randrange(len(whole))])
+    return modules

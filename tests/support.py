@@ -1,10 +1,15 @@
-"""Small helpers shared by the network tests: free ports and bounded waits."""
+"""Small helpers shared by the network tests: free ports, bounded waits, metrics."""
 
 from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 from collections.abc import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def free_port() -> int:
@@ -22,3 +27,14 @@ def wait_until(
     while not condition():
         assert time.monotonic() < deadline, f"{what} not met in time"
         time.sleep(0.01)
+
+
+def scrape_metrics(port: int, timeout: float = 10.0) -> Samples:
+    """Every sample of the metrics endpoint on `port`, fetched over HTTP like Prometheus."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

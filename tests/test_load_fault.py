@@ -11,7 +11,6 @@ work in flight. They are the short versions, bounded in count and time;
 
 from __future__ import annotations
 
-import random
 import signal
 import subprocess
 import sys
@@ -34,10 +33,10 @@ from server_process import (
     COUNT_TO_R1,
     FOREVER,
     NEVER_ENDS,
-    OBJECTS,
     ROOT,
     TIMEOUT,
     ServerProcess,
+    malformed_modules,
     percentile,
 )
 from support import wait_until
@@ -186,22 +185,6 @@ def test_killed_clients_free_their_executions(tmp_path: Path) -> None:
 
 
 # A flood of malformed uploads
-
-
-def malformed_modules(count: int, seed: int = 6) -> list[bytes]:
-    """Random bytes, random 8-byte-aligned "bytecode", and truncated ELF objects."""
-    rng = random.Random(seed)
-    objects = [path.read_bytes() for path in sorted(OBJECTS.glob("*-O2.o"))]
-    modules = []
-    for i in range(count):
-        if i % 3 == 0:
-            modules.append(rng.randbytes(rng.randrange(1, 400)))
-        elif i % 3 == 1:
-            modules.append(rng.randbytes(8 * rng.randrange(1, 64)))
-        else:
-            whole = rng.choice(objects)
-            modules.append(whole[: rng.randrange(len(whole))])
-    return modules
 
 
 def test_a_flood_of_malformed_uploads(tmp_path: Path) -> None:

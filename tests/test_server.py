@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -18,8 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from prometheus_client.parser import text_string_to_metric_families
-from support import free_port, wait_until
+from support import Samples, free_port, scrape_metrics, wait_until
 
 from client.cli_remote import check_health
 from client.client import Client
@@ -67,16 +65,9 @@ def client(server: RunningServer) -> Iterator[Client]:
         yield c
 
 
-def scrape(server: RunningServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(server: RunningServer) -> Samples:
     """Every sample of the metrics endpoint, fetched over HTTP like Prometheus does."""
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=TIMEOUT) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    return scrape_metrics(server.metrics_port, TIMEOUT)
 
 
 def sample(samples: dict, name: str, **labels: str) -> float:
