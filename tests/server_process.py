@@ -26,7 +26,6 @@ TIMEOUT = 20.0  # no single call or wait of the load tests lasts longer
 
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
 COUNT_TO_R1 = b"r0 = 0\nloop:\nr0 += 1\nif r0 < r1 goto loop\nexit\n"
-FOREVER = b"r0 = 0\nloop:\nr0 += 1\ngoto loop\n"
 # Calls helper #100 (answered by the client), then counts to 100000.
 CALL_THEN_COUNT = b"call 100\nr0 = 0\nloop:\nr0 += 1\nif r0 < 100000 goto loop\nexit\n"
 NEVER_ENDS = 10**15  # fuel for programs that must outlive their test

@@ -11,6 +11,28 @@ from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
+# A loop that never ends and that no compiler can shorten: each round is a chain of
+# dependent shifts and xors (xorshift64), so even unrolled native code runs about
+# a billion rounds per second, and the largest default budget (ten billion fuel,
+# ten instructions a round) lasts about a second. An interrupt has to stop it.
+SPIN = """
+    r0 = 1
+loop:
+    r2 = r0
+    r2 <<= 13
+    r0 ^= r2
+    r2 = r0
+    r2 >>= 7
+    r0 ^= r2
+    r2 = r0
+    r2 <<= 17
+    r0 ^= r2
+    goto loop
+"""
+FOREVER = SPIN.encode()
+SPIN_ENTRY_FUEL = 1  # fuel `SPIN` spends before its first backward jump: `r0 = 1` ...
+SPIN_ROUND_FUEL = 10  # ... then each round of the loop
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""

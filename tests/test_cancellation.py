@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from support import wait_until
+from support import FOREVER, wait_until
 
 from client._pb.bpfexec.v1 import executor_pb2 as pb
 from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
@@ -30,7 +30,6 @@ from server.settings import Settings
 from vm import Limits
 from vm.machine import available_engines
 
-FOREVER = b"r0 = 0\nloop:\nr0 += 1\ngoto loop\n"
 FUEL = Limits().max_fuel
 DEADLINE = 0.3
 SLACK = 0.1  # the promise: stopped within 100 ms of the deadline or the cancellation

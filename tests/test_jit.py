@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from support import SPIN, SPIN_ENTRY_FUEL, SPIN_ROUND_FUEL
 
 pytest.importorskip("llvmlite")
 
@@ -19,13 +20,6 @@ from vm import HelperRegistry, Limits, TrapKind
 from vm.jit import Jit, best_compiled, compile_program
 from vm.loader import load
 from vm.memory import STACK_BASE, buffer_base
-
-SPIN = """
-    r0 = 0
-loop:
-    r0 += 1
-    goto loop
-"""
 
 # About 2 * n instructions; n = 40M keeps native code busy for tens of milliseconds.
 COUNT = """
@@ -126,7 +120,7 @@ def test_interrupt_requested_before_the_run_stops_at_the_first_backward_jump():
     interrupt.request()
     result = jit(asm(SPIN), interrupt=interrupt)
     assert result.trap is not None and result.trap.kind == TrapKind.CANCELLED
-    assert result.fuel_used == 3
+    assert result.fuel_used == SPIN_ENTRY_FUEL + SPIN_ROUND_FUEL
     assert interrupt.listeners == []  # the run removed its listener
 
 

@@ -31,7 +31,6 @@ from server_process import (
     BLOCKED_CLIENT,
     CALL_THEN_COUNT,
     COUNT_TO_R1,
-    FOREVER,
     NEVER_ENDS,
     ROOT,
     TIMEOUT,
@@ -39,7 +38,7 @@ from server_process import (
     malformed_modules,
     percentile,
 )
-from support import wait_until
+from support import FOREVER, wait_until
 
 from client._pb.bpfexec.v1 import executor_pb2 as pb
 from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc

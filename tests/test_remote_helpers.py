@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from seed_helpers import registry as seed_registry
-from support import free_port, wait_until
+from support import SPIN, free_port, wait_until
 from test_server import sample, scrape
 
 from client._pb.bpfexec.v1 import executor_pb2 as pb
@@ -38,7 +38,7 @@ FILL_BUFFER = b"r6 = r1\ncall 100\nr0 = *(u64 *)(r6 + 0)\nexit\n"
 # Calls #100 once, then runs about 300k instructions: long enough to misbehave in.
 CALL_THEN_LOOP = b"call 100\nr0 = 0\nloop:\nr0 += 1\nif r0 < 100000 goto loop\nexit\n"
 # Still running when a late message arrives, even as native code.
-CALL_THEN_SPIN = b"call 100\nloop:\ngoto loop\n"
+CALL_THEN_SPIN = f"call 100\n{SPIN}".encode()
 CALL_TWICE = b"call 100\nr6 = r0\ncall 100\nr0 += r6\nexit\n"
 
 
