@@ -208,9 +208,11 @@ def programs(draw) -> tuple[Program, int, int]:
         items.append(list(isa.lddw_pair(reg, draw(VALUES))))
     body = draw(st.integers(1, 30))
     for _ in range(body):
-        kind = draw(st.sampled_from(["alu", "alu", "alu", "mem", "mem", "call", "jump"]))
+        kind = draw(st.sampled_from(["alu", "alu", "alu", "mem", "mem", "call", "jump", "exit"]))
         if kind == "alu":
             items.append(draw(alu()))
+        elif kind == "exit":  # an exit block before blocks that later ones jump to
+            items.append([Instruction(isa.OP_EXIT)])
         elif kind == "mem":
             items.append(draw(memory()))
         elif kind == "call":
@@ -270,6 +272,89 @@ def test_random_programs_agree(generated, buffer):
     program, fuel, depth = generated
     limits = vm.Limits(max_call_depth=depth)
     both(program, "main", [buffer], fuel=fuel, helpers=helpers, limits=limits)
+
+
+@st.composite
+def counted_loops(draw) -> tuple[Program, int]:
+    """An inner loop the optimized tier unrolls: r6 counts the rounds down, the body
+    is straight-line code with forward jumps inside it and out of it, and sometimes a
+    second jump back to the head from the middle of the body."""
+    code = [*isa.lddw_pair(6, draw(st.integers(0, 40)))]
+    for reg in (0, 2, 3, 7):
+        code += isa.lddw_pair(reg, draw(VALUES))
+    head = len(code)
+    body: list[list[Instruction] | tuple[str, Instruction, str]] = []
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["alu", "alu", "mem", "skip", "out", "back"]))
+        if kind == "alu":
+            body.append(draw(alu()))
+        elif kind == "mem":
+            body.append(draw(memory()))
+        else:
+            _, insn = draw(jump())
+            body.append((kind, insn, ""))
+    body.append([Instruction(isa.ALU64 | isa.SUB | isa.K, 6, imm=1)])
+    latch = Instruction(isa.JMP | isa.JNE | isa.K, 6, imm=0)
+    body.append(("back", latch, ""))
+    sizes = [len(item) if isinstance(item, list) else 1 for item in body]
+    end = head + sum(sizes)  # the exit after the loop
+    for index, item in enumerate(body):
+        here = len(code)
+        if isinstance(item, list):
+            code += item
+            continue
+        kind, insn, _ = item
+        if kind == "skip":  # forward, inside the body
+            target = here + 1 + sum(sizes[index + 1 : draw(st.integers(index + 1, len(body)))])
+        else:
+            target = {"out": end, "back": head}[kind]
+        code.append(Instruction(insn.opcode, insn.dst, insn.src, target - here - 1, insn.imm))
+    code += [Instruction(isa.ALU64 | isa.ADD | isa.X, 0, 6), Instruction(isa.OP_EXIT)]
+    program = Program(tuple(code), (Function("main", 0, len(code)),), name="loop")
+    return program, draw(st.integers(1, 1500))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(counted_loops(), st.binary(min_size=BUFFER, max_size=BUFFER))
+def test_random_loops_agree(generated, buffer):
+    """Unrolled loops: fuel running out, faults and exits at every point of a group."""
+    program, fuel = generated
+    both(program, "main", [buffer], fuel=fuel)
+
+
+# Inner loops the optimized tier unrolls: one block, and two paths of different costs.
+UNROLLED = {
+    "one block": """
+        r0 = 0
+    loop:
+        r0 += r1
+        r1 -= 1
+        if r1 != 0 goto loop
+        exit
+    """,
+    "two paths": """
+        r0 = 0
+    loop:
+        r0 += 1
+        if r0 & 1 goto odd
+        r0 += 2
+        r0 += 2
+        r0 += 2
+    odd:
+        r1 -= 1
+        if r1 != 0 goto loop
+        exit
+    """,
+}
+
+
+@pytest.mark.parametrize("name", UNROLLED)
+def test_unrolled_loops_run_out_of_fuel_exactly(name: str) -> None:
+    # Every budget up to many groups: fuel runs out at each block of each copy, and a
+    # group is entered with exactly the fuel it needs, or one less.
+    program = load(UNROLLED[name].encode(), name="loop.s")
+    for fuel in range(1, 400):
+        both(program, None, [30], fuel=fuel)
 
 
 OPCODES = sorted(

@@ -54,6 +54,7 @@ from vm.interpreter import CALL, EXIT, FALL, JUMP, Block
 from vm.isa import MASK32, NUM_REGISTERS, Instruction
 from vm.jit.context import FIELD_INDEX, REGION_COUNT, Access, Context, Status
 from vm.jit.liveness import Signature, signatures, uses_and_defs
+from vm.jit.unroll import Loop, unrollable_loops
 from vm.memory import OFFSET_MASK, REGION_SHIFT
 from vm.program import Program
 
@@ -172,11 +173,17 @@ def _writes_frame_pointer(code: Sequence[Instruction]) -> bool:
 
 
 def build_module(
-    program: Program, blocks: Sequence[Block | None], exported: Sequence[int], frame_bytes: int
+    program: Program,
+    blocks: Sequence[Block | None],
+    exported: Sequence[int],
+    frame_bytes: int,
+    *,
+    unroll: bool = True,
 ) -> ModuleIR:
     """The IR of `program`, with a wrapper for each pc in `exported`.
 
     Accesses within `frame_bytes` below r10 are unchecked (0: check every access).
+    `unroll` unrolls simple inner loops (`vm.jit.unroll`): faster code, more of it.
     """
     code = program.instructions
     entries = sorted(set(exported))
@@ -213,8 +220,10 @@ def build_module(
     frame_low = 0
     for entry in sorted(bodies):
         fn = _FunctionCompiler(program, blocks, frame_bytes, helper_pcs, signature)
-        parts.append(fn.compile(entry, bodies[entry]))
+        loops = unrollable_loops(bodies[entry], blocks, code, jumps) if unroll else {}
+        parts.append(fn.compile(entry, bodies[entry], loops))
         frame_low = max(frame_low, fn.frame_low)
+        total += fn.copied
     symbols = {}
     for pc in entries:
         symbols[pc] = f"bpf_entry_{pc}"
@@ -382,8 +391,11 @@ class _FunctionCompiler:
         self.frame_low = 0  # bytes below r10 reached by unchecked accesses
         self.predecessors: dict[int, int] = {}  # pc -> edges into it within the function
         self.loop_heads: set[int] = set()  # targets of backward jumps
-        # pc -> (cache, roots, translations) left by its only predecessor (`leave`)
-        self.inherited: dict[int, _State] = {}
+        # label -> (cache, roots, translations) left by its only predecessor (`leave`)
+        self.inherited: dict[str, _State] = {}
+        self.loops: dict[int, Loop] = {}  # unrolled loops by head
+        self.copy: tuple[Loop, int] | None = None  # the copy of a loop being emitted
+        self.copied = 0  # blocks emitted as copies
 
     # -- emission helpers ------------------------------------------------------------
 
@@ -493,8 +505,18 @@ class _FunctionCompiler:
         block = self.blocks[target]
         assert block is not None
         fuel = self.get(FUEL)
+        poll_at = self.poll_at()
+        loop = self.loops.get(target)
+        if loop is not None:  # a group of copies if it fits, or else one more round
+            group_left = self.value(f"sub i64 {fuel}, {loop.copies * loop.max_cost}")
+            few = self.value(f"icmp slt i64 {group_left}, {poll_at}")
+            group, single = self.new_label(), self.new_label()
+            self.emit(f"br i1 {few}, label %{single}, label %{group}, !prof {COLD}")
+            self.start(group)
+            self.iterate(loop, 1, cond, fallthrough)
+            self.start(single)
         left = self.value(f"sub i64 {fuel}, {block.cost}")
-        low = self.value(f"icmp slt i64 {left}, {self.poll_at()}")
+        low = self.value(f"icmp slt i64 {left}, {poll_at}")
         slow, fast = self.new_label(), self.new_label()
         self.emit(f"br i1 {low}, label %{slow}, label %{fast}, !prof {COLD}")
         self.start(fast)
@@ -507,14 +529,14 @@ class _FunctionCompiler:
             self.emit(f"br i1 {cond}, label %pc{target}.body, label %{forward}, !prof {LOOPING}")
             self.start(forward)
             self.emit(f"store i64 {fuel}, ptr %r{FUEL}")
-            self.emit(f"br label %pc{fallthrough}")
+            self.emit(f"br label %{self.here(fallthrough)}")
         self.start(slow)
         if cond is not None:
             slow_back, slow_forward = self.new_label(), self.new_label()
             self.emit(f"br i1 {cond}, label %{slow_back}, label %{slow_forward}")
             self.start(slow_forward)
             self.poll(fallthrough)
-            self.emit(f"br label %pc{fallthrough}")
+            self.emit(f"br label %{self.here(fallthrough)}")
             self.start(slow_back)
         self.read_flag(target, fuel)
         short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
@@ -522,8 +544,26 @@ class _FunctionCompiler:
         self.emit(f"store i64 {left}, ptr %r{FUEL}")
         self.emit(f"br label %pc{target}.body")
 
-    def compile(self, entry: int, pcs: list[int]) -> str:
+    def iterate(self, loop: Loop, copy: int, cond: str | None, fallthrough: int) -> None:
+        """Jump back to the head of copy `copy` of `loop` (or fall through): within a
+        group, so no fuel check and no poll is due (see `vm.jit.unroll`)."""
+        head = f"u{copy}.pc{loop.head}"
+        if cond is None:
+            self.emit(f"br label %{head}")
+        else:
+            self.emit(
+                f"br i1 {cond}, label %{head}, label %{self.here(fallthrough)}, !prof {LOOPING}"
+            )
+
+    def here(self, pc: int) -> str:
+        """The label of the block at `pc` in the code being emitted (a copy, or not)."""
+        if self.copy is not None and pc in self.copy[0].body:
+            return f"u{self.copy[1]}.pc{pc}"
+        return f"pc{pc}"
+
+    def compile(self, entry: int, pcs: list[int], loops: dict[int, Loop]) -> str:
         self.entry = entry
+        self.loops = loops
         self.predecessors = {entry: 1}  # the function's entry counts as one
         for pc in pcs:
             block = self.blocks[pc]
@@ -532,11 +572,27 @@ class _FunctionCompiler:
                 self.predecessors[successor] = self.predecessors.get(successor, 0) + 1
             if block.kind == JUMP and block.backward:
                 self.loop_heads.add(block.end_pc + 1 + isa.jump_offset(self.code[block.end_pc]))
+        for loop in loops.values():  # exits of the copies enter their targets too
+            for pc in loop.body:
+                block = self.blocks[pc]
+                assert block is not None
+                for successor in successors(block, self.code):
+                    if successor not in loop.body:
+                        self.predecessors[successor] += loop.copies
         self.unchanged = frozenset(self.signature[entry].params) - self.written(pcs)
         for pc in pcs:
             block = self.blocks[pc]
             assert block is not None
             self.block(block)
+        for loop in loops.values():
+            for copy in range(1, loop.copies + 1):
+                self.copy = (loop, copy)
+                for pc in sorted(loop.body):
+                    block = self.blocks[pc]
+                    assert block is not None
+                    self.block(block)
+                    self.copied += 1
+            self.copy = None
         signature = self.signature[entry]
         params = ", ".join(f"i64 %a{n}" for n in signature.params)
         result = f"%res.{entry}"
@@ -584,18 +640,20 @@ class _FunctionCompiler:
         ]
 
     def block(self, block: Block) -> None:
-        self.start(f"pc{block.pc}")
-        state = self.inherited.pop(block.pc, None)
+        label = self.here(block.pc)
+        self.start(label)
+        state = self.inherited.pop(label, None)
         if state is not None:
             self.cache, self.roots, self.translations = state
             self.dirty.clear()  # the block before in pc order may have ended in exit
         else:
             self.forget()
         fuel = self.get(FUEL)
-        short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
-        self.trap_if(short, Status.OUT_OF_FUEL, block.pc, block.cost)
+        if self.copy is None:  # a copy's group checked the fuel for all its blocks
+            short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
+            self.trap_if(short, Status.OUT_OF_FUEL, block.pc, block.cost)
         self.set(FUEL, self.value(f"sub i64 {fuel}, {block.cost}"))
-        if block.pc in self.loop_heads:  # back edges enter here, their fuel check done
+        if block.pc in self.loop_heads and self.copy is None:  # back edges enter here
             self.flush()
             self.emit(f"br label %pc{block.pc}.body")
             self.start(f"pc{block.pc}.body")
@@ -610,7 +668,7 @@ class _FunctionCompiler:
         if block.kind == FALL:
             self.flush()
             self.leave(block)
-            self.emit(f"br label %pc{block.next_pc}")
+            self.emit(f"br label %{self.here(block.next_pc)}")
         elif block.kind == EXIT:
             result, ty = "undef", f"%res.{self.entry}"
             for index, n in enumerate([*self.signature[self.entry].results, FUEL]):
@@ -640,7 +698,7 @@ class _FunctionCompiler:
             if pc > block.pc and self.predecessors.get(pc) == 1:
                 cache = dict(self.cache)
                 translations = {root: dict(region) for root, region in self.translations.items()}
-                self.inherited[pc] = (cache, dict(self.roots), translations)
+                self.inherited[self.here(pc)] = (cache, dict(self.roots), translations)
 
     def local_call(self, block: Block) -> None:
         max_frames = self.invariant("max_frames")
@@ -673,7 +731,7 @@ class _FunctionCompiler:
         self.set(FUEL, fuel)
         self.flush()
         self.leave(block)
-        self.emit(f"br label %pc{block.next_pc}")
+        self.emit(f"br label %{self.here(block.next_pc)}")
 
     def jump(self, block: Block) -> None:
         insn = self.code[block.end_pc]
@@ -684,9 +742,14 @@ class _FunctionCompiler:
         self.leave(block)
         if not block.backward:
             if cond is None:
-                self.emit(f"br label %pc{taken}")
+                self.emit(f"br label %{self.here(taken)}")
             else:
-                self.emit(f"br i1 {cond}, label %pc{taken}, label %pc{fallthrough}")
+                self.emit(
+                    f"br i1 {cond}, label %{self.here(taken)}, label %{self.here(fallthrough)}"
+                )
+            return
+        if self.copy is not None and self.copy[1] < self.copy[0].copies:
+            self.iterate(self.copy[0], self.copy[1] + 1, cond, fallthrough)
             return
         # The interpreter polls after choosing the next pc, either way, and traps there.
         self.back_edge(taken, cond, fallthrough)
@@ -907,6 +970,10 @@ class _FunctionCompiler:
         missing = self.value(f"icmp eq ptr {checked}, null")
         self.trap_if(missing, Status.MEMORY_FAULT, pc, address, size, int(access))
         slow_value = emit(checked, "volatile ")
+        if slow_value is not None:
+            # Opaque to instcombine, which would otherwise turn phi(zext, zext) into
+            # zext(phi) and so extend every fast load twice.
+            slow_value = self.value(f'call {ty} asm "", "=r,0"({ty} {slow_value})')
         slow_end = self.label
         self.emit(f"br label %{done}")
         self.start(done)

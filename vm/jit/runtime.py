@@ -211,7 +211,9 @@ def _compile(program: Program, quick: bool) -> CompiledProgram:
 def _native_code(program: Program, frame_bytes: int, quick: bool) -> NativeCode:
     start = time.perf_counter()
     blocks = _interpreter_blocks(program)
-    module = build_module(program, blocks, [fn.pc for fn in program.functions], frame_bytes)
+    module = build_module(
+        program, blocks, [fn.pc for fn in program.functions], frame_bytes, unroll=not quick
+    )
     helper_ops = {pc: decode_op(program, pc) for pc in module.helper_pcs}
     _prepare_llvm()
     native = llvm.parse_assembly(module.text)
