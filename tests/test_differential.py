@@ -322,8 +322,9 @@ def test_random_loops_agree(generated, buffer):
     both(program, "main", [buffer], fuel=fuel)
 
 
-# Inner loops the optimized tier unrolls: one block, and two paths of different costs.
-UNROLLED = {
+# Inner loops the optimized tier unrolls (one block, and two paths of different
+# costs), and recursion, where a call checks the fuel of the callee's first block.
+SWEPT = {
     "one block": """
         r0 = 0
     loop:
@@ -345,14 +346,34 @@ UNROLLED = {
         if r1 != 0 goto loop
         exit
     """,
+    "recursion": """
+        r1 &= 7
+        call fib
+        exit
+    fib:
+        if r1 < 2 goto small
+        r6 = r1
+        r1 -= 1
+        call fib
+        r7 = r0
+        r1 = r6
+        r1 -= 2
+        call fib
+        r0 += r7
+        exit
+    small:
+        r0 = r1
+        exit
+    """,
 }
 
 
-@pytest.mark.parametrize("name", UNROLLED)
-def test_unrolled_loops_run_out_of_fuel_exactly(name: str) -> None:
-    # Every budget up to many groups: fuel runs out at each block of each copy, and a
-    # group is entered with exactly the fuel it needs, or one less.
-    program = load(UNROLLED[name].encode(), name="loop.s")
+@pytest.mark.parametrize("name", SWEPT)
+def test_fuel_runs_out_exactly_everywhere(name: str) -> None:
+    # Every budget up to many groups or calls: fuel runs out at each block of each
+    # copy, a group is entered with exactly the fuel it needs or one less, and a call
+    # with exactly the fuel of the callee's first block or one less.
+    program = load(SWEPT[name].encode(), name="swept.s")
     for fuel in range(1, 400):
         both(program, None, [30], fuel=fuel)
 

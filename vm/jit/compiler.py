@@ -6,8 +6,11 @@ each costs and how it ends. Every pc that is entered by a call (the program's
 functions and every local call target) becomes one internal LLVM function
 holding the blocks reachable from it by jumps and fall-through:
 
-    %res.<pc> bpf_fn_<pc>(ptr ctx, i64 depth, i64 fuel, i64 <params>...)
+    %res.<pc> preserve_nonecc bpf_fn_<pc>(ptr ctx, i64 fuel, i64 <params>...)
     %res.<pc> = {<results>..., fuel}
+
+(preserve_none: a callee saves no register, so a leaf call saves none at all; a
+caller saves what it keeps across the call, and only on the paths that call.)
 
 A local call is a native call: the callee gets the caller's registers it may
 read (`vm.jit.liveness`), `r10 - frame_size` and the fuel left, and hands back
@@ -22,7 +25,7 @@ the context, writes r0 and the fuel back and returns a `Status`.
 Memory accesses translate the virtual address through the context's region
 table with a bounds check. In a module built with `frame_bytes > 0`, accesses
 inside the current frame, `[r10 - frame_bytes, r10)` at an offset known at
-compile time (when no instruction writes r10), are not checked: the runtime
+compile time, are not checked: the runtime
 uses such a module only when every frame of every call depth lies inside the
 stack region (`ModuleIR.frame_low`), and a fully checked module otherwise.
 
@@ -210,8 +213,8 @@ def build_module(
                     raise Unsupported(f"pc {block.end_pc}: call to pc {block.target}, not a block")
                 todo.append(block.target)
 
-    if _writes_frame_pointer(code):
-        frame_bytes = 0
+    if _writes_frame_pointer(code):  # r10 tells the call depth and the frame
+        raise Unsupported("an instruction writes r10")
     jumps = {pc: successors(blocks[pc], code) for pcs in bodies.values() for pc in pcs}  # type: ignore[arg-type]
     signature = signatures(bodies, blocks, code, jumps)
     helper_pcs: set[int] = set()
@@ -227,7 +230,9 @@ def build_module(
     symbols = {}
     for pc in entries:
         symbols[pc] = f"bpf_entry_{pc}"
-        parts.append(_wrapper(pc, signature[pc]))
+        entered = blocks[pc]
+        assert entered is not None
+        parts.append(_wrapper(pc, signature[pc], entered.cost))
     return ModuleIR("\n".join(parts), symbols, len(bodies), total, frozenset(helper_pcs), frame_low)
 
 
@@ -306,8 +311,10 @@ ok:
 """
 
 
-def _wrapper(pc: int, signature: Signature) -> str:
-    """`i64 bpf_entry_<pc>(ctx)`: registers and fuel from the context in, r0 and fuel out."""
+def _wrapper(pc: int, signature: Signature, cost: int) -> str:
+    """`i64 bpf_entry_<pc>(ctx)`: registers and fuel from the context in, r0 and fuel out.
+
+    Like a caller, it checks the fuel of the function's entry block (`cost`)."""
     lines = [f"define i64 @bpf_entry_{pc}(ptr noalias %ctx) nounwind {{", "entry:"]
     args = []
     for n in signature.params:
@@ -318,7 +325,15 @@ def _wrapper(pc: int, signature: Signature) -> str:
     lines += [
         f"  %fp = {_field('%ctx', 'fuel')}",
         "  %fuel = load i64, ptr %fp",
-        f"  %res = call %res.{pc} @bpf_fn_{pc}(ptr %ctx, i64 0, i64 %fuel, {', '.join(args)})",
+        f"  %short = icmp slt i64 %fuel, {cost}",
+        "  br i1 %short, label %starved, label %enter",
+        "starved:",
+        f"  call preserve_allcc void @bpf_trap(ptr %ctx, i64 {int(Status.OUT_OF_FUEL)}, i64 {pc}, "
+        f"i64 {cost}, i64 0, i64 0, i64 %fuel)",
+        f"  ret i64 {int(Status.OUT_OF_FUEL)}",
+        "enter:",
+        f"  %res = call preserve_nonecc %res.{pc} @bpf_fn_{pc}(ptr %ctx, i64 %fuel, "
+        f"{', '.join(args)})",
         f"  %left = extractvalue %res.{pc} %res, {fuel_index}",
         f"  %ok = icmp ne i64 %left, {UNWOUND}",
         "  br i1 %ok, label %done, label %trapped",
@@ -597,7 +612,7 @@ class _FunctionCompiler:
         params = ", ".join(f"i64 %a{n}" for n in signature.params)
         result = f"%res.{entry}"
         head = [
-            f"define internal {result} @bpf_fn_{entry}(ptr noalias %ctx, i64 %depth, "
+            f"define internal preserve_nonecc {result} @bpf_fn_{entry}(ptr noalias %ctx, "
             f"i64 %a{FUEL}, {params}) nounwind {{",
             "entry:",
         ]
@@ -606,7 +621,7 @@ class _FunctionCompiler:
             value = f"%a{n}" if n in signature.params or n == FUEL else "0"
             head.append(f"  store i64 {value}, ptr %r{n}")
         head += self.frame_prologue() + self.prologue
-        head.append(f"  br label %pc{entry}")
+        head.append(f"  br label %pc{entry}.entered")
         unwound = ", ".join(["i64 undef"] * len(signature.results) + [f"i64 {UNWOUND}"])
         tail = ["unwind:", f"  ret {result} {{ {unwound} }}", "}"]
         return "\n".join(head + self.lines + self.cold + tail)
@@ -652,6 +667,11 @@ class _FunctionCompiler:
         if self.copy is None:  # a copy's group checked the fuel for all its blocks
             short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
             self.trap_if(short, Status.OUT_OF_FUEL, block.pc, block.cost)
+            if block.pc == self.entry:  # callers check the fuel of the entry block
+                self.emit(f"br label %pc{block.pc}.entered")
+                self.start(f"pc{block.pc}.entered")
+                self.forget()
+                fuel = self.get(FUEL)
         self.set(FUEL, self.value(f"sub i64 {fuel}, {block.cost}"))
         if block.pc in self.loop_heads and self.copy is None:  # back edges enter here
             self.flush()
@@ -701,10 +721,26 @@ class _FunctionCompiler:
                 self.inherited[self.here(pc)] = (cache, dict(self.roots), translations)
 
     def local_call(self, block: Block) -> None:
-        max_frames = self.invariant("max_frames")
-        too_deep = self.value(f"icmp sge i64 %depth, {max_frames}")
+        # The call depth is implied by r10, which no instruction writes: a frame at the
+        # deepest depth allowed has r10 == deepest_frame, and frames do not wrap around.
+        deepest = self.invariant("deepest_frame")
+        too_deep = self.value(f"icmp ule i64 %a{isa.FRAME_POINTER}, {deepest}")
         self.trap_if(too_deep, Status.CALL_DEPTH_EXCEEDED, block.end_pc)
-        self.poll(block.end_pc)
+        # The poll site and the fuel check of the callee's entry block in one comparison,
+        # as on a backward jump; the slow path sorts them out in the interpreter's order.
+        entered = self.blocks[block.target]
+        assert entered is not None
+        fuel = self.get(FUEL)
+        left = self.value(f"sub i64 {fuel}, {entered.cost}")
+        low = self.value(f"icmp slt i64 {left}, {self.poll_at()}")
+        slow, cont = self.new_label(), self.new_label()
+        self.emit(f"br i1 {low}, label %{slow}, label %{cont}, !prof {COLD}")
+        self.start(slow)
+        self.read_flag(block.end_pc, fuel)
+        short = self.value(f"icmp slt i64 {fuel}, {entered.cost}")
+        self.trap_if(short, Status.OUT_OF_FUEL, block.target, entered.cost)
+        self.emit(f"br label %{cont}")
+        self.start(cont)
         frame_size = self.invariant("frame_size")
         callee = self.signature[block.target]
         args = []
@@ -713,10 +749,9 @@ class _FunctionCompiler:
             if n == isa.FRAME_POINTER:
                 value = self.value(f"sub i64 {value}, {frame_size}")
             args.append(f"i64 {value}")
-        depth = self.value("add i64 %depth, 1")
         ty = f"%res.{block.target}"
         result = self.value(
-            f"call {ty} @bpf_fn_{block.target}(ptr %ctx, i64 {depth}, i64 {self.get(FUEL)}, "
+            f"call preserve_nonecc {ty} @bpf_fn_{block.target}(ptr %ctx, i64 {self.get(FUEL)}, "
             f"{', '.join(args)})"
         )
         fuel = self.value(f"extractvalue {ty} {result}, {len(callee.results)}")

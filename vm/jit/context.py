@@ -54,7 +54,8 @@ class Context(ctypes.Structure):
         ("trap_a", ctypes.c_uint64),
         ("trap_b", ctypes.c_uint64),
         ("trap_c", ctypes.c_uint64),
-        ("max_frames", ctypes.c_int64),  # frames a call may add below the entry's
+        # r10 of a frame at the deepest call depth allowed: no call is made from it.
+        ("deepest_frame", ctypes.c_uint64),
         ("frame_size", ctypes.c_int64),  # bytes r10 moves down per call
         # Poll sites read the interrupt flag once the fuel is below this (never < 0).
         ("poll_at", ctypes.c_int64),

@@ -271,11 +271,17 @@ def _frames_fit(code: NativeCode, machine: Machine) -> bool:
     if region >= len(memory.regions) or not memory.writable[region]:
         return False
     size = len(memory.regions[region] or b"")
-    deepest = fp - (machine.limits.max_call_depth - 1) * machine.limits.stack_frame_size
+    deepest = _deepest_frame(machine)
     return all(
         code.frame_low <= (top & OFFSET_MASK) <= size and top >> REGION_SHIFT == region
         for top in (fp, deepest)
     )
+
+
+def _deepest_frame(machine: Machine) -> int:
+    """r10 of a frame at the deepest call depth allowed (the entry holds the first frame)."""
+    limits = machine.limits
+    return machine.registers[FRAME_POINTER] - (limits.max_call_depth - 1) * limits.stack_frame_size
 
 
 def runs_natively(compiled: CompiledProgram, machine: Machine) -> bool:
@@ -287,6 +293,7 @@ def runs_natively(compiled: CompiledProgram, machine: Machine) -> bool:
         and machine.entry in compiled.fast.entries
         and machine.trace is None  # native code cannot report instruction by instruction
         and machine.limits.max_call_depth <= MAX_NATIVE_CALL_DEPTH
+        and _deepest_frame(machine) >= 0  # native code derives the call depth from r10
         and len(memory.regions) == REGION_COUNT
         and all(
             isinstance(store, bytearray)
@@ -326,7 +333,7 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
     ctx.regs[:] = machine.registers
     ctx.fuel = machine.fuel
     ctx.poll_at = machine.fuel + 1  # the first poll site reads the interrupt flag
-    ctx.max_frames = machine.limits.max_call_depth - 1  # the entry holds the first frame
+    ctx.deepest_frame = _deepest_frame(machine)
     ctx.frame_size = machine.limits.stack_frame_size
     flag = ctypes.c_int64(0)
     ctx.interrupt = ctypes.addressof(flag)
