@@ -33,6 +33,27 @@ FOREVER = SPIN.encode()
 SPIN_ENTRY_FUEL = 1  # fuel `SPIN` spends before its first backward jump: `r0 = 1` ...
 SPIN_ROUND_FUEL = 10  # ... then each round of the loop
 
+# Binary recursion without a single backward jump: only calls are poll sites.
+# fib(40) is about 3e8 calls, seconds of native work.
+FIB = """
+    call fib
+    exit
+fib:
+    if r1 < 2 goto small
+    r6 = r1
+    r1 -= 1
+    call fib
+    r7 = r0
+    r1 = r6
+    r1 -= 2
+    call fib
+    r0 += r7
+    exit
+small:
+    r0 = r1
+    exit
+"""
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""

@@ -22,6 +22,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from seed_helpers import registry as seed_registry  # noqa: E402
+from support import FIB  # noqa: E402
 from test_instructions import BUDGET, CASE_FILES, parse_case  # noqa: E402
 
 import vm  # noqa: E402
@@ -346,25 +347,7 @@ SWEPT = {
         if r1 != 0 goto loop
         exit
     """,
-    "recursion": """
-        r1 &= 7
-        call fib
-        exit
-    fib:
-        if r1 < 2 goto small
-        r6 = r1
-        r1 -= 1
-        call fib
-        r7 = r0
-        r1 = r6
-        r1 -= 2
-        call fib
-        r0 += r7
-        exit
-    small:
-        r0 = r1
-        exit
-    """,
+    "recursion": FIB,
 }
 
 

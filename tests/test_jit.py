@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from support import SPIN, SPIN_ENTRY_FUEL, SPIN_ROUND_FUEL
+from support import FIB, SPIN, SPIN_ENTRY_FUEL, SPIN_ROUND_FUEL
 
 pytest.importorskip("llvmlite")
 
@@ -122,28 +122,6 @@ def test_interrupt_requested_before_the_run_stops_at_the_first_backward_jump():
     assert result.trap is not None and result.trap.kind == TrapKind.CANCELLED
     assert result.fuel_used == SPIN_ENTRY_FUEL + SPIN_ROUND_FUEL
     assert interrupt.listeners == []  # the run removed its listener
-
-
-# Binary recursion without a single backward jump: only calls are poll sites.
-# fib(40) is about 3e8 calls, seconds of native work.
-FIB = """
-    call fib
-    exit
-fib:
-    if r1 < 2 goto small
-    r6 = r1
-    r1 -= 1
-    call fib
-    r7 = r0
-    r1 = r6
-    r1 -= 2
-    call fib
-    r0 += r7
-    exit
-small:
-    r0 = r1
-    exit
-"""
 
 
 def test_interrupt_stops_native_recursion_at_a_call():
