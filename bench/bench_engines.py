@@ -77,6 +77,10 @@ CASES = [
     Case("compute", "fnv1a", lambda n: [_buffer(4096), 4096, n], 256),
     Case("compute", "crc32", lambda n: [_buffer(n), n], 1 << 19),
     Case("compute", "sort_bytes", lambda n: [_buffer(n), n], 3000),
+    Case("compute", "sieve", lambda n: [bytes(n), n], 1 << 20),
+    Case("compute", "collatz", lambda n: [n], 20_000),
+    Case("compute", "matmul", lambda n: [_buffer(4 * n * n), n], 96),
+    Case("compute", "histogram", lambda n: [_buffer(n), n], 1 << 21),
     Case("sha256", "sha256", lambda n: [_buffer(n), n, bytes(32)], 1 << 20, _sha_check),
 ]
 

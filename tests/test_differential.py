@@ -279,16 +279,25 @@ def test_random_programs_agree(generated, buffer):
 def counted_loops(draw) -> tuple[Program, int]:
     """An inner loop the optimized tier unrolls: r6 counts the rounds down, the body
     is straight-line code with forward jumps inside it and out of it, and sometimes a
-    second jump back to the head from the middle of the body."""
+    second jump back to the head from the middle of the body. The buffer pointer r1
+    may walk (and walk off the buffer) as the loop goes round."""
     code = [*isa.lddw_pair(6, draw(st.integers(0, 40)))]
+    code += isa.lddw_pair(9, draw(st.integers(-4, 8)) & MASK64)  # a pointer step
     for reg in (0, 2, 3, 7):
         code += isa.lddw_pair(reg, draw(VALUES))
     head = len(code)
     body: list[list[Instruction] | tuple[str, Instruction, str]] = []
     for _ in range(draw(st.integers(1, 8))):
-        kind = draw(st.sampled_from(["alu", "alu", "mem", "skip", "out", "back"]))
+        kind = draw(st.sampled_from(["alu", "alu", "mem", "mem", "step", "skip", "out", "back"]))
         if kind == "alu":
             body.append(draw(alu()))
+        elif kind == "step":  # walk the buffer pointer, by a constant or by r9
+            if draw(st.booleans()):
+                body.append([Instruction(isa.ALU64 | isa.ADD | isa.X, 1, 9)])
+            else:
+                body.append(
+                    [Instruction(isa.ALU64 | isa.ADD | isa.K, 1, imm=draw(st.integers(-4, 8)))]
+                )
         elif kind == "mem":
             body.append(draw(memory()))
         else:
@@ -403,6 +412,9 @@ INDEXED = """
     r5 = *(u64 *)(r4 - 3)
     r0 += r5
     *(u16 *)(r3 + 1) = r0
+    r4 += r2
+    r5 = *(u8 *)(r4 + 2)
+    r0 += r5
     exit
 """
 
@@ -412,9 +424,9 @@ INDEXED = """
     [0, 3, 12, 13, 14, 15, 16, -1, -3, 1 << 32, (1 << 32) + 5, -(1 << 32), 2**63 - 1, -(2**63)],
 )
 def test_pointer_plus_index_register_is_checked_exactly(index: int) -> None:
-    # A root pointer plus an index register: the fast check must agree with the exact
-    # translation at both ends of the buffer, across regions (the second buffer sits
-    # 1 << 32 above the first) and when the sum wraps.
+    # A root pointer plus an index register, once and then twice: the fast check must
+    # agree with the exact translation at both ends of the buffer, across regions (the
+    # second buffer sits 1 << 32 above the first) and when the sum wraps.
     program = load(INDEXED.encode(), name="indexed.s")
     both(program, None, [bytes(range(16)), index & (2**64 - 1), bytes(range(100, 116))])
 

@@ -80,3 +80,68 @@ u64 sort_bytes(u8 *p, u64 n) {
   }
   return p[0];
 }
+
+// Sieve of Eratosthenes over the buffer (stores in a strided inner loop); returns
+// how many numbers below n are prime.
+u64 sieve(u8 *p, u64 n) {
+  for (u64 i = 0; i < n; i++) {
+    p[i] = 0;
+  }
+  u64 count = 0;
+  for (u64 i = 2; i < n; i++) {
+    if (p[i]) {
+      continue;
+    }
+    count++;
+    for (u64 j = i * i; j < n; j += i) {
+      p[j] = 1;
+    }
+  }
+  return count;
+}
+
+// Total Collatz steps of 1..n (a data-dependent branch in a loop of unknown length).
+u64 collatz(u64 n) {
+  u64 steps = 0;
+  for (u64 i = 1; i <= n; i++) {
+    u64 x = i;
+    while (x != 1) {
+      x = (x & 1) ? 3 * x + 1 : x / 2;
+      steps++;
+    }
+  }
+  return steps;
+}
+
+// The sum of the entries of A * A for the n x n matrix A of 32-bit words in the buffer
+// (two loads a step, one of them strided).
+u64 matmul(const u32 *a, u64 n) {
+  u64 total = 0;
+  for (u64 i = 0; i < n; i++) {
+    for (u64 j = 0; j < n; j++) {
+      u32 dot = 0;
+      for (u64 k = 0; k < n; k++) {
+        dot += a[i * n + k] * a[k * n + j];
+      }
+      total += dot;
+    }
+  }
+  return total;
+}
+
+// A histogram of the buffer's low nibbles in a stack array (loads and stores at
+// computed offsets from the frame pointer), folded into one number.
+u64 histogram(const u8 *p, u64 n) {
+  u32 counts[16];
+  for (int b = 0; b < 16; b++) {
+    counts[b] = 0;
+  }
+  for (u64 i = 0; i < n; i++) {
+    counts[p[i] & 15]++;
+  }
+  u64 h = 0;
+  for (int b = 0; b < 16; b++) {
+    h = h * 31 + counts[b];
+  }
+  return h;
+}

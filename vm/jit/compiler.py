@@ -627,8 +627,9 @@ class _FunctionCompiler:
         return "\n".join(head + self.lines + self.cold + tail)
 
     def written(self, pcs: list[int]) -> set[int]:
-        """Registers some instruction of these blocks may write (r10 counts as written)."""
-        written = {isa.FRAME_POINTER}
+        """Registers some instruction of these blocks may write (never r10: see
+        `_writes_frame_pointer`)."""
+        written: set[int] = set()
         for pc in pcs:
             block = self.blocks[pc]
             assert block is not None
@@ -716,9 +717,12 @@ class _FunctionCompiler:
         """
         for pc in successors(block, self.code):
             if pc > block.pc and self.predecessors.get(pc) == 1:
-                cache = dict(self.cache)
-                translations = {root: dict(region) for root, region in self.translations.items()}
-                self.inherited[self.here(pc)] = (cache, dict(self.roots), translations)
+                self.inherited[self.here(pc)] = self.state()
+
+    def state(self) -> _State:
+        """A copy of what this block knows, for a block it is the only way into."""
+        translations = {root: dict(region) for root, region in self.translations.items()}
+        return dict(self.cache), dict(self.roots), translations
 
     def local_call(self, block: Block) -> None:
         # The call depth is implied by r10, which no instruction writes: a frame at the
@@ -784,7 +788,10 @@ class _FunctionCompiler:
                 )
             return
         if self.copy is not None and self.copy[1] < self.copy[0].copies:
-            self.iterate(self.copy[0], self.copy[1] + 1, cond, fallthrough)
+            loop, copy = self.copy
+            if loop.single_latch:  # the next copy's head has this block as its only way in
+                self.inherited[f"u{copy + 1}.pc{loop.head}"] = self.state()
+            self.iterate(loop, copy + 1, cond, fallthrough)
             return
         # The interpreter polls after choosing the next pc, either way, and traps there.
         self.back_edge(taken, cond, fallthrough)
@@ -881,8 +888,9 @@ class _FunctionCompiler:
             root = (base, constant + (insn.imm if op == isa.ADD else -insn.imm), index)
         elif wide and op == isa.ADD and insn.src != d:
             base, constant, index = self.root_of(d)
-            if index is None:
-                root = (base, constant, rhs)
+            # A pointer stepped by a register, round after round: the steps add up.
+            step = rhs if index is None else self.value(f"add i64 {index}, {rhs}")
+            root = (base, constant, step)
         lhs = self.operand(d, wide)
         result = self.binary(op, lhs, rhs, ty, signed=insn.offset == 1)
         if wide:
@@ -978,18 +986,27 @@ class _FunctionCompiler:
         if root == _FRAME and index is None and -self.frame_bytes <= offset <= -size:
             self.frame_low = max(self.frame_low, -offset)
             return emit(self.value(f"getelementptr i8, ptr %fp.host, i64 {offset}"), "")
-        # Fast check against the root's region; when it fails (a fault, or an address
-        # past the root's region into another), the out-of-line translation decides.
-        region = self.translation(root, access, size)
-        start = self.value(f"add i64 {region['offset']}, {offset}")
-        if index is not None:
-            start = self.value(f"add i64 {start}, {index}")
-        # One unsigned compare covers both ends: a negative start is a huge one.
-        outside = self.value(f"icmp uge i64 {start}, {region[f'{_LENGTH[access]}.{size}']}")
+        # Fast check against the root's region (or the frame, for r10 plus an index);
+        # when it fails (a fault, or an address past the root's region into another),
+        # the out-of-line translation decides. One unsigned compare covers both ends:
+        # a negative start is a huge one.
+        if root == _FRAME and index is not None and self.frame_bytes >= size:
+            self.frame_low = max(self.frame_low, self.frame_bytes)
+            start = self.value(f"add i64 {index}, {offset + self.frame_bytes}")
+            outside = self.value(f"icmp ugt i64 {start}, {self.frame_bytes - size}")
+            host = "%fp.host"
+        else:
+            region = self.translation(root, access, size)
+            start = self.value(f"add i64 {region['offset']}, {offset}")
+            if index is not None:
+                start = self.value(f"add i64 {start}, {index}")
+            limit = region[f"{_LENGTH[access]}.{size}"]
+            outside = self.value(f"icmp uge i64 {start}, {limit}")
+            host = region["host"]
         inside, slow, done = self.new_label(), self.new_label(), self.new_label()
         self.emit(f"br i1 {outside}, label %{slow}, label %{inside}, !prof {COLD}")
         self.start(inside)
-        fast = self.value(f"getelementptr i8, ptr {region['host']}, i64 {offset}")
+        fast = self.value(f"getelementptr i8, ptr {host}, i64 {offset}")
         if index is not None:
             fast = self.value(f"getelementptr i8, ptr {fast}, i64 {index}")
         fast_value = emit(fast, "")

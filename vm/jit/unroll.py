@@ -42,6 +42,7 @@ class Loop:
     body: frozenset[int]  # pcs of the blocks copied, the head included
     max_cost: int  # fuel of the costliest path from the head to a back edge
     copies: int  # iterations per group
+    single_latch: bool  # one block of the body jumps back to the head
 
 
 def unrollable_loops(
@@ -99,6 +100,7 @@ def _loop(
     jumps: dict[int, list[int]],
 ) -> Loop | None:
     instructions = 0
+    latches = 0
     longest: dict[int, int] = {}  # pc -> fuel of the costliest path from the head to it
     max_cost = 0
     for pc in sorted(body):  # every edge but a back edge goes to a higher pc
@@ -110,6 +112,7 @@ def _loop(
         if any(insn.opcode in (isa.OP_CALL, isa.OP_CALLX) for insn in code[pc:end]):
             return None
         instructions += end - pc
+        latches += head in jumps[pc]
         if block.kind == JUMP and block.backward and head not in jumps[pc]:
             return None  # a backward jump elsewhere: an inner loop, or out of this one
         reach = longest.get(pc, 0 if pc == head else None)
@@ -124,4 +127,4 @@ def _loop(
     copies = min(MAX_COPIES, GROUP_INSTRUCTIONS // max(instructions, 1))
     if copies < 2 or max_cost == 0:
         return None
-    return Loop(head, frozenset(body), max_cost, copies)
+    return Loop(head, frozenset(body), max_cost, copies, latches == 1)
