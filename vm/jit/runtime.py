@@ -224,6 +224,11 @@ def _native_code(program: Program, frame_bytes: int, quick: bool) -> NativeCode:
         features=llvm.get_host_cpu_features().flatten(),
         opt=0 if quick else 2,
         jit=True,
+        # Code calls code with rel32 calls (a module's code is one section), data is
+        # anywhere, and the dispatcher, far away, is reached through the stub the
+        # JIT linker makes for a PLT call. The JIT default (large) calls through
+        # a register everywhere.
+        codemodel="medium",
     )
     _optimize(native, machine, quick)
     engine = llvm.create_mcjit_compiler(native, machine)
