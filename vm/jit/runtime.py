@@ -208,6 +208,13 @@ def _compile(program: Program, quick: bool) -> CompiledProgram:
     return CompiledProgram(program, fast=fast, quick=quick)
 
 
+# On x86-64, code calls code with rel32 calls (a module's code is one section), data
+# is anywhere, and the dispatcher, far away, is reached through the stub the JIT
+# linker makes for a PLT call; the JIT default (large) calls through a register
+# everywhere. Other targets have no medium model: they keep the default.
+_CODE_MODEL = "medium" if llvm.get_default_triple().startswith("x86_64") else "jitdefault"
+
+
 def _native_code(program: Program, frame_bytes: int, quick: bool) -> NativeCode:
     start = time.perf_counter()
     blocks = _interpreter_blocks(program)
@@ -224,11 +231,7 @@ def _native_code(program: Program, frame_bytes: int, quick: bool) -> NativeCode:
         features=llvm.get_host_cpu_features().flatten(),
         opt=0 if quick else 2,
         jit=True,
-        # Code calls code with rel32 calls (a module's code is one section), data is
-        # anywhere, and the dispatcher, far away, is reached through the stub the
-        # JIT linker makes for a PLT call. The JIT default (large) calls through
-        # a register everywhere.
-        codemodel="medium",
+        codemodel=_CODE_MODEL,
     )
     _optimize(native, machine, quick)
     engine = llvm.create_mcjit_compiler(native, machine)
