@@ -33,6 +33,21 @@ FOREVER = SPIN.encode()
 SPIN_ENTRY_FUEL = 1  # fuel `SPIN` spends before its first backward jump: `r0 = 1` ...
 SPIN_ROUND_FUEL = 10  # ... then each round of the loop
 
+# A loop whose rounds cost 6 or 4 fuel (even or odd r0): the costliest path sets
+# the fuel check of an unrolled group.
+TWO_PATHS = """
+    r0 = 0
+loop:
+    r0 += 1
+    if r0 & 1 goto odd
+    r0 += 2
+    r0 += 2
+odd:
+    r1 -= 1
+    if r1 != 0 goto loop
+    exit
+"""
+
 # Binary recursion without a single backward jump: only calls are poll sites.
 # fib(40) is about 3e8 calls, seconds of native work.
 FIB = """

@@ -22,7 +22,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from seed_helpers import registry as seed_registry  # noqa: E402
-from support import FIB  # noqa: E402
+from support import FIB, TWO_PATHS  # noqa: E402
 from test_instructions import BUDGET, CASE_FILES, parse_case  # noqa: E402
 
 import vm  # noqa: E402
@@ -343,19 +343,7 @@ SWEPT = {
         if r1 != 0 goto loop
         exit
     """,
-    "two paths": """
-        r0 = 0
-    loop:
-        r0 += 1
-        if r0 & 1 goto odd
-        r0 += 2
-        r0 += 2
-        r0 += 2
-    odd:
-        r1 -= 1
-        if r1 != 0 goto loop
-        exit
-    """,
+    "two paths": TWO_PATHS,
     "recursion": FIB,
 }
 

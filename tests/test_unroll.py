@@ -5,6 +5,8 @@ That unrolled code behaves exactly like the interpreter is tested in
 
 from __future__ import annotations
 
+from support import TWO_PATHS
+
 from vm.interpreter import decode_blocks
 from vm.jit.compiler import _reachable, successors
 from vm.jit.unroll import MAX_COPIES, Loop, unrollable_loops
@@ -25,18 +27,7 @@ def test_a_one_block_loop_is_unrolled_in_full_groups() -> None:
 
 
 def test_the_costliest_path_round_the_loop_sets_the_group_check() -> None:
-    found = loops("""
-        r0 = 0
-    loop:
-        r0 += 1
-        if r0 & 1 goto odd
-        r0 += 2
-        r0 += 2
-    odd:
-        r1 -= 1
-        if r1 != 0 goto loop
-        exit
-    """)
+    found = loops(TWO_PATHS)
     # 2 (head) + 2 (the even path) + 2 (latch); the odd path costs 4.
     assert found[1].max_cost == 6
     assert found[1].body == frozenset({1, 3, 5})
