@@ -553,11 +553,17 @@ class _FunctionCompiler:
             self.poll(fallthrough)
             self.emit(f"br label %{self.here(fallthrough)}")
             self.start(slow_back)
-        self.read_flag(target, fuel)
-        short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
-        self.trap_if(short, Status.OUT_OF_FUEL, target, block.cost)
+        self.poll_and_enter(target, fuel, block)
         self.emit(f"store i64 {left}, ptr %r{FUEL}")
         self.emit(f"br label %pc{target}.body")
+
+    def poll_and_enter(self, pc: int, fuel: str, block: Block) -> None:
+        """The slow path of a poll site folded into `block`'s fuel check: read the
+        flag (trapping at `pc`), then trap if `block` does not fit, as the interpreter
+        does one after the other."""
+        self.read_flag(pc, fuel)
+        short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
+        self.trap_if(short, Status.OUT_OF_FUEL, block.pc, block.cost)
 
     def iterate(self, loop: Loop, copy: int, cond: str | None, fallthrough: int) -> None:
         """Jump back to the head of copy `copy` of `loop` (or fall through): within a
@@ -740,9 +746,7 @@ class _FunctionCompiler:
         slow, cont = self.new_label(), self.new_label()
         self.emit(f"br i1 {low}, label %{slow}, label %{cont}, !prof {COLD}")
         self.start(slow)
-        self.read_flag(block.end_pc, fuel)
-        short = self.value(f"icmp slt i64 {fuel}, {entered.cost}")
-        self.trap_if(short, Status.OUT_OF_FUEL, block.target, entered.cost)
+        self.poll_and_enter(block.end_pc, fuel, entered)
         self.emit(f"br label %{cont}")
         self.start(cont)
         frame_size = self.invariant("frame_size")
