@@ -1,4 +1,5 @@
-"""Small helpers shared by the network tests: free ports, bounded waits, metrics."""
+"""Small helpers shared by the tests: test programs, free ports, bounded waits,
+metrics, the JIT's loop analysis."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import urllib.request
 from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from vm.interpreter import Block, decode_blocks
+from vm.jit.compiler import _reachable, successors
+from vm.jit.unroll import Loop, unrollable_loops
+from vm.program import Program
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -68,6 +74,17 @@ small:
     r0 = r1
     exit
 """
+
+
+def inner_loops(
+    program: Program,
+) -> tuple[dict[int, Loop], list[Block | None], dict[int, list[int]]]:
+    """The loops the optimized tier unrolls in code reachable from pc 0, with the
+    blocks and the jumps between them they were found in."""
+    blocks = decode_blocks(program)
+    pcs = _reachable(0, blocks, program.instructions)
+    jumps = {pc: successors(blocks[pc], program.instructions) for pc in pcs}  # type: ignore[arg-type]
+    return unrollable_loops(pcs, blocks, program.instructions, jumps), blocks, jumps
 
 
 def free_port() -> int:

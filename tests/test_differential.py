@@ -22,7 +22,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from seed_helpers import registry as seed_registry  # noqa: E402
-from support import FIB, TWO_PATHS  # noqa: E402
+from support import FIB, TWO_PATHS, inner_loops  # noqa: E402
 from test_instructions import BUDGET, CASE_FILES, parse_case  # noqa: E402
 
 import vm  # noqa: E402
@@ -280,17 +280,38 @@ def counted_loops(draw) -> tuple[Program, int]:
     """An inner loop the optimized tier unrolls: r6 counts the rounds down, the body
     is straight-line code with forward jumps inside it and out of it, and sometimes a
     second jump back to the head from the middle of the body. The buffer pointer r1
-    may walk (and walk off the buffer) as the loop goes round."""
+    may walk (and walk off the buffer) as the loop goes round, by steps up to 2^63,
+    and addresses may be computed from the round counter r6 (strided accesses, which
+    a group checks once for all its rounds: `vm.jit.induction`)."""
     code = [*isa.lddw_pair(6, draw(st.integers(0, 40)))]
-    code += isa.lddw_pair(9, draw(st.integers(-4, 8)) & MASK64)  # a pointer step
+    far = [1 << 32, -(1 << 32), (1 << 32) - 1, 1 - (1 << 32), 1 << 63, 64, -64]
+    step = draw(st.one_of(st.integers(-4, 8), st.sampled_from(far)))
+    code += isa.lddw_pair(9, step & MASK64)  # a pointer step
     for reg in (0, 2, 3, 7):
         code += isa.lddw_pair(reg, draw(VALUES))
     head = len(code)
     body: list[list[Instruction] | tuple[str, Instruction, str]] = []
     for _ in range(draw(st.integers(1, 8))):
-        kind = draw(st.sampled_from(["alu", "alu", "mem", "mem", "step", "skip", "out", "back"]))
+        kinds = ["alu", "alu", "mem", "mem", "indexed", "step", "skip", "out", "back"]
+        kind = draw(st.sampled_from(kinds))
         if kind == "alu":
             body.append(draw(alu()))
+        elif kind == "indexed":  # r5 = r1 + (r6 << scale) (+ r9), then an access at r5
+            scale = draw(st.integers(0, 3))
+            item = [
+                Instruction(isa.ALU64 | isa.MOV | isa.X, 5, 6),
+                Instruction(isa.ALU64 | isa.LSH | isa.K, 5, imm=scale),
+                Instruction(isa.ALU64 | isa.ADD | isa.X, 5, 1),
+            ]
+            if draw(st.booleans()):
+                item.append(Instruction(isa.ALU64 | isa.ADD | isa.X, 5, 9))
+            size = draw(st.sampled_from(SIZES))
+            offset = draw(st.integers(-8, BUFFER))
+            if draw(st.booleans()):
+                item.append(Instruction(isa.LDX | isa.MEM | size, 4, 5, offset))
+            else:
+                item.append(Instruction(isa.STX | isa.MEM | size, 5, 7, offset))
+            body.append(item)
         elif kind == "step":  # walk the buffer pointer, by a constant or by r9
             if draw(st.booleans()):
                 body.append([Instruction(isa.ALU64 | isa.ADD | isa.X, 1, 9)])
@@ -356,6 +377,48 @@ def test_fuel_runs_out_exactly_everywhere(name: str) -> None:
     program = load(SWEPT[name].encode(), name="swept.s")
     for fuel in range(1, 400):
         both(program, None, [30], fuel=fuel)
+
+
+# A pointer stepped by r9 each round, in a body of 5 + `pad` instructions, so that a
+# group has `copies` rounds (`vm.jit.unroll.GROUP_INSTRUCTIONS`).
+STEPPED = """
+    r6 = 30
+    r9 = {step} ll
+    r0 = 0
+loop:
+    r2 = *(u8 *)(r1 + 0)
+    r0 += r2
+    r1 += r9
+{pads}
+    r6 -= 1
+    if r6 != 0 goto loop
+    exit
+"""
+
+
+@pytest.mark.parametrize(
+    ("copies", "pad", "step"),
+    [
+        (2, 22, 3),  # off the end of the buffer (64 bytes) in round 22
+        (3, 12, 3),
+        (5, 6, 3),
+        (8, 0, 7),  # in round 10
+        (8, 0, -1 & MASK64),  # off its start in round 1
+        (8, 0, 1 << 32),  # into the next region
+        (3, 12, 1 << 63),  # steps whose multiples wrap around to 0 (or 1): the round
+        (5, 6, 1 << 62),  # before the first group faults already
+        (8, 0, (1 + 3 * (1 << 64)) // 7),
+    ],
+)
+def test_strided_accesses_fault_where_the_interpreter_does(copies, pad, step) -> None:
+    # A group checks its strided accesses once, for its first and last round: whatever
+    # round walks off the buffer faults at the same pc, with the same fuel.
+    text = STEPPED.format(step=step, pads="\n".join(["    r3 += 1"] * pad))
+    program = load(text.encode(), name="stepped.s")
+    (loop,) = inner_loops(program)[0].values()
+    assert loop.copies == copies
+    result = both(program, None, [bytes(BUFFER)], fuel=10_000)
+    assert result["trap"]["kind"] == "MEMORY_FAULT"
 
 
 OPCODES = sorted(

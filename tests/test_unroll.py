@@ -5,20 +5,14 @@ That unrolled code behaves exactly like the interpreter is tested in
 
 from __future__ import annotations
 
-from support import TWO_PATHS
+from support import TWO_PATHS, inner_loops
 
-from vm.interpreter import decode_blocks
-from vm.jit.compiler import _reachable, successors
-from vm.jit.unroll import MAX_COPIES, Loop, unrollable_loops
+from vm.jit.unroll import MAX_COPIES, Loop
 from vm.loader import load
 
 
 def loops(text: str) -> dict[int, Loop]:
-    program = load(text.encode(), name="loops.s")
-    blocks = decode_blocks(program)
-    pcs = _reachable(0, blocks, program.instructions)
-    jumps = {pc: successors(blocks[pc], program.instructions) for pc in pcs}  # type: ignore[arg-type]
-    return unrollable_loops(pcs, blocks, program.instructions, jumps)
+    return inner_loops(load(text.encode(), name="loops.s"))[0]
 
 
 def test_a_one_block_loop_is_unrolled_in_full_groups() -> None:

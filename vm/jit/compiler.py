@@ -56,6 +56,7 @@ from vm import isa
 from vm.interpreter import CALL, EXIT, FALL, JUMP, Block
 from vm.isa import MASK32, NUM_REGISTERS, Instruction
 from vm.jit.context import FIELD_INDEX, REGION_COUNT, Access, Context, Status
+from vm.jit.induction import Linear, Stride, strided_accesses
 from vm.jit.liveness import Signature, signatures, uses_and_defs
 from vm.jit.unroll import Loop, unrollable_loops
 from vm.memory import OFFSET_MASK, REGION_SHIFT
@@ -224,7 +225,10 @@ def build_module(
     for entry in sorted(bodies):
         fn = _FunctionCompiler(program, blocks, frame_bytes, helper_pcs, signature)
         loops = unrollable_loops(bodies[entry], blocks, code, jumps) if unroll else {}
-        parts.append(fn.compile(entry, bodies[entry], loops))
+        strides = {
+            head: strided_accesses(loop, blocks, code, jumps) for head, loop in loops.items()
+        }
+        parts.append(fn.compile(entry, bodies[entry], loops, strides))
         frame_low = max(frame_low, fn.frame_low)
         total += fn.copied
     symbols = {}
@@ -369,6 +373,17 @@ _ATOMIC_BINARY = {
 }
 
 
+def _accessed(insn: Instruction) -> tuple[int, Access]:
+    """The size and kind of the access a load, store or atomic instruction makes."""
+    if insn.cls == isa.LDX:
+        access = Access.READ
+    elif insn.cls == isa.STX and insn.mode == isa.ATOMIC:
+        access = Access.ATOMIC
+    else:
+        access = Access.WRITE
+    return isa.SIZE_BYTES[insn.size], access
+
+
 class _FunctionCompiler:
     """Emits one `bpf_fn_<pc>`."""
 
@@ -409,6 +424,11 @@ class _FunctionCompiler:
         # label -> (cache, roots, translations) left by its only predecessor (`leave`)
         self.inherited: dict[str, _State] = {}
         self.loops: dict[int, Loop] = {}  # unrolled loops by head
+        # Accesses each unrolled loop checks once per group (`precheck`), by head and pc
+        self.strides: dict[int, dict[int, Stride]] = {}
+        # While copying a loop: pc -> host address in the group's first round, and the
+        # step per round (an SSA value or a constant), of each access its group checked
+        self.covered: dict[int, tuple[str, str]] = {}
         self.copy: tuple[Loop, int] | None = None  # the copy of a loop being emitted
         self.copied = 0  # blocks emitted as copies
 
@@ -569,6 +589,8 @@ class _FunctionCompiler:
         """Jump back to the head of copy `copy` of `loop` (or fall through): within a
         group, so no fuel check and no poll is due (see `vm.jit.unroll`)."""
         head = f"u{copy}.pc{loop.head}"
+        if copy == 1 and self.strides.get(loop.head):
+            head = f"u0.pc{loop.head}"  # the group's checks of its accesses first
         if cond is None:
             self.emit(f"br label %{head}")
         else:
@@ -576,15 +598,70 @@ class _FunctionCompiler:
                 f"br i1 {cond}, label %{head}, label %{self.here(fallthrough)}, !prof {LOOPING}"
             )
 
+    def precheck(self, loop: Loop, strides: dict[int, Stride]) -> None:
+        """`u0.pc<head>`: check, once before a group, every round's access of each
+        strided access (`vm.jit.induction`), so the copies make them unchecked.
+
+        A group starts at a backward jump, after a round that made each of these
+        accesses (its block dominates the latch) without a fault, so the step is the
+        distance between two mapped addresses: under 2^36, and `rounds * step` cannot
+        wrap around. An address moving by such a step stays inside its region from the
+        first round's address to the last one's, so both in bounds means every round's
+        is. When one is not (the loop walks off its buffer in this group), the loop goes
+        round once through the original blocks, which check each access and trap where
+        the interpreter does. The group's fuel check passed, so the original head's fuel
+        check passes too and no poll was due.
+        """
+        head = loop.head
+        self.start(f"u0.pc{head}")
+        self.forget()
+        rounds = loop.copies - 1
+        passed = "true"
+        for pc, stride in sorted(strides.items()):
+            size, access = _accessed(self.code[pc])
+            if stride.step.terms:
+                step = self.linear(stride.step)
+                span = self.value(f"mul i64 {step}, {rounds}")
+            else:
+                step = str(_signed(stride.step.constant))
+                span = str(int(step) * rounds)
+            region = self._translation(self.linear(stride.start), access, size, self.translations)
+            starts = region[f"{_LENGTH[access]}.{size}"]
+            first = self.value(f"icmp ult i64 {region['offset']}, {starts}")
+            end = self.value(f"add i64 {region['offset']}, {span}")
+            last = self.value(f"icmp ult i64 {end}, {starts}")
+            both = self.value(f"and i1 {first}, {last}")
+            passed = self.value(f"and i1 {passed}, {both}")
+            self.covered[pc] = (region["host"], step)
+        self.inherited[f"u1.pc{head}"] = self.state()
+        self.emit(f"br i1 {passed}, label %u1.pc{head}, label %pc{head}")
+
+    def linear(self, form: Linear) -> str:
+        """The value of `form` in the registers' current values."""
+        total = str(_signed(form.constant))
+        for n, coefficient in form.terms:
+            term = self.get(n)
+            if coefficient != 1:
+                term = self.value(f"mul i64 {term}, {_signed(coefficient)}")
+            total = self.value(f"add i64 {total}, {term}")
+        return total
+
     def here(self, pc: int) -> str:
         """The label of the block at `pc` in the code being emitted (a copy, or not)."""
         if self.copy is not None and pc in self.copy[0].body:
             return f"u{self.copy[1]}.pc{pc}"
         return f"pc{pc}"
 
-    def compile(self, entry: int, pcs: list[int], loops: dict[int, Loop]) -> str:
+    def compile(
+        self,
+        entry: int,
+        pcs: list[int],
+        loops: dict[int, Loop],
+        strides: dict[int, dict[int, Stride]],
+    ) -> str:
         self.entry = entry
         self.loops = loops
+        self.strides = strides
         self.predecessors = {entry: 1}  # the function's entry counts as one
         for pc in pcs:
             block = self.blocks[pc]
@@ -606,6 +683,8 @@ class _FunctionCompiler:
             assert block is not None
             self.block(block)
         for loop in loops.values():
+            if strides.get(loop.head):
+                self.precheck(loop, strides[loop.head])
             for copy in range(1, loop.copies + 1):
                 self.copy = (loop, copy)
                 for pc in sorted(loop.body):
@@ -614,6 +693,7 @@ class _FunctionCompiler:
                     self.block(block)
                     self.copied += 1
             self.copy = None
+            self.covered = {}
         signature = self.signature[entry]
         params = ", ".join(f"i64 %a{n}" for n in signature.params)
         result = f"%res.{entry}"
@@ -985,6 +1065,14 @@ class _FunctionCompiler:
         (harmless there) so that instcombine does not merge the two back into one
         access through a phi of the addresses.
         """
+        if self.copy is not None and pc in self.covered:  # checked before the group
+            host, step = self.covered[pc]
+            rounds = self.copy[1] - 1
+            if step.lstrip("-").isdigit():
+                distance = str(int(step) * rounds)
+            else:
+                distance = self.value(f"mul i64 {step}, {rounds}")
+            return emit(self.value(f"getelementptr i8, ptr {host}, i64 {distance}"), "")
         root, constant, index = self.root_of(base)
         offset += constant
         if root == _FRAME and index is None and -self.frame_bytes <= offset <= -size:
