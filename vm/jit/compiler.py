@@ -32,7 +32,8 @@ stack region (`ModuleIR.frame_low`), and a fully checked module otherwise.
 Backward jumps and local calls poll the interrupt flag where the interpreter
 does, at the cost of one compare until a read is due (`poll`, `back_edge`).
 Traps call `bpf_trap` (kind, pc, details and fuel into the context) and
-return a fuel of -1, which callers check after every call to unwind. Helper calls
+return a fuel of -1; it fails the fuel check of the block a call returns to, whose
+slow path then unwinds (a call needs no check of its own). Helper calls
 spill the registers to the context and go through one external function, the
 runtime's Python dispatcher. No host address is ever stored in an eBPF
 register: host pointers exist only inside the access that uses them.
@@ -424,6 +425,7 @@ class _FunctionCompiler:
         # label -> (cache, roots, translations) left by its only predecessor (`leave`)
         self.inherited: dict[str, _State] = {}
         self.loops: dict[int, Loop] = {}  # unrolled loops by head
+        self.returns: set[int] = set()  # pcs a local call returns to
         # Accesses each unrolled loop checks once per group (`precheck`), by head and pc
         self.strides: dict[int, dict[int, Stride]] = {}
         # While copying a loop: pc -> host address in the group's first round, and the
@@ -485,14 +487,30 @@ class _FunctionCompiler:
         return self.value(f"load {ty}, ptr {pointer}, !invariant.load {INVARIANT}")
 
     def trap_if(
-        self, failed: str, status: Status, pc: int | str, a: int | str = 0, b: int = 0, c: int = 0
+        self,
+        failed: str,
+        status: Status,
+        pc: int | str,
+        a: int | str = 0,
+        b: int = 0,
+        c: int = 0,
+        *,
+        unwound: bool = False,
     ) -> None:
-        """Leave through a trap exit when `failed`, recording status, pc and details."""
+        """Leave through a trap exit when `failed`, recording status, pc and details;
+        with `unwound`, just leave when the fuel is `UNWOUND` (a trap is recorded)."""
         fuel = self.get(FUEL)  # before the branch: the trap exit records it
         trap, cont = self.new_label(), self.new_label()
         self.emit(f"br i1 {failed}, label %{trap}, label %{cont}, !prof {COLD}")
+        self.cold.append(f"{trap}:")
+        if unwound:
+            gone, trap = self.tmp(), self.new_label()
+            self.cold += [
+                f"  {gone} = icmp eq i64 {fuel}, {UNWOUND}",
+                f"  br i1 {gone}, label %unwind, label %{trap}",
+                f"{trap}:",
+            ]
         self.cold += [
-            f"{trap}:",
             f"  call preserve_allcc void @bpf_trap(ptr %ctx, i64 {int(status)}, i64 {pc}, "
             f"i64 {a}, i64 {b}, i64 {c}, i64 {fuel})",
             "  br label %unwind",
@@ -670,6 +688,8 @@ class _FunctionCompiler:
                 self.predecessors[successor] = self.predecessors.get(successor, 0) + 1
             if block.kind == JUMP and block.backward:
                 self.loop_heads.add(block.end_pc + 1 + isa.jump_offset(self.code[block.end_pc]))
+            if block.kind == CALL:
+                self.returns.add(block.next_pc)
         for loop in loops.values():  # exits of the copies enter their targets too
             for pc in loop.body:
                 block = self.blocks[pc]
@@ -752,8 +772,11 @@ class _FunctionCompiler:
             self.forget()
         fuel = self.get(FUEL)
         if self.copy is None:  # a copy's group checked the fuel for all its blocks
+            # A call hands back a fuel of UNWOUND (-1) after a trap: that fails this
+            # check too, so a call returns here without a check of its own.
             short = self.value(f"icmp slt i64 {fuel}, {block.cost}")
-            self.trap_if(short, Status.OUT_OF_FUEL, block.pc, block.cost)
+            returned = block.pc in self.returns
+            self.trap_if(short, Status.OUT_OF_FUEL, block.pc, block.cost, unwound=returned)
             if block.pc == self.entry:  # callers check the fuel of the entry block
                 self.emit(f"br label %pc{block.pc}.entered")
                 self.start(f"pc{block.pc}.entered")
@@ -842,11 +865,8 @@ class _FunctionCompiler:
             f"call preserve_nonecc {ty} @bpf_fn_{block.target}(ptr %ctx, i64 {self.get(FUEL)}, "
             f"{', '.join(args)})"
         )
+        # UNWOUND when the callee trapped: the next block's fuel check unwinds then.
         fuel = self.value(f"extractvalue {ty} {result}, {len(callee.results)}")
-        unwound = self.value(f"icmp eq i64 {fuel}, {UNWOUND}")
-        cont = self.new_label()
-        self.emit(f"br i1 {unwound}, label %unwind, label %{cont}, !prof {COLD}")
-        self.start(cont)
         for n in range(6):  # r0..r5: the callee's, or never read again
             self.set(n, "0")
         for index, n in enumerate(callee.results):
