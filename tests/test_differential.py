@@ -35,6 +35,7 @@ from vm.loader import load  # noqa: E402
 from vm.program import Function, HelperRef, Program  # noqa: E402
 
 EXAMPLES = int(os.environ.get("BPFEXEC_DIFFERENTIAL_EXAMPLES", "150"))
+TIERS = ("optimized", "quick")
 C_FIXTURES = sorted((Path(__file__).parent / "fixtures" / "c").glob("*.c"))
 MASK64 = (1 << 64) - 1
 
@@ -268,9 +269,11 @@ def programs(draw) -> tuple[Program, int, int]:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(programs(), st.binary(min_size=BUFFER, max_size=BUFFER))
-def test_random_programs_agree(generated, buffer):
+@given(programs(), st.binary(min_size=BUFFER, max_size=BUFFER), st.sampled_from(TIERS))
+def test_random_programs_agree(generated, buffer, tier):
     program, fuel, depth = generated
+    if tier == "quick":
+        compile_program(program, quick=True)
     limits = vm.Limits(max_call_depth=depth)
     both(program, "main", [buffer], fuel=fuel, helpers=helpers, limits=limits)
 
@@ -470,19 +473,17 @@ INDEXED = """
 """
 
 
+@pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize(
     "index",
     [0, 3, 12, 13, 14, 15, 16, -1, -3, 1 << 32, (1 << 32) + 5, -(1 << 32), 2**63 - 1, -(2**63)],
 )
-def test_pointer_plus_index_register_is_checked_exactly(index: int) -> None:
+def test_pointer_plus_index_register_is_checked_exactly(index: int, tier: str) -> None:
     # A root pointer plus an index register, once and then twice: the fast check must
     # agree with the exact translation at both ends of the buffer, across regions (the
     # second buffer sits 1 << 32 above the first) and when the sum wraps.
-    program = load(INDEXED.encode(), name="indexed.s")
+    program = loaded(INDEXED.encode(), "indexed.s", tier)
     both(program, None, [bytes(range(16)), index & (2**64 - 1), bytes(range(100, 116))])
-
-
-TIERS = ("optimized", "quick")
 
 
 def loaded(code: bytes, name: str, tier: str) -> Program:

@@ -183,13 +183,18 @@ def build_module(
     exported: Sequence[int],
     frame_bytes: int,
     *,
-    unroll: bool = True,
+    optimized: bool = True,
 ) -> ModuleIR:
     """The IR of `program`, with a wrapper for each pc in `exported`.
 
     Accesses within `frame_bytes` below r10 are unchecked (0: check every access).
-    `unroll` unrolls simple inner loops (`vm.jit.unroll`): faster code, more of it.
+    `optimized` unrolls simple inner loops (`vm.jit.unroll`), faster code and more
+    of it, and makes the cold calls (traps, polls, out-of-line translations) with a
+    convention that saves every register, so hot paths keep theirs across them. The
+    quick tier makes them with the C convention, which LLVM's fast instruction
+    selector handles itself: other conventions cost it a slower selector per block.
     """
+    cold = _COLD_CC if optimized else ""
     code = program.instructions
     entries = sorted(set(exported))
     for pc in entries:
@@ -220,12 +225,12 @@ def build_module(
     jumps = {pc: successors(blocks[pc], code) for pcs in bodies.values() for pc in pcs}  # type: ignore[arg-type]
     signature = signatures(bodies, blocks, code, jumps)
     helper_pcs: set[int] = set()
-    parts = [_PRELUDE]
+    parts = [_prelude(cold)]
     parts += [f"%res.{entry} = type {_result_type(signature[entry])}" for entry in sorted(bodies)]
     frame_low = 0
     for entry in sorted(bodies):
-        fn = _FunctionCompiler(program, blocks, frame_bytes, helper_pcs, signature)
-        loops = unrollable_loops(bodies[entry], blocks, code, jumps) if unroll else {}
+        fn = _FunctionCompiler(program, blocks, frame_bytes, helper_pcs, signature, optimized)
+        loops = unrollable_loops(bodies[entry], blocks, code, jumps) if optimized else {}
         strides = {
             head: strided_accesses(loop, blocks, code, jumps) for head, loop in loops.items()
         }
@@ -237,11 +242,17 @@ def build_module(
         symbols[pc] = f"bpf_entry_{pc}"
         entered = blocks[pc]
         assert entered is not None
-        parts.append(_wrapper(pc, signature[pc], entered.cost))
+        parts.append(_wrapper(pc, signature[pc], entered.cost, cold))
     return ModuleIR("\n".join(parts), symbols, len(bodies), total, frozenset(helper_pcs), frame_low)
 
 
-_PRELUDE = f"""
+# The calling convention of calls off the hot path, in the optimized tier.
+_COLD_CC = "preserve_allcc"
+
+
+def _prelude(cold: str) -> str:
+    """Types, declarations and the out-of-line functions, called with convention `cold`."""
+    return f"""
 %ctx = type {CONTEXT_TYPE}
 
 declare i64 @{DISPATCH_SYMBOL}(ptr, i64) nounwind
@@ -249,7 +260,7 @@ declare i16 @llvm.bswap.i16(i16)
 declare i32 @llvm.bswap.i32(i32)
 declare i64 @llvm.bswap.i64(i64)
 
-define internal preserve_allcc void @bpf_trap(ptr noalias %ctx, i64 %status, i64 %pc,
+define internal {cold} void @bpf_trap(ptr noalias %ctx, i64 %status, i64 %pc,
     i64 %a, i64 %b, i64 %c, i64 %fuel) cold noinline nounwind {{
   %p0 = {_field("%ctx", "status")}
   store i64 %status, ptr %p0
@@ -266,7 +277,7 @@ define internal preserve_allcc void @bpf_trap(ptr noalias %ctx, i64 %status, i64
   ret void
 }}
 
-define internal preserve_allcc i1 @bpf_poll(ptr noalias %ctx, i64 %pc, i64 %fuel)
+define internal {cold} i1 @bpf_poll(ptr noalias %ctx, i64 %pc, i64 %fuel)
     cold noinline nounwind {{
   %ip = {_field("%ctx", "interrupt")}
   %interrupt = load ptr, ptr %ip
@@ -274,7 +285,7 @@ define internal preserve_allcc i1 @bpf_poll(ptr noalias %ctx, i64 %pc, i64 %fuel
   %set = icmp ne i64 %flag, 0
   br i1 %set, label %stop, label %go
 stop:
-  call preserve_allcc void @bpf_trap(ptr %ctx, i64 {int(Status.INTERRUPTED)}, i64 %pc,
+  call {cold} void @bpf_trap(ptr %ctx, i64 {int(Status.INTERRUPTED)}, i64 %pc,
       i64 0, i64 0, i64 0, i64 %fuel)
   ret i1 true
 go:
@@ -286,8 +297,8 @@ go:
   ret i1 false
 }}
 
-define internal preserve_allcc ptr @bpf_translate(ptr noalias %ctx, i64 %addr, i64 %size,
-    i64 %write) cold noinline nounwind {{
+define internal {cold} ptr @bpf_translate(ptr noalias %ctx, i64 %addr, i64 %size,
+    i64 %access, i64 %pc, i64 %fuel) cold noinline nounwind {{
   %region = lshr i64 %addr, {REGION_SHIFT}
   %known = icmp ult i64 %region, {REGION_COUNT}
   %index = select i1 %known, i64 %region, i64 0
@@ -295,13 +306,15 @@ define internal preserve_allcc ptr @bpf_translate(ptr noalias %ctx, i64 %addr, i
   %wp = {_field("%ctx", "region_write_len", "%index")}
   %rlen = load i64, ptr %rp
   %wlen = load i64, ptr %wp
-  %is_write = icmp ne i64 %write, 0
+  %is_write = icmp ne i64 %access, {int(Access.READ)}
   %len = select i1 %is_write, i64 %wlen, i64 %rlen
   %offset = and i64 %addr, {OFFSET_MASK}
   %end = add i64 %offset, %size
   %outside = icmp ugt i64 %end, %len
   br i1 %outside, label %fault, label %ok
 fault:
+  call {cold} void @bpf_trap(ptr %ctx, i64 {int(Status.MEMORY_FAULT)}, i64 %pc, i64 %addr,
+      i64 %size, i64 %access, i64 %fuel)
   ret ptr null
 ok:
   %bp = {_field("%ctx", "region_base", "%index")}
@@ -316,7 +329,7 @@ ok:
 """
 
 
-def _wrapper(pc: int, signature: Signature, cost: int) -> str:
+def _wrapper(pc: int, signature: Signature, cost: int, cold: str) -> str:
     """`i64 bpf_entry_<pc>(ctx)`: registers and fuel from the context in, r0 and fuel out.
 
     Like a caller, it checks the fuel of the function's entry block (`cost`)."""
@@ -333,7 +346,7 @@ def _wrapper(pc: int, signature: Signature, cost: int) -> str:
         f"  %short = icmp slt i64 %fuel, {cost}",
         "  br i1 %short, label %starved, label %enter",
         "starved:",
-        f"  call preserve_allcc void @bpf_trap(ptr %ctx, i64 {int(Status.OUT_OF_FUEL)}, i64 {pc}, "
+        f"  call {cold} void @bpf_trap(ptr %ctx, i64 {int(Status.OUT_OF_FUEL)}, i64 {pc}, "
         f"i64 {cost}, i64 0, i64 0, i64 %fuel)",
         f"  ret i64 {int(Status.OUT_OF_FUEL)}",
         "enter:",
@@ -395,8 +408,11 @@ class _FunctionCompiler:
         frame_bytes: int,
         helper_pcs: set[int],
         signature: dict[int, Signature],
+        optimized: bool,
     ) -> None:
         self.code = program.instructions
+        self.optimized = optimized
+        self.cold_cc = _COLD_CC if optimized else ""  # of traps, polls and translations
         self.signature = signature
         self.entry = 0  # the function being compiled
         # Parameters no instruction of the function writes: they are their argument
@@ -511,7 +527,7 @@ class _FunctionCompiler:
                 f"{trap}:",
             ]
         self.cold += [
-            f"  call preserve_allcc void @bpf_trap(ptr %ctx, i64 {int(status)}, i64 {pc}, "
+            f"  call {self.cold_cc} void @bpf_trap(ptr %ctx, i64 {int(status)}, i64 {pc}, "
             f"i64 {a}, i64 {b}, i64 {c}, i64 {fuel})",
             "  br label %unwind",
         ]
@@ -541,7 +557,7 @@ class _FunctionCompiler:
 
     def read_flag(self, pc: int, fuel: str) -> None:
         """Call `bpf_poll`, and unwind if it recorded an interrupt."""
-        stopped = self.value(f"call preserve_allcc i1 @bpf_poll(ptr %ctx, i64 {pc}, i64 {fuel})")
+        stopped = self.value(f"call {self.cold_cc} i1 @bpf_poll(ptr %ctx, i64 {pc}, i64 {fuel})")
         cont = self.new_label()
         self.emit(f"br i1 {stopped}, label %unwind, label %{cont}, !prof {COLD}")
         self.start(cont)
@@ -1115,24 +1131,26 @@ class _FunctionCompiler:
             limit = region[f"{_LENGTH[access]}.{size}"]
             outside = self.value(f"icmp uge i64 {start}, {limit}")
             host = region["host"]
-        inside, slow, done = self.new_label(), self.new_label(), self.new_label()
+        fuel = self.get(FUEL)  # before the branch: the slow path records it on a fault
+        slow, done = self.new_label(), self.new_label()
+        if not self.optimized:  # the least IR: one access, at a phi of the two addresses
+            fast = self.fast_address(host, offset, index)
+            entered = self.label
+            self.emit(f"br i1 {outside}, label %{slow}, label %{done}, !prof {COLD}")
+            self.start(slow)
+            checked = self.checked(root, offset, index, size, access, pc, fuel)
+            checked_from = self.label
+            self.emit(f"br label %{done}")
+            self.start(done)
+            host = self.value(f"phi ptr [ {fast}, %{entered} ], [ {checked}, %{checked_from} ]")
+            return emit(host, "")
+        inside = self.new_label()
         self.emit(f"br i1 {outside}, label %{slow}, label %{inside}, !prof {COLD}")
         self.start(inside)
-        fast = self.value(f"getelementptr i8, ptr {host}, i64 {offset}")
-        if index is not None:
-            fast = self.value(f"getelementptr i8, ptr {fast}, i64 {index}")
-        fast_value = emit(fast, "")
+        fast_value = emit(self.fast_address(host, offset, index), "")
         self.emit(f"br label %{done}")
         self.start(slow)
-        address = self.value(f"add i64 {self.real(root)}, {offset}")
-        if index is not None:
-            address = self.value(f"add i64 {address}, {index}")
-        checked = self.value(
-            f"call preserve_allcc ptr @bpf_translate(ptr %ctx, i64 {address}, i64 {size}, "
-            f"i64 {int(access != Access.READ)})"
-        )
-        missing = self.value(f"icmp eq ptr {checked}, null")
-        self.trap_if(missing, Status.MEMORY_FAULT, pc, address, size, int(access))
+        checked = self.checked(root, offset, index, size, access, pc, fuel)
         slow_value = emit(checked, "volatile ")
         if slow_value is not None:
             # Opaque to instcombine, which would otherwise turn phi(zext, zext) into
@@ -1144,6 +1162,36 @@ class _FunctionCompiler:
         if ty is None:
             return None
         return self.value(f"phi {ty} [ {fast_value}, %{inside} ], [ {slow_value}, %{slow_end} ]")
+
+    def fast_address(self, host: str, offset: int, index: str | None) -> str:
+        fast = self.value(f"getelementptr i8, ptr {host}, i64 {offset}")
+        if index is not None:
+            fast = self.value(f"getelementptr i8, ptr {fast}, i64 {index}")
+        return fast
+
+    def checked(
+        self,
+        root: str,
+        offset: int,
+        index: str | None,
+        size: int,
+        access: Access,
+        pc: int,
+        fuel: str,
+    ) -> str:
+        """The slow path: `bpf_translate`, which records a fault, then unwind on one."""
+        address = self.value(f"add i64 {self.real(root)}, {offset}")
+        if index is not None:
+            address = self.value(f"add i64 {address}, {index}")
+        checked = self.value(
+            f"call {self.cold_cc} ptr @bpf_translate(ptr %ctx, i64 {address}, i64 {size}, "
+            f"i64 {int(access)}, i64 {pc}, i64 {fuel})"
+        )
+        missing = self.value(f"icmp eq ptr {checked}, null")
+        cont = self.new_label()
+        self.emit(f"br i1 {missing}, label %unwind, label %{cont}, !prof {COLD}")
+        self.start(cont)
+        return checked
 
     def real(self, root: str) -> str:
         return f"%a{isa.FRAME_POINTER}" if root == _FRAME else root

@@ -219,7 +219,7 @@ def _native_code(program: Program, frame_bytes: int, quick: bool) -> NativeCode:
     start = time.perf_counter()
     blocks = _interpreter_blocks(program)
     module = build_module(
-        program, blocks, [fn.pc for fn in program.functions], frame_bytes, unroll=not quick
+        program, blocks, [fn.pc for fn in program.functions], frame_bytes, optimized=not quick
     )
     helper_ops = {pc: decode_op(program, pc) for pc in module.helper_pcs}
     _prepare_llvm()
