@@ -1096,10 +1096,11 @@ class _FunctionCompiler:
         """`emit(host, qualifier)` at the host address of r[base] + offset, or a trap
         when it is out of bounds; the value of type `ty` it returns (None: nothing).
 
-        The access is emitted on the fast and the slow path each, so that the fast one
-        can fold its address arithmetic into the instruction. The slow one is volatile
-        (harmless there) so that instcombine does not merge the two back into one
-        access through a phi of the addresses.
+        In the optimized tier the access is emitted on the fast and the slow path each,
+        so that the fast one can fold its address arithmetic into the instruction. The
+        slow one is volatile (harmless there) so that instcombine does not merge the two
+        back into one access through a phi of the addresses. The quick tier makes that
+        one access itself: less IR, and its code generator folds nothing anyway.
         """
         if self.copy is not None and pc in self.covered:  # checked before the group
             host, step = self.covered[pc]

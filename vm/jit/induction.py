@@ -12,8 +12,9 @@ first and the last round of a group once, before entering it, and the copies
 access memory with no check at all (`_FunctionCompiler.precheck`).
 
 Only accesses in blocks every round passes through (they dominate the latch)
-are returned: checking an access a round may skip could keep the loop out of
-its groups for nothing.
+are returned. The compiler relies on it: the round before a group made each of
+them without a fault, which bounds the step (see `precheck`). It also keeps an
+access a round may skip from keeping the loop out of its groups for nothing.
 """
 
 from __future__ import annotations
