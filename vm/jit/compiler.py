@@ -446,7 +446,7 @@ class _FunctionCompiler:
         self.strides: dict[int, dict[int, Stride]] = {}
         # While copying a loop: pc -> host address in the group's first round, and the
         # step per round (an SSA value or a constant), of each access its group checked
-        self.covered: dict[int, tuple[str, str]] = {}
+        self.covered: dict[int, tuple[str, str | int]] = {}
         self.copy: tuple[Loop, int] | None = None  # the copy of a loop being emitted
         self.copied = 0  # blocks emitted as copies
 
@@ -653,16 +653,13 @@ class _FunctionCompiler:
         passed = "true"
         for pc, stride in sorted(strides.items()):
             size, access = _accessed(self.code[pc])
+            step: str | int = _signed(stride.step.constant)
             if stride.step.terms:
                 step = self.linear(stride.step)
-                span = self.value(f"mul i64 {step}, {rounds}")
-            else:
-                step = str(_signed(stride.step.constant))
-                span = str(int(step) * rounds)
-            region = self._translation(self.linear(stride.start), access, size, self.translations)
+            region = self.translation(self.linear(stride.start), access, size)
             starts = region[f"{_LENGTH[access]}.{size}"]
             first = self.value(f"icmp ult i64 {region['offset']}, {starts}")
-            end = self.value(f"add i64 {region['offset']}, {span}")
+            end = self.value(f"add i64 {region['offset']}, {self.times(step, rounds)}")
             last = self.value(f"icmp ult i64 {end}, {starts}")
             both = self.value(f"and i1 {first}, {last}")
             passed = self.value(f"and i1 {passed}, {both}")
@@ -672,13 +669,22 @@ class _FunctionCompiler:
 
     def linear(self, form: Linear) -> str:
         """The value of `form` in the registers' current values."""
-        total = str(_signed(form.constant))
+        total = None if form.terms else str(_signed(form.constant))
         for n, coefficient in form.terms:
-            term = self.get(n)
-            if coefficient != 1:
-                term = self.value(f"mul i64 {term}, {_signed(coefficient)}")
-            total = self.value(f"add i64 {total}, {term}")
+            term = self.times(self.get(n), _signed(coefficient))
+            total = term if total is None else self.value(f"add i64 {total}, {term}")
+        if form.terms and form.constant:
+            total = self.value(f"add i64 {total}, {_signed(form.constant)}")
+        assert total is not None
         return total
+
+    def times(self, value: str | int, factor: int) -> str:
+        """`value * factor`: folded when `value` is a constant, or `factor` 0 or 1."""
+        if isinstance(value, int):
+            return str(value * factor)
+        if factor in (0, 1):
+            return value if factor else "0"
+        return self.value(f"mul i64 {value}, {factor}")
 
     def here(self, pc: int) -> str:
         """The label of the block at `pc` in the code being emitted (a copy, or not)."""
@@ -1104,11 +1110,7 @@ class _FunctionCompiler:
         """
         if self.copy is not None and pc in self.covered:  # checked before the group
             host, step = self.covered[pc]
-            rounds = self.copy[1] - 1
-            if step.lstrip("-").isdigit():
-                distance = str(int(step) * rounds)
-            else:
-                distance = self.value(f"mul i64 {step}, {rounds}")
+            distance = self.times(step, self.copy[1] - 1)
             return emit(self.value(f"getelementptr i8, ptr {host}, i64 {distance}"), "")
         root, constant, index = self.root_of(base)
         offset += constant
