@@ -486,6 +486,26 @@ def test_pointer_plus_index_register_is_checked_exactly(index: int, tier: str) -
     both(program, None, [bytes(range(16)), index & (2**64 - 1), bytes(range(100, 116))])
 
 
+POKED = """
+    r2 = 0x1122334455667788 ll
+    *(u64 *)(r10 - 8) = r2
+    r1 = r10
+    r1 += -8
+    r2 = 0x41
+    call 4
+    r0 = *(u64 *)(r10 - 8)
+    exit
+"""
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_helper_writing_the_frame_replaces_a_stored_value(tier: str) -> None:
+    # The JIT forwards a value stored at r10 - 8 to a later load from there, but not
+    # across a helper call: `poke` writes the frame through its pointer argument.
+    result = both(loaded(POKED.encode(), "poked.s", tier), None, [], helpers=helpers)
+    assert result["r0"] == 0x41
+
+
 def loaded(code: bytes, name: str, tier: str) -> Program:
     """A fresh Program whose JIT runs will use `tier` (the quick one once compiled)."""
     program = load(code, name=name)

@@ -87,8 +87,11 @@ LOOPING = "!2"  # branch weights: a backward jump is usually taken (a loop goes 
 
 # What a register holds: root + constant (+ index); see _FunctionCompiler.roots.
 Root = tuple[str, int, str | None]
-# What a block knows on leaving: cached registers, roots, translations.
-_State = tuple[dict[int, str], dict[int, Root], dict[str, dict[str, str]]]
+# What a frame slot holds: the i64 value last stored there, the store's size in
+# bytes, and the stored register's root (see _FunctionCompiler.slots).
+Slot = tuple[str, int, Root | None]
+# What a block knows on leaving: cached registers, roots, translations, frame slots.
+_State = tuple[dict[int, str], dict[int, Root], dict[str, dict[str, str]], dict[int, Slot]]
 
 
 class Unsupported(Exception):
@@ -435,6 +438,11 @@ class _FunctionCompiler:
         self.roots: dict[int, Root] = {}
         # root -> its region index, offset and host address, and region lengths
         self.translations: dict[str, dict[str, str]] = {}
+        # r10 offset -> what this block (or the one before it, see `leave`) stored at
+        # that unchecked frame address, while nothing else may have written it: a load
+        # from there takes the value, and the root, without reading memory. clang's
+        # eBPF back end spills what x86 would keep in registers, pointers included.
+        self.slots: dict[int, Slot] = {}
         self.frame_low = 0  # bytes below r10 reached by unchecked accesses
         self.predecessors: dict[int, int] = {}  # pc -> edges into it within the function
         self.loop_heads: set[int] = set()  # targets of backward jumps
@@ -788,7 +796,7 @@ class _FunctionCompiler:
         self.start(label)
         state = self.inherited.pop(label, None)
         if state is not None:
-            self.cache, self.roots, self.translations = state
+            self.cache, self.roots, self.translations, self.slots = state
             self.dirty.clear()  # the block before in pc order may have ended in exit
         else:
             self.forget()
@@ -837,6 +845,7 @@ class _FunctionCompiler:
         self.cache = {}
         self.dirty.clear()
         self.translations = {}
+        self.slots = {}
         self.roots = {isa.FRAME_POINTER: (_FRAME, 0, None)} if self.frame_bytes else {}
 
     def leave(self, block: Block) -> None:
@@ -853,7 +862,7 @@ class _FunctionCompiler:
     def state(self) -> _State:
         """A copy of what this block knows, for a block it is the only way into."""
         translations = {root: dict(region) for root, region in self.translations.items()}
-        return dict(self.cache), dict(self.roots), translations
+        return dict(self.cache), dict(self.roots), translations, dict(self.slots)
 
     def local_call(self, block: Block) -> None:
         # The call depth is implied by r10, which no instruction writes: a frame at the
@@ -883,6 +892,7 @@ class _FunctionCompiler:
                 value = self.value(f"sub i64 {value}, {frame_size}")
             args.append(f"i64 {value}")
         ty = f"%res.{block.target}"
+        self.slots = {}  # the callee may write this frame through a pointer
         result = self.value(
             f"call preserve_nonecc {ty} @bpf_fn_{block.target}(ptr %ctx, i64 {self.get(FUEL)}, "
             f"{', '.join(args)})"
@@ -967,6 +977,7 @@ class _FunctionCompiler:
     def helper_call(self, pc: int) -> None:
         """Spill registers and fuel, let the Python dispatcher run the call, take r0 back."""
         self.helper_pcs.add(pc)
+        self.slots = {}  # the helper may write the frame through a pointer
         uses, _ = uses_and_defs(self.code[pc])
         for n in sorted(uses):
             self.emit(f"store i64 {self.get(n)}, ptr {self.field('regs', str(n))}")
@@ -1112,11 +1123,12 @@ class _FunctionCompiler:
             host, step = self.covered[pc]
             distance = self.times(step, self.copy[1] - 1)
             return emit(self.value(f"getelementptr i8, ptr {host}, i64 {distance}"), "")
+        slot = self.frame_slot(base, offset, size, pc)
+        if slot is not None:
+            self.frame_low = max(self.frame_low, -slot)
+            return emit(self.value(f"getelementptr i8, ptr %fp.host, i64 {slot}"), "")
         root, constant, index = self.root_of(base)
         offset += constant
-        if root == _FRAME and index is None and -self.frame_bytes <= offset <= -size:
-            self.frame_low = max(self.frame_low, -offset)
-            return emit(self.value(f"getelementptr i8, ptr %fp.host, i64 {offset}"), "")
         # Fast check against the root's region (or the frame, for r10 plus an index);
         # when it fails (a fault, or an address past the root's region into another),
         # the out-of-line translation decides. One unsigned compare covers both ends:
@@ -1245,6 +1257,15 @@ class _FunctionCompiler:
             value = self.value(f"load {qualifier}{ty}, ptr {host}, align 1")
             return self.value(f"{extend} {ty} {value} to i64") if size < 8 else value
 
+        slot = self.frame_slot(insn.src, insn.offset, size, pc)
+        stored, stored_size, root = self.slots.get(slot, ("", 0, None))
+        if size == stored_size == 8:
+            self.set(insn.dst, stored, root)
+            return
+        if size <= stored_size:  # the low bytes of what was stored (little-endian)
+            part = self.narrow(stored, ty)
+            self.set(insn.dst, self.value(f"{extend} {ty} {part} to i64"))
+            return
         value = self.access(insn.src, insn.offset, size, Access.READ, pc, load, "i64")
         assert value is not None
         self.set(insn.dst, value)
@@ -1253,14 +1274,40 @@ class _FunctionCompiler:
         size = isa.SIZE_BYTES[insn.size]
         ty = f"i{size * 8}"
         if insn.cls == isa.STX:
-            value = self.narrow(self.get(insn.src), ty)
+            wide, root = self.get(insn.src), self.roots.get(insn.src)
+            value = self.narrow(wide, ty)
         else:
+            wide, root = str(insn.imm), None  # a 64-bit store sign-extends imm
             value = str(_signed(insn.imm, size * 8))
 
         def store(host: str, qualifier: str) -> None:
             self.emit(f"store {qualifier}{ty} {value}, ptr {host}, align 1")
 
+        slot = self.frame_slot(insn.dst, insn.offset, size, pc)
         self.access(insn.dst, insn.offset, size, Access.WRITE, pc, store, None)
+        self.overwrite(slot, size)
+        if slot is not None:
+            self.slots[slot] = (wide, size, root if size == 8 else None)
+
+    def frame_slot(self, base: int, offset: int, size: int, pc: int) -> int | None:
+        """The r10 offset that r[base] + offset is, when `access` makes it unchecked."""
+        if self.copy is not None and pc in self.covered:
+            return None
+        root, constant, index = self.root_of(base)
+        offset += constant
+        if root == _FRAME and index is None and -self.frame_bytes <= offset <= -size:
+            return offset
+        return None
+
+    def overwrite(self, slot: int | None, size: int) -> None:
+        """Forget the frame slots a store of `size` bytes at `slot` overlaps (None:
+        a store anywhere, the frame included)."""
+        if slot is None:
+            self.slots = {}
+            return
+        for other, (_, other_size, _) in list(self.slots.items()):
+            if other < slot + size and slot < other + other_size:
+                del self.slots[other]
 
     def narrow(self, value: str, ty: str) -> str:
         return value if ty == "i64" else self.value(f"trunc i64 {value} to {ty}")
@@ -1278,6 +1325,7 @@ class _FunctionCompiler:
         known = (isa.ATOMIC_CMPXCHG, isa.ATOMIC_XCHG & ~isa.FETCH, *_ATOMIC_BINARY)
         if code != isa.ATOMIC_CMPXCHG and op not in known:
             raise Unsupported(f"pc {pc}: atomic operation {code:#x}")
+        self.overwrite(self.frame_slot(insn.dst, insn.offset, size, pc), size)
         host = self.host_pointer(insn.dst, insn.offset, size, Access.ATOMIC, pc)
         old = self.value(f"load {ty}, ptr {host}, align 1")
         operand = self.narrow(self.get(insn.src), ty)
