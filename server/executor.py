@@ -175,8 +175,11 @@ class ExecutionService:
         from vm.jit import compile_program
 
         start = time.perf_counter()
-        compile_program(program, quick=quick)
+        compiled = compile_program(program, quick=quick)
         seconds = time.perf_counter() - start
+        if not compiled.native:
+            reason = "compiler_error" if compiled.failed else "unsupported"
+            self.metrics.jit_fallbacks.labels("quick" if quick else "optimized", reason).inc()
         if not quick:
             self.metrics.jit_compile_seconds.observe(seconds)
             return

@@ -107,6 +107,13 @@ class Metrics:
             "Time to compile a module to the JIT's quick tier, which serves first.",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.jit_fallbacks = Counter(
+            "bpfexec_jit_fallbacks",
+            "Modules a JIT tier left to the interpreter, by tier and reason: `unsupported` "
+            "(a construct the JIT does not reproduce exactly) or `compiler_error` (a fault "
+            "of the compiler, logged with its traceback).",
+            ["tier", "reason"], registry=r,
+        )  # fmt: skip
         self.load_seconds = Histogram(
             "bpfexec_module_load_seconds", "Time to parse and verify a module not yet cached.",
             buckets=LATENCY_BUCKETS, registry=r,

@@ -1,5 +1,5 @@
 """Fixtures shared by the whole suite: where the fixtures live, how C becomes eBPF,
-and which engines a test runs on.
+which engines a test runs on, and no hidden JIT compiler faults.
 
 `compile_c("loops")` gives the object of `tests/fixtures/c/loops.c`: compiled
 now when clang is installed, else the committed `tests/fixtures/obj/` copy
@@ -8,6 +8,7 @@ now when clang is installed, else the committed `tests/fixtures/obj/` copy
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -82,3 +83,16 @@ def compile_c(tmp_path_factory: pytest.TempPathFactory) -> CompileC:
 def engine(request: pytest.FixtureRequest) -> str:
     """Run the test on each engine: they must be indistinguishable."""
     return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def no_compiler_faults(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture):
+    """Fail a test in which the JIT compiler faulted. The JIT contains its faults (the
+    interpreter runs the program instead), which would otherwise hide them from the
+    differential and fuzz tests; `@pytest.mark.compiler_fault` tests cause them."""
+    yield
+    if request.node.get_closest_marker("compiler_fault"):
+        return
+    for record in caplog.get_records("call"):
+        if record.name == "vm.jit.runtime" and record.levelno >= logging.ERROR:
+            pytest.fail(f"{record.getMessage()}: {record.exc_info and record.exc_info[1]!r}")

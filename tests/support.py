@@ -1,16 +1,19 @@
 """Small helpers shared by the tests: test programs, free ports, bounded waits,
-metrics, the JIT's loop analysis."""
+metrics, the JIT's loop analysis, a stand-in for a compiler bug."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 import urllib.request
 from collections.abc import Callable
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from vm.interpreter import Block, decode_blocks
+from vm.jit import runtime
 from vm.jit.compiler import _reachable, successors
 from vm.jit.unroll import Loop, unrollable_loops
 from vm.program import Program
@@ -113,3 +116,14 @@ def scrape_metrics(port: int, timeout: float = 10.0) -> Samples:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def broken_ir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every compile generate IR that LLVM rejects: a stand-in for a compiler bug."""
+    real = runtime.build_module
+
+    def build_module(*args, **kw):
+        module = real(*args, **kw)
+        return dataclasses.replace(module, text=module.text + "\nnot IR\n")
+
+    monkeypatch.setattr(runtime, "build_module", build_module)

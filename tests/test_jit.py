@@ -7,17 +7,18 @@ Semantics shared with the interpreter are tested on both engines elsewhere
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import pytest
-from support import FIB, SPIN, SPIN_ENTRY_FUEL, SPIN_ROUND_FUEL
+from support import FIB, SPIN, SPIN_ENTRY_FUEL, SPIN_ROUND_FUEL, broken_ir
 
 pytest.importorskip("llvmlite")
 
 import vm
 from vm import HelperRegistry, Limits, TrapKind
-from vm.jit import Jit, best_compiled, compile_program
+from vm.jit import Jit, best_compiled, compile_program, runtime
 from vm.loader import load
 from vm.memory import STACK_BASE, buffer_base
 
@@ -240,19 +241,20 @@ def test_trace_runs_on_the_interpreter():
     assert result.return_value == 3 and len(lines) == 2
 
 
+FRAMED = """
+    call inner
+    exit
+inner:
+    *(u64 *)(r10 - 64) = 1
+    r0 = *(u64 *)(r10 - 64)
+    exit
+"""
+
+
 def test_frames_outside_the_stack_use_the_checked_code():
     """Unchecked frame accesses assume every frame fits the stack; when a run's limits
     break that, the fully checked variant runs and traps exactly where the interpreter does."""
-    program = asm(
-        """
-        call inner
-        exit
-    inner:
-        *(u64 *)(r10 - 64) = 1
-        r0 = *(u64 *)(r10 - 64)
-        exit
-        """
-    )
+    program = asm(FRAMED)
     limits = Limits(max_call_depth=2, stack_frame_size=32)  # a 64-byte stack
     expected = vm.execute(program, limits=limits)
     result = jit(program, limits=limits)
@@ -261,6 +263,35 @@ def test_frames_outside_the_stack_use_the_checked_code():
     compiled = compile_program(program)
     assert compiled.checked is not None
     assert jit(program).return_value == 1  # default limits: the fast code again
+
+
+@pytest.mark.compiler_fault
+def test_a_compiler_fault_leaves_the_program_to_the_interpreter(monkeypatch, caplog):
+    # A bug of the compiler or of LLVM costs speed, never a run: logged, not raised.
+    broken_ir(monkeypatch)
+    program = asm(COUNT)
+    with caplog.at_level(logging.ERROR, logger=runtime.__name__):
+        compiled = compile_program(program)
+    assert compiled.failed and not compiled.native
+    assert compiled.fallback.startswith("internal compiler error: RuntimeError: LLVM IR parsing")
+    assert "JIT compile of test.s failed" in caplog.text
+    result = jit(program, [10])
+    assert (result.return_value, result.fuel_used) == (10, 22)
+
+
+@pytest.mark.compiler_fault
+def test_a_compiler_fault_in_the_checked_variant_leaves_that_run_to_the_interpreter(monkeypatch):
+    program = asm(FRAMED)
+    compile_program(program)  # the fast variant, before the fault
+    broken_ir(monkeypatch)
+    limits = Limits(max_call_depth=2, stack_frame_size=32)  # needs the checked variant
+    result = jit(program, limits=limits)
+    expected = vm.execute(program, limits=limits)
+    assert result.trap is not None and result.trap.to_dict() == expected.trap.to_dict()  # type: ignore[union-attr]
+    compiled = compile_program(program)
+    assert compiled.checked is None
+    assert compiled.checked_fallback.startswith("internal compiler error: RuntimeError")
+    assert jit(program).return_value == 1  # default limits: the fast code, unharmed
 
 
 def test_a_helper_interrupt_exception_propagates():

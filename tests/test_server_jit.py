@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from support import free_port
+from support import broken_ir, free_port, scrape_metrics
 
 from client import Client
 from server.app import serve_in_thread
@@ -50,3 +50,20 @@ def test_a_module_is_compiled_once_and_gives_the_interpreters_results():
         native = client.execute(module, args=[1000])
     assert (native.return_value, native.fuel_used) == (first.return_value, first.fuel_used)
     assert native.return_value == 500500
+
+
+@pytest.mark.compiler_fault
+def test_a_compiler_fault_is_counted_and_the_interpreter_serves(monkeypatch):
+    broken_ir(monkeypatch)
+    settings = Settings(port=0, metrics_port=free_port(), entry_point_helpers=False, engine="jit")
+    with serve_in_thread(settings) as running, Client(running.address, timeout=10) as client:
+        module = client.load(SUM)
+        deadline = time.monotonic() + 30
+        while compile_count(running.metrics_port) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        samples = scrape_metrics(running.metrics_port)
+        result = client.execute(module, args=[1000])
+    for tier in ("quick", "optimized"):
+        labels = frozenset({("tier", tier), ("reason", "compiler_error")})
+        assert samples[("bpfexec_jit_fallbacks_total", labels)] == 1
+    assert result.return_value == 500500

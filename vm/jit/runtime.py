@@ -26,6 +26,7 @@ IR construction (`vm.jit.compiler`) and no Machine set-up (`vm.machine`).
 from __future__ import annotations
 
 import ctypes
+import logging
 import sys
 import threading
 import time
@@ -49,6 +50,8 @@ from vm.program import Program
 MAX_NATIVE_CALL_DEPTH = 4096
 # Accesses this far below r10 are left unchecked when the run's frames allow it.
 FRAME_BYTES = Limits().stack_frame_size
+
+log = logging.getLogger(__name__)
 
 # Keys of the tiers' CompiledPrograms in `Program.compiled`.
 OPTIMIZED = "jit"
@@ -92,6 +95,8 @@ class CompiledProgram:
     fast: NativeCode | None = None
     checked: NativeCode | None = None
     quick: bool = False  # the first tier: compiled fast, runs a few times slower
+    failed: bool = False  # the fallback is a fault of the compiler, not the program
+    checked_fallback: str = ""  # non-empty: why the checked variant is not compiled
 
     @property
     def native(self) -> bool:
@@ -102,15 +107,19 @@ class CompiledProgram:
         """Time spent compiling (both variants, when the checked one was needed)."""
         return sum(code.compile_seconds for code in (self.fast, self.checked) if code)
 
-    def code_for(self, machine: Machine) -> NativeCode:
-        """The variant that runs `machine` with every access that may fault checked."""
+    def code_for(self, machine: Machine) -> NativeCode | None:
+        """The variant that runs `machine` with every access that may fault checked
+        (None if compiling it failed: the interpreter runs `machine`)."""
         assert self.fast is not None
         if _frames_fit(self.fast, machine):
             return self.fast
-        if self.checked is None:
+        if self.checked is None and not self.checked_fallback:
             with _LLVM_LOCK:
-                if self.checked is None:
-                    self.checked = _native_code(self.program, 0, self.quick)
+                if self.checked is None and not self.checked_fallback:
+                    try:
+                        self.checked = _native_code(self.program, 0, self.quick)
+                    except Exception as exc:
+                        self.checked_fallback = _compiler_fault(self.program, exc)
         return self.checked
 
 
@@ -205,7 +214,16 @@ def _compile(program: Program, quick: bool) -> CompiledProgram:
         fast = _native_code(program, FRAME_BYTES, quick)
     except Unsupported as exc:
         return CompiledProgram(program, str(exc))
+    except Exception as exc:  # a bug of ours or LLVM's must not fail the program's runs
+        return CompiledProgram(program, _compiler_fault(program, exc), quick=quick, failed=True)
     return CompiledProgram(program, fast=fast, quick=quick)
+
+
+def _compiler_fault(program: Program, exc: Exception) -> str:
+    """Log an unexpected compiler or LLVM error; the fallback reason that says so."""
+    log.error("JIT compile of %s failed; the interpreter runs it", program.name, exc_info=exc)
+    first = str(exc).strip().splitlines()
+    return f"internal compiler error: {type(exc).__name__}: {first[0] if first else ''}"
 
 
 # On x86-64, code calls code with rel32 calls (a module's code is one section), data
@@ -293,7 +311,8 @@ def _deepest_frame(machine: Machine) -> int:
 
 
 def runs_natively(compiled: CompiledProgram, machine: Machine) -> bool:
-    """Whether `machine` can run on `compiled`'s native code with identical results."""
+    """Whether `machine` can run on `compiled`'s native code with identical results
+    (compiling the checked variant first when the run needs it)."""
     memory = machine.memory
     return (
         compiled.native
@@ -308,6 +327,7 @@ def runs_natively(compiled: CompiledProgram, machine: Machine) -> bool:
             for store, writable in zip(memory.regions, memory.writable, strict=True)
             if writable
         )
+        and compiled.code_for(machine) is not None
     )
 
 
@@ -337,6 +357,7 @@ def _map_regions(ctx: Context, machine: Machine) -> list[object]:
 def run_native(compiled: CompiledProgram, machine: Machine) -> int:
     """Run `machine` on native code (see `runs_natively`); return r0 or raise Trap."""
     code = compiled.code_for(machine)
+    assert code is not None, "run_native without runs_natively"
     ctx = Context()
     ctx.regs[:] = machine.registers
     ctx.fuel = machine.fuel
