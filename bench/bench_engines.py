@@ -1,9 +1,11 @@
 """Benchmark: the same C programs on the interpreter, the JIT and native code, in one run.
 
-    python bench/bench_engines.py [--quick] [--repeat N] [--ubpf-lib DIR]
+    python bench/bench_engines.py [--quick] [--repeat N] [--ubpf-lib DIR] [--mcpu v1]
 
 Each program of `bench/programs/` is compiled twice from the same source: to
-eBPF with clang (`-O2 -target bpf`), loaded and run by both engines with fuel
+eBPF with clang (`-O2 -target bpf -mcpu=v3`: the instruction set clang 20 and
+later target by default, with 32-bit ALU and jump instructions; `--mcpu v1`
+for the old default), loaded and run by both engines with fuel
 and bounds checks on; and natively with the system C compiler (`cc -O2
 -shared`), called through ctypes. For every case the script prints the best
 time of `--repeat` runs, eBPF instructions per second (the fuel used) and the
@@ -85,7 +87,7 @@ CASES = [
 ]
 
 
-def build(work: Path) -> tuple[dict[str, vm.Program], dict[str, ctypes.CDLL]]:
+def build(work: Path, mcpu: str) -> tuple[dict[str, vm.Program], dict[str, ctypes.CDLL]]:
     clang = shutil.which("clang")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if clang is None or cc is None:
@@ -94,10 +96,8 @@ def build(work: Path) -> tuple[dict[str, vm.Program], dict[str, ctypes.CDLL]]:
     for source in sorted(PROGRAMS.glob("*.c")):
         obj = work / f"{source.stem}.o"
         lib = work / f"lib{source.stem}.so"
-        subprocess.run(
-            [clang, "-O2", "-target", "bpf", "-ffreestanding", "-c", str(source), "-o", str(obj)],
-            check=True,
-        )
+        ebpf = [clang, "-O2", "-target", "bpf", f"-mcpu={mcpu}", "-ffreestanding"]
+        subprocess.run([*ebpf, "-c", str(source), "-o", str(obj)], check=True)
         subprocess.run([cc, "-O2", "-shared", "-fPIC", str(source), "-o", str(lib)], check=True)
         programs[source.stem] = load(obj.read_bytes(), name=source.name)
         libraries[source.stem] = ctypes.CDLL(str(lib))
@@ -357,10 +357,16 @@ def main() -> None:
         metavar="DIR",
         help="a uBPF build (libubpf.a, ubpf.h): also compare with uBPF's x86-64 JIT",
     )
+    parser.add_argument(
+        "--mcpu",
+        default="v3",
+        choices=["v1", "v2", "v3", "v4"],
+        help="eBPF instruction set clang targets (default v3, clang 20's default)",
+    )
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bpfexec-bench-") as tmp:
         work = Path(tmp)
-        programs, libraries = build(work)
+        programs, libraries = build(work, options.mcpu)
         bench_cases(programs, libraries, options.repeat, options.quick)
         if options.ubpf_lib:
             runner = build_ubpf_runner(work, options.ubpf_lib)
