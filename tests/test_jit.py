@@ -54,6 +54,17 @@ def test_compiled_once_and_cached_with_the_program():
     assert compiled.compile_seconds > 0
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_one_entry_function_enters_many_exported_functions(quick: bool):
+    # The module's entry dispatches on the pc with compares, not a jump table (whose
+    # relocations MCJIT cannot resolve: an assertion that ends the process).
+    text = "".join(f"f{n}:\n    r0 = r1\n    r0 += {n}\n    exit\n" for n in range(40))
+    program = asm(text)
+    compile_program(program, quick=quick)
+    for n in (0, 17, 39):
+        assert vm.execute(program, f"f{n}", [100], engine="jit").return_value == 100 + n
+
+
 def test_the_quick_tier_runs_until_the_optimized_one_is_compiled(compile_c):
     program = load(compile_c("local_calls").read_bytes())
     reference = [vm.execute(program, fn.name, [9], fuel=5000) for fn in program.functions]

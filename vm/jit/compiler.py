@@ -18,9 +18,11 @@ those of r0..r5 its callers may read, and the fuel; r6..r10 of the caller are
 its own values, so they survive the call exactly as the interpreter's frame
 stack restores them. A registers the analysis proves unread starts as 0.
 Registers live in allocas (SROA makes them SSA values); within a block they
-are cached, so the IR stays small. Every exported function gets a wrapper
-`i64 bpf_entry_<pc>(ptr ctx)` that reads the initial registers and fuel from
-the context, writes r0 and the fuel back and returns a `Status`.
+are cached, so the IR stays small. One function enters them all,
+`i64 bpf_entry(ptr ctx, i64 pc)`: for the exported function at `pc` it reads
+the initial registers and fuel from the context, writes r0 and the fuel back
+and returns a `Status` (one function, not one per export: code generation
+costs about a quarter of a millisecond per LLVM function).
 
 Memory accesses translate the virtual address through the context's region
 table with a bounds check. In a module built with `frame_bytes > 0`, accesses
@@ -98,10 +100,14 @@ class Unsupported(Exception):
     """The program uses something the compiler does not reproduce exactly."""
 
 
+# The function that enters every exported function of a module, by pc.
+ENTRY_SYMBOL = "bpf_entry"
+
+
 @dataclass(frozen=True)
 class ModuleIR:
     text: str
-    entries: dict[int, str]  # pc of each exported function -> its wrapper's symbol
+    entries: frozenset[int]  # pcs of the exported functions (see ENTRY_SYMBOL)
     functions: int  # LLVM functions generated for eBPF code
     blocks: int  # eBPF blocks translated (with duplicates)
     helper_pcs: frozenset[int]  # call sites that go through the dispatcher
@@ -188,7 +194,7 @@ def build_module(
     *,
     optimized: bool = True,
 ) -> ModuleIR:
-    """The IR of `program`, with a wrapper for each pc in `exported`.
+    """The IR of `program`, whose `ENTRY_SYMBOL` enters each pc in `exported`.
 
     Accesses within `frame_bytes` below r10 are unchecked (0: check every access).
     `optimized` unrolls simple inner loops (`vm.jit.unroll`), faster code and more
@@ -240,13 +246,10 @@ def build_module(
         parts.append(fn.compile(entry, bodies[entry], loops, strides))
         frame_low = max(frame_low, fn.frame_low)
         total += fn.copied
-    symbols = {}
-    for pc in entries:
-        symbols[pc] = f"bpf_entry_{pc}"
-        entered = blocks[pc]
-        assert entered is not None
-        parts.append(_wrapper(pc, signature[pc], entered.cost, cold))
-    return ModuleIR("\n".join(parts), symbols, len(bodies), total, frozenset(helper_pcs), frame_low)
+    parts.append(_entry(entries, signature, blocks, cold))
+    return ModuleIR(
+        "\n".join(parts), frozenset(entries), len(bodies), total, frozenset(helper_pcs), frame_low
+    )
 
 
 # The calling convention of calls off the hot path, in the optimized tier.
@@ -332,45 +335,59 @@ ok:
 """
 
 
-def _wrapper(pc: int, signature: Signature, cost: int, cold: str) -> str:
-    """`i64 bpf_entry_<pc>(ctx)`: registers and fuel from the context in, r0 and fuel out.
+def _entry(
+    entries: list[int], signature: dict[int, Signature], blocks: Sequence[Block | None], cold: str
+) -> str:
+    """`i64 bpf_entry(ctx, pc)`: for the function at `pc`, registers and fuel from the
+    context in, r0 and fuel out, and a `Status`.
 
-    Like a caller, it checks the fuel of the function's entry block (`cost`)."""
-    lines = [f"define i64 @bpf_entry_{pc}(ptr noalias %ctx) nounwind {{", "entry:"]
-    args = []
-    for n in signature.params:
-        lines.append(f"  %rp{n} = {_field('%ctx', 'regs', str(n))}")
-        lines.append(f"  %r{n} = load i64, ptr %rp{n}")
-        args.append(f"i64 %r{n}")
-    fuel_index = len(signature.results)
-    lines += [
+    Like a caller, it checks the fuel of the function's entry block."""
+    cases = " ".join(f"i64 {pc}, label %enter.{pc}" for pc in entries)
+    lines = [
+        # No jump table: its relocations assume data near the code, which MCJIT's
+        # sections are not (an assertion in RuntimeDyld, seen with the medium model).
+        f"define i64 @{ENTRY_SYMBOL}(ptr noalias %ctx, i64 %pc) nounwind "
+        '"no-jump-tables"="true" {',
+        "entry:",
         f"  %fp = {_field('%ctx', 'fuel')}",
         "  %fuel = load i64, ptr %fp",
-        f"  %short = icmp slt i64 %fuel, {cost}",
-        "  br i1 %short, label %starved, label %enter",
-        "starved:",
-        f"  call {cold} void @bpf_trap(ptr %ctx, i64 {int(Status.OUT_OF_FUEL)}, i64 {pc}, "
-        f"i64 {cost}, i64 0, i64 0, i64 %fuel)",
-        f"  ret i64 {int(Status.OUT_OF_FUEL)}",
-        "enter:",
-        f"  %res = call preserve_nonecc %res.{pc} @bpf_fn_{pc}(ptr %ctx, i64 %fuel, "
-        f"{', '.join(args)})",
-        f"  %left = extractvalue %res.{pc} %res, {fuel_index}",
-        f"  %ok = icmp ne i64 %left, {UNWOUND}",
-        "  br i1 %ok, label %done, label %trapped",
-        "done:",
-        "  %out = extractvalue %res.{pc} %res, 0".replace("{pc}", str(pc)),
-        f"  %r0p = {_field('%ctx', 'regs', '0')}",
-        "  store i64 %out, ptr %r0p",
-        "  store i64 %left, ptr %fp",
-        "  ret i64 0",
+        f"  switch i64 %pc, label %unknown [ {cases} ]",
+        "unknown:",  # the runtime enters exported pcs only
+        f"  ret i64 {int(Status.PYTHON)}",
         "trapped:",
         f"  %sp = {_field('%ctx', 'status')}",
         "  %status = load i64, ptr %sp",
         "  ret i64 %status",
-        "}",
     ]
-    return "\n".join(lines)
+    for pc in entries:
+        block = blocks[pc]
+        assert block is not None
+        ty, params = f"%res.{pc}", signature[pc].params
+        lines.append(f"enter.{pc}:")
+        for n in params:
+            lines.append(f"  %rp{n}.{pc} = {_field('%ctx', 'regs', str(n))}")
+            lines.append(f"  %r{n}.{pc} = load i64, ptr %rp{n}.{pc}")
+        args = ", ".join(f"i64 %r{n}.{pc}" for n in params)
+        lines += [
+            f"  %short.{pc} = icmp slt i64 %fuel, {block.cost}",
+            f"  br i1 %short.{pc}, label %starved.{pc}, label %call.{pc}",
+            f"starved.{pc}:",
+            f"  call {cold} void @bpf_trap(ptr %ctx, i64 {int(Status.OUT_OF_FUEL)}, i64 {pc}, "
+            f"i64 {block.cost}, i64 0, i64 0, i64 %fuel)",
+            f"  ret i64 {int(Status.OUT_OF_FUEL)}",
+            f"call.{pc}:",
+            f"  %res.{pc} = call preserve_nonecc {ty} @bpf_fn_{pc}(ptr %ctx, i64 %fuel, {args})",
+            f"  %left.{pc} = extractvalue {ty} %res.{pc}, {len(signature[pc].results)}",
+            f"  %ok.{pc} = icmp ne i64 %left.{pc}, {UNWOUND}",
+            f"  br i1 %ok.{pc}, label %done.{pc}, label %trapped",
+            f"done.{pc}:",
+            f"  %out.{pc} = extractvalue {ty} %res.{pc}, 0",
+            f"  %r0p.{pc} = {_field('%ctx', 'regs', '0')}",
+            f"  store i64 %out.{pc}, ptr %r0p.{pc}",
+            f"  store i64 %left.{pc}, ptr %fp",
+            "  ret i64 0",
+        ]
+    return "\n".join([*lines, "}"])
 
 
 _BINARY = {
@@ -457,6 +474,7 @@ class _FunctionCompiler:
         self.covered: dict[int, tuple[str, str | int]] = {}
         self.copy: tuple[Loop, int] | None = None  # the copy of a loop being emitted
         self.copied = 0  # blocks emitted as copies
+        self.exits: list[tuple[str, list[str]]] = []  # (label, results and fuel) of each exit
 
     # -- emission helpers ------------------------------------------------------------
 
@@ -758,9 +776,23 @@ class _FunctionCompiler:
             head.append(f"  store i64 {value}, ptr %r{n}")
         head += self.frame_prologue() + self.prologue
         head.append(f"  br label %pc{entry}.entered")
-        unwound = ", ".join(["i64 undef"] * len(signature.results) + [f"i64 {UNWOUND}"])
-        tail = ["unwind:", f"  ret {result} {{ {unwound} }}", "}"]
-        return "\n".join(head + self.lines + self.cold + tail)
+        return "\n".join(head + self.lines + self.cold + self.epilogue())
+
+    def epilogue(self) -> list[str]:
+        """The one `ret` of the function, which every exit and the unwind path reach:
+        LLVM's fast instruction selector lowers no aggregate return, and each block it
+        does not lower costs the slow selector's time."""
+        results = len(self.signature[self.entry].results)
+        exits = [*self.exits, ("unwind", ["undef"] * results + [str(UNWOUND)])]
+        ty = f"%res.{self.entry}"
+        lines, value = ["unwind:", "  br label %return", "return:"], "undef"
+        for index in range(results + 1):
+            incoming = ", ".join(f"[ {values[index]}, %{label} ]" for label, values in exits)
+            lines.append(f"  %ret.{index} = phi i64 {incoming}")
+        for index in range(results + 1):
+            lines.append(f"  %ret.{index}.in = insertvalue {ty} {value}, i64 %ret.{index}, {index}")
+            value = f"%ret.{index}.in"
+        return [*lines, f"  ret {ty} {value}", "}"]
 
     def written(self, pcs: list[int]) -> set[int]:
         """Registers some instruction of these blocks may write (never r10: see
@@ -830,10 +862,9 @@ class _FunctionCompiler:
             self.leave(block)
             self.emit(f"br label %{self.here(block.next_pc)}")
         elif block.kind == EXIT:
-            result, ty = "undef", f"%res.{self.entry}"
-            for index, n in enumerate([*self.signature[self.entry].results, FUEL]):
-                result = self.value(f"insertvalue {ty} {result}, i64 {self.get(n)}, {index}")
-            self.emit(f"ret {ty} {result}")
+            results = [*self.signature[self.entry].results, FUEL]
+            self.exits.append((self.label, [self.get(n) for n in results]))
+            self.emit("br label %return")
         elif block.kind == CALL:
             self.local_call(block)
         else:

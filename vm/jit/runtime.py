@@ -38,7 +38,7 @@ import llvmlite.binding as llvm
 from vm.errors import Trap, TrapKind
 from vm.interpreter import Block, Op, decode_blocks, decode_op, interrupted, locate_trap
 from vm.isa import FRAME_POINTER
-from vm.jit.compiler import DISPATCH_SYMBOL, Unsupported, build_module
+from vm.jit.compiler import DISPATCH_SYMBOL, ENTRY_SYMBOL, Unsupported, build_module
 from vm.jit.context import REGION_COUNT, Access, Context, Status
 from vm.limits import Limits
 from vm.machine import Machine
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 OPTIMIZED = "jit"
 QUICK = "jit.quick"
 
-_ENTRY_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
+_ENTRY_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 _DISPATCH_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 
 # llvmlite shares LLVM's global state between threads; one compile at a time keeps
@@ -70,7 +70,8 @@ _llvm_ready = False
 class NativeCode:
     """One compiled LLVM module of a program, and what running it needs."""
 
-    entries: dict[int, Callable[[int], int]]  # pc of each function -> its native entry
+    entry: Callable[[int, int], int]  # (context address, pc of an exported function)
+    exported: frozenset[int]  # pcs `entry` enters
     helper_ops: dict[int, Op]  # call site -> the interpreter's operation for it
     frame_low: int  # bytes below r10 that unchecked frame accesses reach (0: none)
     compile_seconds: float
@@ -254,12 +255,10 @@ def _native_code(program: Program, frame_bytes: int, quick: bool) -> NativeCode:
     _optimize(native, machine, quick)
     engine = llvm.create_mcjit_compiler(native, machine)
     engine.finalize_object()
-    entries = {
-        pc: _ENTRY_TYPE(engine.get_function_address(symbol))
-        for pc, symbol in module.entries.items()
-    }
+    entry = _ENTRY_TYPE(engine.get_function_address(ENTRY_SYMBOL))
     return NativeCode(
-        entries=entries,
+        entry=entry,
+        exported=module.entries,
         helper_ops=helper_ops,
         frame_low=module.frame_low,
         compile_seconds=time.perf_counter() - start,
@@ -317,7 +316,7 @@ def runs_natively(compiled: CompiledProgram, machine: Machine) -> bool:
     return (
         compiled.native
         and compiled.fast is not None
-        and machine.entry in compiled.fast.entries
+        and machine.entry in compiled.fast.exported
         and machine.trace is None  # native code cannot report instruction by instruction
         and machine.limits.max_call_depth <= MAX_NATIVE_CALL_DEPTH
         and _deepest_frame(machine) >= 0  # native code derives the call depth from r10
@@ -379,7 +378,7 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
     try:
         if interrupt.reason is not None:  # requested before the listener was in place
             flag.value = 1
-        status = code.entries[machine.entry](address)
+        status = code.entry(address, machine.entry)
     finally:
         interrupt.listeners.remove(stop)
         del _RUNS[address]
