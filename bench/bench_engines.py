@@ -83,6 +83,7 @@ CASES = [
     Case("compute", "collatz", lambda n: [n], 20_000),
     Case("compute", "matmul", lambda n: [_buffer(4 * n * n), n], 96),
     Case("compute", "histogram", lambda n: [_buffer(n), n], 1 << 21),
+    Case("compute", "list_walk", lambda n: [bytes(16 * 1024), 1024, n], 1 << 21),
     Case("sha256", "sha256", lambda n: [_buffer(n), n, bytes(32)], 1 << 20, _sha_check),
 ]
 

@@ -145,3 +145,19 @@ u64 histogram(const u8 *p, u64 n) {
   }
   return h;
 }
+
+// Follows a linked list through the buffer, `steps` times: every load is through a
+// pointer the previous load produced (a cycle of n 16-byte nodes, built first).
+u64 list_walk(u64 *nodes, u64 n, u64 steps) {
+  for (u64 i = 0; i < n; i++) {
+    nodes[2 * i] = (u64)&nodes[2 * ((i * 7 + 1) % n)];
+    nodes[2 * i + 1] = i;
+  }
+  u64 total = 0;
+  u64 *p = nodes;
+  for (u64 s = 0; s < steps; s++) {
+    total += p[1];
+    p = (u64 *)p[0];
+  }
+  return total;
+}
