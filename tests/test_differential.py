@@ -12,6 +12,7 @@ tests/test_differential.py` runs a long one (see docs/jit.md).
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from vm.helpers import Helper, HelperChain, HelperRegistry  # noqa: E402
 from vm.isa import Instruction  # noqa: E402
 from vm.jit import compile_program  # noqa: E402
 from vm.loader import load  # noqa: E402
+from vm.memory import STACK_BASE, buffer_base  # noqa: E402
 from vm.program import Function, HelperRef, Program  # noqa: E402
 
 EXAMPLES = int(os.environ.get("BPFEXEC_DIFFERENTIAL_EXAMPLES", "150"))
@@ -504,6 +506,46 @@ def test_a_helper_writing_the_frame_replaces_a_stored_value(tier: str) -> None:
     # across a helper call: `poke` writes the frame through its pointer argument.
     result = both(loaded(POKED.encode(), "poked.s", tier), None, [], helpers=helpers)
     assert result["r0"] == 0x41
+
+
+WALK = """
+    r0 = 0
+loop:
+    r4 = *(u64 *)(r1 + 8)
+    r0 += r4
+    r1 = *(u64 *)(r1 + 0)
+    r3 += -1
+    if r3 != 0 goto loop
+    exit
+"""
+
+
+@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize(
+    "last",
+    [
+        buffer_base(1) + 64,  # the end of the second buffer: its region, out of bounds
+        buffer_base(1) + 48,  # the last node, read again: a cycle
+        buffer_base(0) + 2**31,
+        0,  # region 0, never mapped
+        buffer_base(7),  # a buffer number no run maps
+        2**64 - 8,  # region 2^32 - 1
+        STACK_BASE + 8,  # the stack: readable
+        2**36 + 16,  # region 16: a table of 16 entries would map it to region 0
+    ],
+)
+def test_a_list_walked_across_regions_faults_where_the_interpreter_does(last, tier):
+    # Nodes {next, value} alternate between two buffers, node k at 16 * (k // 2) in
+    # buffer k % 2; the optimized tier guesses that each pointer loaded from memory
+    # is in the region the one before it was.
+    buffers = [bytearray(64), bytearray(64)]
+    for k in range(8):
+        after = buffer_base((k + 1) % 2) + 16 * ((k + 1) // 2) if k < 7 else last
+        buffers[k % 2][16 * (k // 2) : 16 * (k // 2) + 16] = struct.pack("<QQ", after, k + 1)
+    program = loaded(WALK.encode(), "walk.s", tier)
+    assert both(program, None, [*map(bytes, buffers), 8])["r0"] == 36
+    for steps in (9, 12, 20):
+        both(program, None, [*map(bytes, buffers), steps])
 
 
 def loaded(code: bytes, name: str, tier: str) -> Program:

@@ -474,6 +474,7 @@ class _FunctionCompiler:
         self.covered: dict[int, tuple[str, str | int]] = {}
         self.copy: tuple[Loop, int] | None = None  # the copy of a loop being emitted
         self.copied = 0  # blocks emitted as copies
+        self.guessing = False  # whether translations guess the region (`guessed_region`)
         self.exits: list[tuple[str, list[str]]] = []  # (label, results and fuel) of each exit
 
     # -- emission helpers ------------------------------------------------------------
@@ -774,6 +775,13 @@ class _FunctionCompiler:
             head.append(f"  %r{n} = alloca i64")
             value = f"%a{n}" if n in signature.params or n == FUEL else "0"
             head.append(f"  store i64 {value}, ptr %r{n}")
+        if self.guessing:  # a region number is below 2^32: the first guess misses
+            head += [
+                "  %guess.index = alloca i64",
+                "  store i64 -1, ptr %guess.index",
+                "  %guess.base = alloca ptr",
+                "  store ptr null, ptr %guess.base",
+            ]
         head += self.frame_prologue() + self.prologue
         head.append(f"  br label %pc{entry}.entered")
         return "\n".join(head + self.lines + self.cold + self.epilogue())
@@ -1260,11 +1268,11 @@ class _FunctionCompiler:
         if region is None:
             value = self.real(root)
             number = self.value(f"lshr i64 {value}, {REGION_SHIFT}")
-            mapped = self.value(f"icmp ult i64 {number}, {REGION_COUNT}")
-            # Region 0 is never mapped (length 0): every number past the table maps there.
-            index = self.value(f"select i1 {mapped}, i64 {number}, i64 0")
+            if self.optimized and cache is self.translations:
+                index, base = self.guessed_region(number)
+            else:
+                index, base = self.region(number)
             offset = self.value(f"and i64 {value}, {OFFSET_MASK}")
-            base = self.invariant("region_base", index, "ptr")
             host = self.value(f"getelementptr i8, ptr {base}, i64 {offset}")
             region = {"index": index, "offset": offset, "host": host}
             cache[root] = region
@@ -1278,6 +1286,40 @@ class _FunctionCompiler:
             last = self.value(f"sub i64 {length}, {size - 1}")
             region[starts] = self.value(f"select i1 {fits}, i64 {last}, i64 0")
         return region
+
+    def region(self, number: str) -> tuple[str, str]:
+        """The region table's index for a region number, and the region's host base."""
+        mapped = self.value(f"icmp ult i64 {number}, {REGION_COUNT}")
+        # Region 0 is never mapped (length 0): every number past the table maps there.
+        index = self.value(f"select i1 {mapped}, i64 {number}, i64 0")
+        return index, self.invariant("region_base", index, "ptr")
+
+    def guessed_region(self, number: str) -> tuple[str, str]:
+        """`region(number)`, guessing that it is the region translated last in this
+        function: when it is, the host base comes from a register rather than from the
+        table, which takes a load off the path from a pointer loaded from memory to the
+        next load through it (a linked list, a tree). The guess is exact: it is a
+        region number below REGION_COUNT, and the table does not change during a run.
+        """
+        self.guessing = True
+        guess = self.value("load i64, ptr %guess.index")
+        same = self.value(f"icmp eq i64 {number}, {guess}")
+        hit, miss, join = self.new_label(), self.new_label(), self.new_label()
+        self.emit(f"br i1 {same}, label %{hit}, label %{miss}")
+        self.start(hit)
+        guessed_base = self.value("load ptr, ptr %guess.base")
+        self.emit(f"br label %{join}")
+        self.start(miss)
+        index, base = self.region(number)
+        self.emit(f"store i64 {index}, ptr %guess.index")
+        self.emit(f"store ptr {base}, ptr %guess.base")
+        missed = self.label
+        self.emit(f"br label %{join}")
+        self.start(join)
+        return (
+            self.value(f"phi i64 [ {guess}, %{hit} ], [ {index}, %{missed} ]"),
+            self.value(f"phi ptr [ {guessed_base}, %{hit} ], [ {base}, %{missed} ]"),
+        )
 
     def load(self, insn: Instruction, pc: int) -> None:
         size = isa.SIZE_BYTES[insn.size]
