@@ -312,7 +312,7 @@ def bench_compile(work: Path) -> None:
         data = (work / f"{source.stem}.o").read_bytes()
         for quick in (True, False):
             times = []
-            for _ in range(3):
+            for _ in range(7):  # best of 7: compiles on a shared host vary by 2x
                 program = load(data, name=source.name)  # a fresh Program: nothing cached
                 times.append(compile_program(program, quick=quick).compile_seconds)
             count = len(program.instructions)
