@@ -75,6 +75,11 @@ POLL_INTERVAL = 1 << 17
 MAX_DUPLICATION = 4
 # Offsets from r10 tracked for the frame fast path; farther ones take the checked path.
 MAX_FRAME_OFFSET = 1 << 20
+# A strided access is checked once per group only when its step is under this in
+# magnitude: a region offset is under 2^32 and a group has at most 8 rounds, so
+# `offset + k * step` then never wraps around 2^64 (see `precheck`). No step of a
+# loop that stays in one region for two rounds is this large.
+STEP_BOUND = 1 << REGION_SHIFT
 
 _FRAME = "frame"  # the root of r10 when frame accesses are unchecked
 _LENGTH = {
@@ -663,15 +668,20 @@ class _FunctionCompiler:
         """`u0.pc<head>`: check, once before a group, every round's access of each
         strided access (`vm.jit.induction`), so the copies make them unchecked.
 
-        A group starts at a backward jump, after a round that made each of these
-        accesses (its block dominates the latch) without a fault, so the step is the
-        distance between two mapped addresses: under 2^36, and `rounds * step` cannot
-        wrap around. An address moving by such a step stays inside its region from the
-        first round's address to the last one's, so both in bounds means every round's
-        is. When one is not (the loop walks off its buffer in this group), the loop goes
-        round once through the original blocks, which check each access and trap where
-        the interpreter does. The group's fuel check passed, so the original head's fuel
-        check passes too and no poll was due.
+        The check holds on its own, whatever edge enters the group: a backward jump
+        from the loop's latch, or from a block outside the body (the outer latch of a
+        rotated loop), after which no round ran with these registers. It proves, for
+        the group's `rounds + 1` rounds, that `offset + k * step` lies in the region
+        for every k:
+        - the step is under `STEP_BOUND` in magnitude (known at compile time for a
+          constant step, else compared here), so with the first offset below 2^32
+          no `offset + k * step` wraps around 2^64;
+        - the first and the last round's offsets are in bounds, and a value moving
+          linearly without wrapping stays between them.
+        When a check fails (a huge step, or the loop walks off its buffer within this
+        group), the loop goes round once through the original blocks, which check
+        each access and trap where the interpreter does. The group's fuel check
+        passed, so the original head's fuel check passes too and no poll was due.
         """
         head = loop.head
         self.start(f"u0.pc{head}")
@@ -683,6 +693,11 @@ class _FunctionCompiler:
             step: str | int = _signed(stride.step.constant)
             if stride.step.terms:
                 step = self.linear(stride.step)
+                bounded = self.value(f"add i64 {step}, {STEP_BOUND - 1}")
+                small = self.value(f"icmp ult i64 {bounded}, {2 * STEP_BOUND - 1}")
+                passed = self.value(f"and i1 {passed}, {small}")
+            elif not -STEP_BOUND < step < STEP_BOUND:
+                continue  # never in bounds twice: the copies check it themselves
             region = self.translation(self.linear(stride.start), access, size)
             starts = region[f"{_LENGTH[access]}.{size}"]
             first = self.value(f"icmp ult i64 {region['offset']}, {starts}")

@@ -12,9 +12,11 @@ first and the last round of a group once, before entering it, and the copies
 access memory with no check at all (`_FunctionCompiler.precheck`).
 
 Only accesses in blocks every round passes through (they dominate the latch)
-are returned. The compiler relies on it: the round before a group made each of
-them without a fault, which bounds the step (see `precheck`). It also keeps an
-access a round may skip from keeping the loop out of its groups for nothing.
+are returned, so that an access a round may skip does not keep the loop out of
+its groups for nothing. The check needs nothing from the path into the group:
+a group is also entered from outside the loop's body (an outer latch), where no
+round ran with the current registers, so the compiler bounds the step itself
+(see `precheck`).
 """
 
 from __future__ import annotations
