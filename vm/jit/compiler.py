@@ -257,6 +257,19 @@ def build_module(
     )
 
 
+def _predecessors(lines: Sequence[str]) -> dict[str, set[str]]:
+    """label -> the labels whose branches enter it, in a function's emitted body."""
+    entered: dict[str, set[str]] = {}
+    label = ""
+    for line in lines:
+        if not line.startswith(" "):
+            label = line[:-1]
+        elif line.startswith("  br "):
+            for target in line.split("label %")[1:]:
+                entered.setdefault(target.split(",", 1)[0].strip(), set()).add(label)
+    return entered
+
+
 # The calling convention of calls off the hot path, in the optimized tier.
 _COLD_CC = "preserve_allcc"
 
@@ -481,6 +494,12 @@ class _FunctionCompiler:
         self.copied = 0  # blocks emitted as copies
         self.guessing = False  # whether translations guess the region (`guessed_region`)
         self.exits: list[tuple[str, list[str]]] = []  # (label, results and fuel) of each exit
+        # What `check_entries` verifies. The unit being emitted (the label of an eBPF
+        # block, or of a group's precheck), and the unit that emitted each label:
+        self.unit = ""
+        self.owner: dict[str, str] = {}
+        self.handed: dict[str, str] = {}  # label -> the unit that handed it its state
+        self.group_checks: set[str] = set()  # labels reached past a group's fuel check
 
     # -- emission helpers ------------------------------------------------------------
 
@@ -503,6 +522,7 @@ class _FunctionCompiler:
     def start(self, label: str) -> None:
         self.lines.append(f"{label}:")
         self.label = label
+        self.owner[label] = self.unit
 
     def get(self, n: int) -> str:
         if n in self.unchanged:
@@ -512,6 +532,8 @@ class _FunctionCompiler:
         return self.cache[n]
 
     def set(self, n: int, value: str, root: Root | None = None) -> None:
+        if n in self.unchanged:  # `written` missed a write: hoisted translations are stale
+            raise RuntimeError(f"r{n} is written in function {self.entry}, thought unchanged")
         self.cache[n] = value
         self.dirty.add(n)
         if root is not None and abs(root[1]) < MAX_FRAME_OFFSET:
@@ -614,6 +636,7 @@ class _FunctionCompiler:
             group, single = self.new_label(), self.new_label()
             self.emit(f"br i1 {few}, label %{single}, label %{group}, !prof {COLD}")
             self.start(group)
+            self.group_checks.add(group)
             self.iterate(loop, 1, cond, fallthrough)
             self.start(single)
         left = self.value(f"sub i64 {fuel}, {block.cost}")
@@ -684,7 +707,8 @@ class _FunctionCompiler:
         passed, so the original head's fuel check passes too and no poll was due.
         """
         head = loop.head
-        self.start(f"u0.pc{head}")
+        self.unit = f"u0.pc{head}"
+        self.start(self.unit)
         self.forget()
         rounds = loop.copies - 1
         passed = "true"
@@ -706,7 +730,7 @@ class _FunctionCompiler:
             both = self.value(f"and i1 {first}, {last}")
             passed = self.value(f"and i1 {passed}, {both}")
             self.covered[pc] = (region["host"], step)
-        self.inherited[f"u1.pc{head}"] = self.state()
+        self.hand(f"u1.pc{head}")
         self.emit(f"br i1 {passed}, label %u1.pc{head}, label %pc{head}")
 
     def linear(self, form: Linear) -> str:
@@ -778,6 +802,7 @@ class _FunctionCompiler:
                     self.copied += 1
             self.copy = None
             self.covered = {}
+        self.check_entries(loops, strides)
         signature = self.signature[entry]
         params = ", ".join(f"i64 %a{n}" for n in signature.params)
         result = f"%res.{entry}"
@@ -800,6 +825,41 @@ class _FunctionCompiler:
         head += self.frame_prologue() + self.prologue
         head.append(f"  br label %pc{entry}.entered")
         return "\n".join(head + self.lines + self.cold + self.epilogue())
+
+    def check_entries(self, loops: dict[int, Loop], strides: dict[int, dict[int, Stride]]) -> None:
+        """Verify, on the emitted code, the conditions on the CFG that the elided checks
+        rest on (docs/jit.md, "Where a check is elided"); a violation is a compiler bug,
+        and the program runs on the interpreter instead (see `vm.jit`):
+        - a label handed a block's state (cached registers, roots, translations, frame
+          slots) is entered only from code of that block, so every path into it passes
+          through the point the state describes, with no store or call in between;
+        - a group (its precheck, or its first copy) is entered only past a group fuel
+          check, and copy k + 1 only from copy k: at most `copies` rounds run without
+          a fuel check, and copy k runs round k of the group its precheck checked.
+        """
+        entered_from = _predecessors(self.lines)
+        rules: list[tuple[str, Callable[[str], bool], str]] = [
+            (label, lambda p, unit=unit: self.owner.get(p) == unit, f"from {unit} only")
+            for label, unit in self.handed.items()
+        ]
+        for loop in loops.values():
+            first = f"u0.pc{loop.head}" if strides.get(loop.head) else f"u1.pc{loop.head}"
+            rules.append((first, self.group_checks.__contains__, "past a fuel check only"))
+            for copy in range(1, loop.copies):
+                prefix = f"u{copy}."
+                rules.append(
+                    (
+                        f"u{copy + 1}.pc{loop.head}",
+                        lambda p, prefix=prefix: self.owner.get(p, "").startswith(prefix),
+                        f"from copy {copy} only",
+                    )
+                )
+        for label, allowed, what in rules:
+            wrong = sorted(p for p in entered_from.get(label, ()) if not allowed(p))
+            if wrong:
+                raise RuntimeError(
+                    f"function {self.entry}: {label} must be entered {what}, not from {wrong}"
+                )
 
     def epilogue(self) -> list[str]:
         """The one `ret` of the function, which every exit and the unwind path reach:
@@ -848,6 +908,7 @@ class _FunctionCompiler:
 
     def block(self, block: Block) -> None:
         label = self.here(block.pc)
+        self.unit = label
         self.start(label)
         state = self.inherited.pop(label, None)
         if state is not None:
@@ -911,7 +972,13 @@ class _FunctionCompiler:
         """
         for pc in successors(block, self.code):
             if pc > block.pc and self.predecessors.get(pc) == 1:
-                self.inherited[self.here(pc)] = self.state()
+                self.hand(self.here(pc))
+
+    def hand(self, label: str) -> None:
+        """Hand what this block knows to the block at `label`, entered only from here
+        (`check_entries` verifies that in the emitted code)."""
+        self.inherited[label] = self.state()
+        self.handed[label] = self.unit
 
     def state(self) -> _State:
         """A copy of what this block knows, for a block it is the only way into."""
@@ -980,7 +1047,7 @@ class _FunctionCompiler:
         if self.copy is not None and self.copy[1] < self.copy[0].copies:
             loop, copy = self.copy
             if loop.single_latch:  # the next copy's head has this block as its only way in
-                self.inherited[f"u{copy + 1}.pc{loop.head}"] = self.state()
+                self.hand(f"u{copy + 1}.pc{loop.head}")
             self.iterate(loop, copy + 1, cond, fallthrough)
             return
         # The interpreter polls after choosing the next pc, either way, and traps there.
