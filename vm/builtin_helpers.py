@@ -17,6 +17,16 @@ outside the kernel's range, for programs that call them by number:
 
 Every memory access goes through the helper context, so it is bounds-checked
 exactly like the program's own loads and stores.
+
+Fuel: on top of the call instruction, a helper that works on memory charges
+1 fuel per 8 bytes it works on, rounded up (`vm.helpers.BYTES_PER_FUEL`),
+before doing the work: `memcpy`, `memcmp` and `memset` their `n`, `strnlen` and
+each `%s` of `bpf_trace_printk` the bytes they scan (the NUL included),
+`bpf_trace_printk` its `fmt_size`. A range that is out of bounds traps
+MEMORY_FAULT first; a budget that cannot pay traps OUT_OF_FUEL with the work
+not done. The work itself runs at C speed (`bytes.find`, memoryview copies,
+chunked compares), never a Python loop per byte; docs/hardening.md has the
+figures behind the rate.
 """
 
 from __future__ import annotations
@@ -25,11 +35,12 @@ import random
 import re
 import time
 
-from vm import HelperContext, HelperRegistry
+from vm import HelperContext, HelperRegistry, Trap, TrapKind
 
 MASK64 = (1 << 64) - 1
 MEMORY_HELPERS_BASE = 0x10000
 PRINTK_MAX_STRING = 1024  # bytes read for one %s
+COMPARE_CHUNK = 64 << 10  # memcmp compares this many bytes at a time
 
 
 def standard_helpers() -> HelperRegistry:
@@ -59,8 +70,11 @@ def bpf_trace_printk(ctx: HelperContext, fmt: int, fmt_size: int, *args: int) ->
     Supports %d %i %u %x %X %c %s %p %% with the length modifiers l and ll; the
     format is `fmt_size` bytes at `fmt` (its NUL, if any, ends it). A trailing
     newline is dropped, since each call is one line. Returns the line's length.
+    Costs 1 fuel per 8 bytes of `fmt_size`, and of each %s string scanned.
     """
-    text = ctx.read(fmt, fmt_size).split(b"\0", 1)[0].decode("utf-8", "replace")
+    view = ctx.view(fmt, fmt_size)  # a bad range is a MEMORY_FAULT before any charge
+    ctx.charge_bytes(fmt_size, f"a format of {fmt_size} bytes")
+    text = bytes(view).split(b"\0", 1)[0].decode("utf-8", "replace")
     line = format_printk(ctx, text, args[:3])
     ctx.log(line.removesuffix("\n"))
     return len(line.encode())
@@ -96,33 +110,76 @@ def format_printk(ctx: HelperContext, fmt: str, args: tuple[int, ...]) -> str:
             return chr(value & 0xFF)
         if conv == "p":
             return f"0x{value:x}"
-        return ctx.read_cstring(value, PRINTK_MAX_STRING).decode("utf-8", "replace")
+        return read_cstring_charged(ctx, value, PRINTK_MAX_STRING).decode("utf-8", "replace")
 
     return _CONVERSION.sub(convert, fmt)
 
 
+def read_cstring_charged(ctx: HelperContext, addr: int, max_len: int) -> bytes:
+    """The NUL-terminated string at `addr` (at most `max_len` bytes), paid for.
+
+    The cost is 1 fuel per 8 bytes scanned, the NUL included (`max_len` when
+    there is none within it). The scan never goes beyond what the fuel left pays
+    for: a string that goes on past that is OUT_OF_FUEL, nothing charged and
+    nothing more scanned, so a small budget buys a small scan.
+    """
+    affordable = ctx.affordable_bytes()
+    limit = max_len if affordable is None else min(max_len, affordable)
+    text = ctx.read_cstring(addr, limit)
+    if len(text) < limit:
+        scanned = len(text) + 1  # the NUL
+    elif limit == max_len:
+        scanned = max(max_len, 0)
+    else:
+        raise Trap(
+            TrapKind.OUT_OF_FUEL,
+            f"helper {ctx.helper}: the string at {addr:#x} goes on past the {limit} bytes "
+            f"the {ctx.fuel_left} fuel left pays for",
+        )
+    ctx.charge_bytes(scanned, f"scanning {scanned} bytes")
+    return text
+
+
 def memcpy(ctx: HelperContext, dst: int, src: int, n: int, *_: int) -> int:
-    """Copy n bytes from src to dst (overlapping ranges are fine); returns dst."""
-    ctx.write(dst, ctx.read(src, n))
+    """Copy n bytes from src to dst (overlapping ranges are fine); returns dst.
+    Costs 1 fuel per 8 bytes of n."""
+    source, target = ctx.view(src, n), ctx.view(dst, n, write=True)
+    ctx.charge_bytes(n, f"copying {n} bytes")
+    target[:] = source  # memmove: overlapping ranges copy as if through a buffer
     return dst
 
 
 def memcmp(ctx: HelperContext, a: int, b: int, n: int, *_: int) -> int:
-    """Compare n bytes: negative, zero or positive like C's memcmp."""
-    left, right = ctx.read(a, n), ctx.read(b, n)
-    for x, y in zip(left, right, strict=True):
+    """Compare n bytes: negative, zero or positive like C's memcmp (the difference of
+    the first bytes that differ, modulo 2**64). Costs 1 fuel per 8 bytes of n."""
+    left, right = ctx.view(a, n), ctx.view(b, n)
+    ctx.charge_bytes(n, f"comparing {n} bytes")
+    for start in range(0, n, COMPARE_CHUNK):
+        x = bytes(left[start : start + COMPARE_CHUNK])
+        y = bytes(right[start : start + COMPARE_CHUNK])
         if x != y:
-            return (x - y) & MASK64
+            # The first byte that differs: the highest set bit of x ^ y, read big-endian.
+            diff = int.from_bytes(x, "big") ^ int.from_bytes(y, "big")
+            at = len(x) - 1 - (diff.bit_length() - 1) // 8
+            return (x[at] - y[at]) & MASK64
     return 0
 
 
 def memset(ctx: HelperContext, dst: int, c: int, n: int, *_: int) -> int:
-    """Fill n bytes at dst with the byte c; returns dst."""
-    # Reading first checks the range, so a huge n traps instead of allocating n bytes.
-    ctx.write(dst, bytes([c & 0xFF]) * len(ctx.read(dst, n)))
+    """Fill n bytes at dst with the byte c; returns dst. Costs 1 fuel per 8 bytes of n."""
+    target = ctx.view(dst, n, write=True)  # checks the range: a huge n traps, allocates nothing
+    ctx.charge_bytes(n, f"filling {n} bytes")
+    if n:
+        target[0] = c & 0xFF
+        done = 1
+        while done < n:  # double the filled prefix: log2(n) copies, no n-byte temporary
+            step = min(done, n - done)
+            target[done : done + step] = target[:step]
+            done += step
     return dst
 
 
 def strnlen(ctx: HelperContext, s: int, maxlen: int, *_: int) -> int:
-    """Length of the NUL-terminated string at s, at most maxlen."""
-    return len(ctx.read_cstring(s, maxlen))
+    """Length of the NUL-terminated string at s, at most maxlen. Costs 1 fuel per 8
+    bytes scanned (the NUL included); the scan stops where the fuel left does."""
+    return len(read_cstring_charged(ctx, s, maxlen))

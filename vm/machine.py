@@ -100,6 +100,9 @@ class Machine:
     helper_calls: int = 0
     trace: TraceFn | None = None
 
+    def __post_init__(self) -> None:
+        self.context.bind(self)  # helpers charge fuel for their memory work (vm.helpers)
+
     def call_helper(self, helper: Helper, pc: int) -> None:
         """Call `helper` with r1..r5, leave the result in r0; any failure is a trap."""
         regs = self.registers
