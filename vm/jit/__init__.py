@@ -10,9 +10,10 @@ the import fails with an ImportError that says so, and callers use the
 interpreter. Nothing else in `vm` imports this package at import time.
 
 The package is split by concern: `context` (the C struct native code and
-Python share), `compiler` (eBPF to LLVM IR), `runtime` (code generation,
-running, helper dispatch, traps). This module only chooses between native code
-and the interpreter for one run.
+Python share), `compiler` (eBPF to LLVM IR), `limits` (how big a module each
+tier takes), `runtime` (code generation, running, helper dispatch, traps),
+`worker` (compile worker processes and the server's fair compile queue). This
+module only chooses between native code and the interpreter for one run.
 """
 
 from __future__ import annotations
@@ -26,15 +27,24 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from vm.interpreter import Interpreter
 from vm.jit.runtime import (
+    CompileAbandoned,
     CompiledProgram,
     best_compiled,
+    compile_best,
     compile_program,
     run_native,
     runs_natively,
 )
 from vm.machine import Machine
 
-__all__ = ["CompiledProgram", "Jit", "best_compiled", "compile_program"]
+__all__ = [
+    "CompileAbandoned",
+    "CompiledProgram",
+    "Jit",
+    "best_compiled",
+    "compile_best",
+    "compile_program",
+]
 
 
 class Jit:
@@ -45,8 +55,8 @@ class Jit:
 
     def run(self, machine: Machine) -> int:
         # The best tier compiled so far (the server compiles both in the background),
-        # else the optimized one, now.
-        compiled = best_compiled(machine.program) or compile_program(machine.program)
+        # else the best one the program is within the limits of, now.
+        compiled = best_compiled(machine.program) or compile_best(machine.program)
         if runs_natively(compiled, machine):
             return run_native(compiled, machine)
         return Interpreter().run(machine)

@@ -40,6 +40,7 @@ from vm.interpreter import Block, Op, decode_blocks, decode_op, interrupted, loc
 from vm.isa import FRAME_POINTER
 from vm.jit.compiler import DISPATCH_SYMBOL, ENTRY_SYMBOL, Unsupported, build_module
 from vm.jit.context import REGION_COUNT, Access, Context, Status
+from vm.jit.limits import TierLimits, over_limit, tier_limits
 from vm.limits import Limits
 from vm.machine import Machine
 from vm.memory import OFFSET_MASK, REGION_SHIFT
@@ -60,10 +61,21 @@ QUICK = "jit.quick"
 _ENTRY_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 _DISPATCH_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 
-# llvmlite shares LLVM's global state between threads; one compile at a time keeps
-# it consistent (a compile takes milliseconds, runs never take this lock).
+# llvmlite shares LLVM's global state between threads; one LLVM operation at a time
+# keeps it consistent: code generation in this process, and loading object code a
+# compile worker made (`vm.jit.worker`), which takes about a millisecond. IR
+# generation (Python) and waiting for a worker happen outside it; runs never take it.
 _LLVM_LOCK = threading.RLock()
 _llvm_ready = False
+
+# `emit(ir_text, quick) -> object code`: where LLVM turns the IR into machine code
+# (`emit_object` in this process, or a compile worker process).
+Emit = Callable[[str, bool], bytes]
+
+
+class CompileAbandoned(Exception):
+    """The compile was given up (a timeout, or the server shutting down): the program
+    stays on the tier it has, and nothing is wrong with it or with the compiler."""
 
 
 @dataclass
@@ -77,8 +89,8 @@ class NativeCode:
     compile_seconds: float
     functions: int  # LLVM functions generated
     blocks: int  # eBPF blocks translated
-    ir_text: str = field(repr=False)  # the module as generated, before optimization
     engine: object = field(repr=False)  # owns the machine code: keep it alive
+    object_bytes: int = 0  # size of the object code loaded
 
 
 @dataclass
@@ -98,10 +110,20 @@ class CompiledProgram:
     quick: bool = False  # the first tier: compiled fast, runs a few times slower
     failed: bool = False  # the fallback is a fault of the compiler, not the program
     checked_fallback: str = ""  # non-empty: why the checked variant is not compiled
+    # Why a tier was not compiled although nothing is wrong: "limit" (over the tier's
+    # size limits, `vm.jit.limits`) or "abandoned" (a timeout, a shutdown).
+    refused: str = ""
 
     @property
     def native(self) -> bool:
         return not self.fallback
+
+    @property
+    def reason(self) -> str:
+        """Why the tier fell back: compiler_error, limit, abandoned or unsupported."""
+        if self.failed:
+            return "compiler_error"
+        return self.refused or "unsupported"
 
     @property
     def compile_seconds(self) -> float:
@@ -119,7 +141,7 @@ class CompiledProgram:
                 if self.checked is None and not self.checked_fallback:
                     try:
                         self.checked = _native_code(self.program, 0, self.quick)
-                    except Exception as exc:
+                    except Exception as exc:  # no CompileAbandoned: compiled here
                         self.checked_fallback = _compiler_fault(self.program, exc)
         return self.checked
 
@@ -181,40 +203,78 @@ def _interpreter_blocks(program: Program) -> list[Block | None]:
     return blocks  # type: ignore[no-any-return]
 
 
-def compile_program(program: Program, *, quick: bool = False) -> CompiledProgram:
+def compile_program(
+    program: Program,
+    *,
+    quick: bool = False,
+    emit: Emit | None = None,
+    limits: TierLimits | None = None,
+) -> CompiledProgram:
     """The native code of `program`, compiled on first use and cached with it.
 
     `quick` asks for the first tier: LLVM's fast instruction selection and
     register allocation after SROA alone, several times quicker to compile and
-    several times slower to run than the default, optimized tier.
+    several times slower to run than the default, optimized tier. A program over
+    the tier's size limits (`limits`, default `vm.jit.limits.tier_limits(quick)`)
+    is not compiled: its CompiledProgram says why (`refused == "limit"`). `emit`
+    generates the machine code (default: in this process; the server passes a
+    compile worker's, `vm.jit.worker`).
+    A compile that raises `CompileAbandoned` is not cached: it may be asked again.
     """
     key = QUICK if quick else OPTIMIZED
     compiled = program.compiled.get(key)
     if compiled is None:
-        with _LLVM_LOCK:
+        with program.compiled.setdefault(key + ".lock", threading.Lock()):
             compiled = program.compiled.get(key)
             if compiled is None:
-                compiled = _compile(program, quick)
-                program.compiled[key] = compiled
+                compiled = _compile(program, quick, emit, limits)
+                if compiled.refused != "abandoned":
+                    program.compiled[key] = compiled
     return compiled  # type: ignore[no-any-return]
 
 
+def compile_best(program: Program) -> CompiledProgram:
+    """The optimized tier if the program is within its limits, else the quick one
+    (which says why it is not native, if it is not)."""
+    optimized = compile_program(program)
+    if optimized.native or optimized.refused != "limit":
+        return optimized
+    return compile_program(program, quick=True)
+
+
 def best_compiled(program: Program) -> CompiledProgram | None:
-    """The best tier of native code compiled so far for `program`, if any."""
-    return program.compiled.get(OPTIMIZED) or program.compiled.get(QUICK)  # type: ignore[return-value]
+    """The best tier of native code compiled so far for `program`, if any (else the
+    first tier that fell back, which says why)."""
+    tiers = [program.compiled.get(key) for key in (OPTIMIZED, QUICK)]
+    for compiled in tiers:
+        if compiled is not None and compiled.native:
+            return compiled  # type: ignore[no-any-return]
+    return next((c for c in tiers if c is not None), None)
 
 
-def _compile(program: Program, quick: bool) -> CompiledProgram:
+def _compile(
+    program: Program, quick: bool, emit: Emit | None = None, limits: TierLimits | None = None
+) -> CompiledProgram:
     if sys.byteorder != "little":
         return CompiledProgram(program, "eBPF memory is little-endian; this host is not")
     try:
-        _interpreter_blocks(program)
+        blocks = _interpreter_blocks(program)
     except Exception as exc:  # the interpreter reports it when the program runs
         return CompiledProgram(program, f"the interpreter cannot decode it: {exc}")
+    too_big = over_limit(program, blocks, limits or tier_limits(quick))
+    if too_big is not None:
+        tier = "quick" if quick else "optimized"
+        return CompiledProgram(
+            program, f"too big for the {tier} tier: {too_big}", quick=quick, refused="limit"
+        )
     try:
-        fast = _native_code(program, FRAME_BYTES, quick)
+        fast = _native_code(program, FRAME_BYTES, quick, emit)
     except Unsupported as exc:
         return CompiledProgram(program, str(exc))
+    except CompileAbandoned as exc:
+        log.warning("JIT compile of %s abandoned: %s", program.name, exc)
+        reason = f"compile abandoned: {exc}"
+        return CompiledProgram(program, reason, quick=quick, refused="abandoned")
     except Exception as exc:  # a bug of ours or LLVM's must not fail the program's runs
         return CompiledProgram(program, _compiler_fault(program, exc), quick=quick, failed=True)
     return CompiledProgram(program, fast=fast, quick=quick)
@@ -234,28 +294,17 @@ def _compiler_fault(program: Program, exc: Exception) -> str:
 _CODE_MODEL = "medium" if llvm.get_default_triple().startswith("x86_64") else "jitdefault"
 
 
-def _native_code(program: Program, frame_bytes: int, quick: bool) -> NativeCode:
+def _native_code(
+    program: Program, frame_bytes: int, quick: bool, emit: Emit | None = None
+) -> NativeCode:
     start = time.perf_counter()
     blocks = _interpreter_blocks(program)
     module = build_module(
         program, blocks, [fn.pc for fn in program.functions], frame_bytes, optimized=not quick
     )
     helper_ops = {pc: decode_op(program, pc) for pc in module.helper_pcs}
-    _prepare_llvm()
-    native = llvm.parse_assembly(module.text)
-    native.verify()
-    target = llvm.Target.from_default_triple()
-    machine = target.create_target_machine(
-        cpu=llvm.get_host_cpu_name(),
-        features=llvm.get_host_cpu_features().flatten(),
-        opt=0 if quick else 2,
-        jit=True,
-        codemodel=_CODE_MODEL,
-    )
-    _optimize(native, machine, quick)
-    engine = llvm.create_mcjit_compiler(native, machine)
-    engine.finalize_object()
-    entry = _ENTRY_TYPE(engine.get_function_address(ENTRY_SYMBOL))
+    code = (emit or emit_object)(module.text, quick)
+    engine, entry = _load_object(code, quick)
     return NativeCode(
         entry=entry,
         exported=module.entries,
@@ -264,9 +313,51 @@ def _native_code(program: Program, frame_bytes: int, quick: bool) -> NativeCode:
         compile_seconds=time.perf_counter() - start,
         functions=module.functions,
         blocks=module.blocks,
-        ir_text=module.text,
         engine=engine,
+        object_bytes=len(code),
     )
+
+
+def _target_machine(quick: bool) -> llvm.TargetMachine:
+    """The host's target machine, the same in this process and in compile workers."""
+    target = llvm.Target.from_default_triple()
+    return target.create_target_machine(
+        cpu=llvm.get_host_cpu_name(),
+        features=llvm.get_host_cpu_features().flatten(),
+        opt=0 if quick else 2,
+        jit=True,
+        codemodel=_CODE_MODEL,
+    )
+
+
+def emit_object(text: str, quick: bool) -> bytes:
+    """LLVM IR text to an object file for this host (parse, verify, passes, codegen).
+
+    Everything a module calls outside itself is named, never an address: the
+    dispatcher is `DISPATCH_SYMBOL`, which `_load_object` resolves at load time
+    (`llvm.add_symbol`), so the object may come from another process.
+    """
+    with _LLVM_LOCK:
+        _prepare_llvm()
+        native = llvm.parse_assembly(text)
+        native.verify()
+        machine = _target_machine(quick)
+        _optimize(native, machine, quick)
+        return bytes(machine.emit_object(native))
+
+
+def _load_object(code: bytes, quick: bool) -> tuple[object, Callable[[int, int], int]]:
+    """Load object code into an engine of its own; the engine (keep it alive) and the
+    entry. Relocation and symbol resolution are linear and take about a millisecond."""
+    with _LLVM_LOCK:
+        _prepare_llvm()
+        engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _target_machine(quick))
+        engine.add_object_file(llvm.ObjectFileRef.from_data(code))
+        engine.finalize_object()
+        address = engine.get_function_address(ENTRY_SYMBOL)
+    if not address:
+        raise RuntimeError(f"the object code has no {ENTRY_SYMBOL}")
+    return engine, _ENTRY_TYPE(address)
 
 
 def _optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine, quick: bool) -> None:
