@@ -25,14 +25,14 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from client._pb.bpfexec.v1 import executor_pb2, executor_pb2_grpc
+from client._pb.bpfexec.v1 import executor_pb2
 from server.admission import RequestLimit
 from server.auth import Authenticator, server_credentials
 from server.executor import ExecutionService
 from server.metrics import Metrics
 from server.registry import build_registry
 from server.request_log import RequestLogInterceptor
-from server.service import ExecutorServicer
+from server.service import ExecutorServicer, add_to_server
 from server.settings import Settings
 from server.store import ModuleStore
 
@@ -98,6 +98,17 @@ async def start(settings: Settings) -> RunningServer:
         store=ModuleStore(settings.store, metrics) if settings.store else None,
         # Without authentication every caller is the same tenant.
         shared_modules=settings.shared_modules or authenticator is None,
+        jit_compile_workers=settings.jit_compile_workers,
+        jit_compile_timeout=settings.jit_compile_timeout,
+        jit_compile_memory_bytes=settings.jit_compile_memory_bytes,
+        jit_quick_limits=(
+            settings.jit_quick_max_function_instructions,
+            settings.jit_quick_max_instructions,
+        ),
+        jit_optimized_limits=(
+            settings.jit_optimized_max_function_instructions,
+            settings.jit_optimized_max_instructions,
+        ),
     )
     if service.store is not None:
         restored = await asyncio.to_thread(service.restore)
@@ -123,7 +134,17 @@ async def start(settings: Settings) -> RunningServer:
             *([("grpc.so_reuseport", 1)] if settings.workers > 1 else []),
         ],
     )
-    executor_pb2_grpc.add_ExecutorServicer_to_server(ExecutorServicer(service, tenant_of), server)
+    # Not the generated add_ExecutorServicer_to_server: the same handlers, with
+    # deserializers that answer INVALID_ARGUMENT for bytes that do not parse.
+    servicer = ExecutorServicer(
+        service,
+        tenant_of,
+        max_name_bytes=settings.max_name_bytes,
+        max_offered_helpers=settings.max_offered_helpers,
+        max_memory_read_bytes=settings.max_memory_read_bytes,
+        max_stream_outbox_bytes=settings.max_stream_outbox_bytes,
+    )
+    add_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):

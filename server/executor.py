@@ -15,6 +15,12 @@ at once (`Overloaded`) rather than queued:
 a client retrying elsewhere beats one waiting an unknown time behind a
 program that may run until its fuel is gone.
 
+With the JIT, an upload queues its module's quick tier, then its optimized
+one, on a `vm.jit.worker.CompileQueue`: worker processes do LLVM's work, every
+quick tier goes before any optimized one and smaller modules first, a tier over
+its size limits (`vm.jit.limits`) is refused at once, and shutdown abandons
+compiles instead of waiting for them.
+
 A deadline becomes an interrupt of the running program; a cancelled request
 (the client went away, the server is shutting down) interrupts it too, and its
 thread is only given back once the program has actually stopped.
@@ -29,12 +35,12 @@ returns, and a module missing from the cache is read back from the store.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from server.cache import CachedModule, ModuleCache
 from server.metrics import Metrics
@@ -57,6 +63,10 @@ from vm import (
 from vm.helpers import HelperFn, HelperResolver
 from vm.loader import load
 from vm.machine import Argument
+
+if TYPE_CHECKING:
+    from vm.jit.limits import TierLimits
+    from vm.jit.worker import CompileQueue, CompileWorker
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +134,12 @@ class ExecutionService:
         remote_helper_timeout: float = 10.0,
         store: ModuleStore | None = None,
         shared_modules: bool = True,
+        jit_compile_workers: int = 2,
+        jit_compile_timeout: float = 60.0,
+        jit_compile_memory_bytes: int = 2 << 30,
+        # (instructions per function, instructions in all) of the quick and optimized tiers
+        jit_quick_limits: tuple[int, int] = (65536, 131072),
+        jit_optimized_limits: tuple[int, int] = (4096, 16384),
     ) -> None:
         self.limits = limits
         self.remote_helper_timeout = remote_helper_timeout  # seconds per remote helper call
@@ -136,14 +152,29 @@ class ExecutionService:
         self._registry = helpers
         self._helpers = _counted(helpers, metrics)
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._closing = False
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="bpfexec-execute")
-        self._compiler = ThreadPoolExecutor(1, thread_name_prefix="bpfexec-jit")
         # The JIT's lookup of a program's best native code; None on the interpreter.
         self._best_compiled: Callable[[Program], object] | None = None
+        self._compiles: CompileQueue | None = None
+        self._tier_limits: dict[bool, TierLimits] = {}
+        self.jit_compile_timeout = jit_compile_timeout
         if engine == "jit":
             from vm.jit import best_compiled
+            from vm.jit.limits import TierLimits
+            from vm.jit.worker import CompileQueue
 
             self._best_compiled = best_compiled
+            self._tier_limits = {
+                True: TierLimits.of(*jit_quick_limits),
+                False: TierLimits.of(*jit_optimized_limits),
+            }
+            # Compile workers (processes) in priority order; 0: LLVM in this process.
+            self._compiles = CompileQueue(
+                max(1, jit_compile_workers),
+                processes=jit_compile_workers > 0,
+                memory_bytes=jit_compile_memory_bytes,
+            )
 
     # Modules
 
@@ -152,40 +183,71 @@ class ExecutionService:
         return await asyncio.to_thread(self._accept, code, name, tenant)
 
     def _accept(self, code: bytes, name: str | None, tenant: str) -> CachedModule:
-        module = self.cache.load(code, lambda data: self._load(data, name))
+        module = self._cache_load(code, name, self._namespace(tenant))
         added = tenant not in module.tenants
         module.tenants.add(tenant)
         if self.store is not None and (added or not self.store.has(module.id)):
             # On disk before the upload is answered: nothing accepted is lost by a restart.
-            self.store.save(module.id, code, name, module.tenants)
+            self.store.add_tenant(module.id, code, name, tenant)
+        return module
+
+    def _namespace(self, tenant: str) -> str:
+        """The cache namespace of `tenant`'s modules: its own unless modules are shared, so
+        an upload never hits, nor is faster for, another tenant's copy of the same bytes."""
+        return "" if self.shared_modules else tenant
+
+    def _cache_load(self, code: bytes, name: str | None, namespace: str) -> CachedModule:
+        """The cached module for `code`, loaded if it is not cached; a module the cache
+        took just now has its JIT tiers queued (one it refused is never compiled)."""
+        loaded: list[Program] = []
+
+        def loader(data: bytes) -> Program:
+            loaded.append(self._load(data, name))
+            return loaded[0]
+
+        module = self.cache.load(code, loader, namespace)
+        if self._compiles is not None and loaded and module.program is loaded[0]:
+            # Compiling takes longer than loading; the interpreter serves until it is done.
+            self._queue_compile(module.program, quick=True)
         return module
 
     def _load(self, code: bytes, name: str | None) -> Program:
         start = time.perf_counter()
         program = load(code, name or "<module>", self.limits)
         self.metrics.load_seconds.observe(time.perf_counter() - start)
-        if self.engine == "jit":
-            # Compiling takes longer than loading; the interpreter serves until it is done.
-            self._compiler.submit(self._compile, program)
         return program
 
-    def _compile(self, program: Program, quick: bool = True) -> None:
-        """Compile the quick tier, then queue the optimized one behind the modules
-        already waiting, so that every new module gets native code soon."""
+    def _queue_compile(self, program: Program, quick: bool) -> None:
+        """Every quick tier before any optimized one, smaller modules first within a
+        tier: a huge module never holds back the first native code of the others."""
+        assert self._compiles is not None
+        priority = (0 if quick else 1, len(program.instructions))
+        self._compiles.submit(priority, lambda worker: self._compile(program, quick, worker))
+
+    def _compile(
+        self, program: Program, quick: bool = True, worker: CompileWorker | None = None
+    ) -> None:
+        """Compile one tier (in `worker`'s process, if any); after the quick tier,
+        queue the optimized one. A tier over its size limits (`vm.jit.limits`) is
+        refused at once, and the module keeps the tier below."""
         from vm.jit import compile_program
 
         start = time.perf_counter()
-        compiled = compile_program(program, quick=quick)
+        emit = worker.emitter(self.jit_compile_timeout) if worker is not None else None
+        compiled = compile_program(program, quick=quick, emit=emit, limits=self._tier_limits[quick])
         seconds = time.perf_counter() - start
+        if compiled.refused == "abandoned" and self._closing:
+            return  # shutting down: nothing to count
         if not compiled.native:
-            reason = "compiler_error" if compiled.failed else "unsupported"
-            self.metrics.jit_fallbacks.labels("quick" if quick else "optimized", reason).inc()
+            tier = "quick" if quick else "optimized"
+            self.metrics.jit_fallbacks.labels(tier, compiled.reason).inc()
+            log.info("JIT %s tier of %s: %s", tier, program.name, compiled.fallback)
+        self.cache.refresh()  # count the native code, and evict to make room for it
         if not quick:
             self.metrics.jit_compile_seconds.observe(seconds)
             return
         self.metrics.jit_quick_compile_seconds.observe(seconds)
-        with contextlib.suppress(RuntimeError):  # shutting down: the quick tier serves
-            self._compiler.submit(self._compile, program, False)
+        self._queue_compile(program, quick=False)
 
     def _engine_for(self, program: Program) -> str:
         """The JIT once a tier of the program's native code is ready, the interpreter before."""
@@ -195,9 +257,9 @@ class ExecutionService:
 
     async def get(self, module_id: str, tenant: str = "") -> CachedModule:
         """The module if `tenant` may see it, from the cache or else the store."""
-        module = self.cache.get(module_id)
+        module = self.cache.get(module_id, self._namespace(tenant))
         if module is None and self.store is not None:
-            module = await asyncio.to_thread(self._restore, module_id)
+            module = await asyncio.to_thread(self._restore, module_id, tenant)
         if module is None or not self._visible(module, tenant):
             raise ModuleNotFound(module_id)
         return module
@@ -211,13 +273,11 @@ class ExecutionService:
         module = await self.get(module_id, tenant)
         module.tenants.discard(tenant)
         if self.shared_modules or not module.tenants:
-            self.cache.delete(module_id)
-            if self.store is not None:
-                await asyncio.to_thread(self.store.delete, module_id)
-        elif self.store is not None:
-            await asyncio.to_thread(
-                self.store.set_tenants, module_id, module.program.name, module.tenants
-            )
+            self.cache.delete(module_id, self._namespace(tenant))
+        if self.store is not None and self.shared_modules:
+            await asyncio.to_thread(self.store.delete, module_id)
+        elif self.store is not None:  # other tenants' uploads of the same bytes stay
+            await asyncio.to_thread(self.store.remove_tenant, module_id, tenant)
 
     def restore(self) -> int:
         """Load every stored module into the cache (oldest first); the count loaded."""
@@ -225,17 +285,26 @@ class ExecutionService:
             return 0
         return sum(self._restore(module_id) is not None for module_id in self.store.ids())
 
-    def _restore(self, module_id: str) -> CachedModule | None:
+    def _restore(self, module_id: str, tenant: str | None = None) -> CachedModule | None:
+        """Load a stored module into the cache for `tenant`, if it uploaded it, or (None, at
+        start-up) for every tenant that did, each in its namespace; the last one loaded."""
         assert self.store is not None
+        visible = self.shared_modules or tenant is None
+        if not visible and tenant not in self.store.tenants(module_id):
+            return None  # another tenant's bytes: not even read
         stored = self.store.read(module_id)  # None if absent or corrupt
         if stored is None:
             return None
-        try:
-            module = self.cache.load(stored.code, lambda data: self._load(data, stored.name))
-        except (LoadError, LimitError) as exc:  # stricter limits or verifier since it was stored
-            log.warning("module store: %s no longer loads, not served: %s", module_id, exc)
-            return None
-        module.tenants.update(stored.tenants)
+        owners = [None] if self.shared_modules else [tenant] if tenant else sorted(stored.tenants)
+        module = None
+        for owner in owners:
+            name = stored.name_for(owner)
+            try:
+                module = self._cache_load(stored.code, name, owner or "")
+            except (LoadError, LimitError) as exc:  # stricter limits or verifier since stored
+                log.warning("module store: %s no longer loads, not served: %s", module_id, exc)
+                return None
+            module.tenants.update(stored.tenants if owner is None else {owner})
         return module
 
     def _visible(self, module: CachedModule, tenant: str) -> bool:
@@ -349,9 +418,13 @@ class ExecutionService:
         self.metrics.record_execution(outcome, seconds, result.fuel_used)
 
     def close(self, wait: bool = True) -> None:
-        """Stop the pool; running executions finish unless interrupted first."""
+        """Stop the pool; running executions finish unless interrupted first. Compiles
+        never hold this up: queued ones are dropped, running ones abandoned (their
+        worker processes killed; IR generation on a daemon thread is left behind)."""
+        self._closing = True
+        if self._compiles is not None:
+            self._compiles.close()
         self._pool.shutdown(wait=wait, cancel_futures=True)
-        self._compiler.shutdown(wait=wait, cancel_futures=True)
 
 
 def _counted(registry: HelperRegistry, metrics: Metrics) -> HelperRegistry:

@@ -14,6 +14,20 @@ A lock guards "which call is pending" so a memory access cannot slip in after
 the worker gave up on its call. Nothing here knows gRPC: the servicer turns
 messages into these calls and `HelperCall`s into messages, so this protocol
 logic is tested without a network.
+
+What one stream may cost the server is bounded:
+
+- a `MemoryRead` asks for at most `max_read` bytes (`max_memory_read_bytes`,
+  1 MiB by default); a larger one is answered with an error and changes
+  nothing. Reads beyond `INLINE_READ_BYTES` run on a worker thread
+  (`read_async`), never on the event loop that serves every other client, and
+  a NUL is looked for with `bytes.find`, not byte by byte;
+- `Outbox` holds the answers waiting to be written to the client, at most
+  `max_stream_outbox_bytes` of them (and `OUTBOX_MAX_MESSAGES`). When it is
+  full the servicer stops reading the client's requests until the client
+  reads its answers: HTTP/2 flow control then holds the client back, and a
+  client that never reads is left to the call's deadline, the remote helper
+  timeout and `max_concurrent_requests`, with no more than that memory held.
 """
 
 from __future__ import annotations
@@ -21,16 +35,26 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from server.executor import ServiceError
 from server.metrics import Metrics
 from vm import Helper, HelperContext, HelperRef, Trap, TrapKind
 
 HelperKey = int | str  # the offered number or name a call site matched
+
+DEFAULT_MAX_READ_BYTES = 1 << 20  # the default of Settings.max_memory_read_bytes
+DEFAULT_OUTBOX_BYTES = 2 << 20  # the default of Settings.max_stream_outbox_bytes
+OUTBOX_MAX_MESSAGES = 256  # answers queued per stream, whatever their size
+# Reads up to this size run on the event loop: a copy this small (microseconds)
+# costs less than the hand-off to a thread, which larger ones take.
+INLINE_READ_BYTES = 64 << 10
+MESSAGE_OVERHEAD = 64  # bytes counted for an answer besides its data
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,7 @@ class RemoteHelpers:
         metrics: Metrics,
         send: Callable[[HelperCall], object],
         loop: asyncio.AbstractEventLoop,
+        max_read: int = DEFAULT_MAX_READ_BYTES,
     ) -> None:
         refs = [HelperRef(number=n) for n in numbers] + [HelperRef(name=n) for n in names]
         shadowed = [str(ref) for ref in refs if shadows(ref)]
@@ -102,6 +127,7 @@ class RemoteHelpers:
             count = metrics.remote_helper_counter(str(ref))
             self._helpers[key] = Helper(_RemoteFn(self, key, count), ref.number, ref.name)
         self._timeout = timeout
+        self.max_read = max_read  # bytes per MemoryRead
         self._seconds = metrics.remote_helper_seconds
         self._send = send
         self._loop = loop
@@ -170,9 +196,20 @@ class RemoteHelpers:
                 )
 
     def read(self, call_id: int, address: int, size: int, until_nul: bool = False) -> bytes:
-        """Read memory for the pending call; a fault raises Trap (the run goes on)."""
+        """Read memory for the pending call; a fault raises Trap (the run goes on).
+
+        `size` (with `until_nul`, the longest string) may not exceed `max_read`:
+        a larger read raises Trap too, but is no fault of the program's: the
+        client may read in pieces, and failing the call then is a HELPER_ERROR.
+        """
         with self._lock:
             pending = self._accessible("MemoryRead", call_id)
+            if size > self.max_read:
+                raise Trap(
+                    TrapKind.HELPER_ERROR,
+                    f"MemoryRead of {size} bytes exceeds the server's limit of {self.max_read} "
+                    "bytes per read (max_memory_read_bytes): read in smaller pieces",
+                )
             try:
                 if until_nul:
                     return pending.context.read_cstring(address, size)
@@ -180,6 +217,18 @@ class RemoteHelpers:
             except Trap as fault:
                 pending.fault = fault
                 raise
+
+    async def read_async(
+        self, call_id: int, address: int, size: int, until_nul: bool = False
+    ) -> bytes:
+        """`read`, off the event loop unless it is small (at most `INLINE_READ_BYTES`).
+
+        The reader awaits it before taking the client's next message, so a
+        stream has one read in flight at most.
+        """
+        if size <= INLINE_READ_BYTES or size > self.max_read:
+            return self.read(call_id, address, size, until_nul)
+        return await asyncio.to_thread(self.read, call_id, address, size, until_nul)
 
     def write(self, call_id: int, address: int, data: bytes) -> None:
         """Write memory for the pending call; a fault raises Trap (the run goes on)."""
@@ -240,6 +289,59 @@ class RemoteHelpers:
                 f"helper call {call_id} timed out: its memory is no longer accessible",
             )
         return pending
+
+
+T = TypeVar("T")
+
+
+class Outbox(Generic[T]):
+    """The messages one stream has for its client, in order, bounded in bytes and count.
+
+    `put_nowait` never waits: it is for what is bounded by the protocol itself
+    (the one pending helper call, the end of the run, a violation). `put`
+    waits until the messages queued before it leave room for `size` more bytes
+    and one more message; a message alone in the outbox always fits, so one
+    answer larger than the limit still goes out. Room is made when `get` takes
+    a message to write it. One task puts with `put`, one task gets.
+    """
+
+    def __init__(self, max_bytes: int, max_messages: int = OUTBOX_MAX_MESSAGES) -> None:
+        self.max_bytes = max_bytes
+        self.max_messages = max_messages
+        self._items: deque[tuple[T, int]] = deque()
+        self._bytes = 0
+        self._ready = asyncio.Event()  # set while _items is not empty
+        self._room = asyncio.Event()  # set when a message left
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put_nowait(self, item: T, size: int = MESSAGE_OVERHEAD) -> None:
+        self._items.append((item, size))
+        self._bytes += size
+        self._ready.set()
+
+    async def put(self, item: T, size: int = MESSAGE_OVERHEAD) -> None:
+        """Queue `item` once there is room for it (backpressure on the caller)."""
+        while self._items and (
+            len(self._items) >= self.max_messages or self._bytes + size > self.max_bytes
+        ):
+            self._room.clear()
+            await self._room.wait()
+        self.put_nowait(item, size)
+
+    async def get(self) -> T:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item, size = self._items.popleft()
+        self._bytes -= size
+        self._room.set()
+        return item
 
 
 class _RemoteFn:

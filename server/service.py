@@ -4,6 +4,13 @@ Nothing is decided here. Each method converts its request to vm/server types,
 calls the `ExecutionService`, and converts the answer back, or turns the
 exception it raised into a gRPC status with rich error details
 (`google.rpc.Status` in the `grpc-status-details-bin` trailer).
+
+Two checks come before any method runs: `add_to_server` registers the
+methods with deserializers that turn bytes which are not a valid message of
+the method's type (a corrupt protobuf, a string field that is not UTF-8) into
+INVALID_ARGUMENT (`MalformedMessage`) instead of an exception inside grpc; and
+every name a request carries (module name and id, function, helper names) is
+refused beyond `max_name_bytes`, before it is stored, logged or echoed.
 """
 
 from __future__ import annotations
@@ -11,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -28,7 +36,16 @@ from server.executor import (
     Overloaded,
     TooManyRequests,
 )
-from server.remote import HelperCall, ProtocolViolation, RemoteHelpers, ShadowedHelper
+from server.remote import (
+    DEFAULT_MAX_READ_BYTES,
+    DEFAULT_OUTBOX_BYTES,
+    MESSAGE_OVERHEAD,
+    HelperCall,
+    Outbox,
+    ProtocolViolation,
+    RemoteHelpers,
+    ShadowedHelper,
+)
 from vm import Helper, HelperRef, LimitError, LinkError, LoadError, RequestError, Result, Trap
 from vm.machine import Argument
 
@@ -38,19 +55,70 @@ ERROR_DOMAIN = "bpfexec"  # google.rpc.ErrorInfo.domain of every error this serv
 
 
 TenantOf = Callable[[grpc.aio.ServicerContext], str]
+SERVICE = pb.DESCRIPTOR.services_by_name["Executor"]
+MAX_HELPER_ERROR_CHARS = 1024  # of a client's HelperResult.error kept in the trap message
+
+
+class MalformedMessage(ProtocolViolation):
+    """Bytes that do not parse as the message the method takes."""
+
+
+class NameTooLong(RequestError):
+    """A name in the request longer than `max_name_bytes`."""
 
 
 class ExecutorServicer(pb_grpc.ExecutorServicer):
-    """`tenant_of(context)` names the caller's tenant (`server.auth`); default: one tenant."""
+    """`tenant_of(context)` names the caller's tenant (`server.auth`); default: one tenant.
 
-    def __init__(self, service: ExecutionService, tenant_of: TenantOf | None = None) -> None:
+    `max_name_bytes` bounds every name a request carries, `max_offered_helpers`
+    the helpers one ExecuteStream may offer, `max_memory_read_bytes` one
+    MemoryRead and `max_stream_outbox_bytes` the answers a stream queues for its
+    client (`server.settings`, `server.remote`).
+    """
+
+    def __init__(
+        self,
+        service: ExecutionService,
+        tenant_of: TenantOf | None = None,
+        *,
+        max_name_bytes: int = 256,
+        max_offered_helpers: int = 1024,
+        max_memory_read_bytes: int = DEFAULT_MAX_READ_BYTES,
+        max_stream_outbox_bytes: int = DEFAULT_OUTBOX_BYTES,
+    ) -> None:
         self._service = service
         self._tenant = tenant_of or (lambda context: "")
+        self.max_name_bytes = max_name_bytes
+        self.max_offered_helpers = max_offered_helpers
+        self.max_memory_read_bytes = max_memory_read_bytes
+        self.max_stream_outbox_bytes = max_stream_outbox_bytes
+
+    def _check_names(self, **names: str) -> None:
+        """NameTooLong for the first name beyond `max_name_bytes` (UTF-8 bytes)."""
+        for what, text in names.items():
+            # A str of n characters has at least n UTF-8 bytes: only short ones are encoded.
+            if len(text) > self.max_name_bytes or len(text.encode()) > self.max_name_bytes:
+                raise NameTooLong(
+                    f"{what.replace('_', ' ')} of {len(text.encode())} bytes exceeds the limit "
+                    f"of {self.max_name_bytes} bytes (max_name_bytes)"
+                )
+
+    def _check_start(self, start: pb.ExecuteStart) -> None:
+        self._check_names(module_id=start.request.module_id, function=start.request.function)
+        offered = len(start.helper_numbers) + len(start.helper_names)
+        if offered > self.max_offered_helpers:
+            raise RequestError(
+                f"{offered} helpers offered, more than the limit of {self.max_offered_helpers} "
+                "(max_offered_helpers)"
+            )
+        for name in start.helper_names:
+            self._check_names(helper_name=name)
 
     async def LoadModule(
         self, request: pb.LoadModuleRequest, context: grpc.aio.ServicerContext
     ) -> pb.Module:
         try:
+            self._check_names(module_name=request.name)
             module = await self._service.load(
                 request.code, request.name or None, self._tenant(context)
             )
@@ -62,6 +130,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self, request: pb.GetModuleRequest, context: grpc.aio.ServicerContext
     ) -> pb.Module:
         try:
+            self._check_names(module_id=request.id)
             return self._module(await self._service.get(request.id, self._tenant(context)))
         except Exception as exc:
             await _abort(context, exc)
@@ -79,6 +148,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self, request: pb.DeleteModuleRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteModuleResponse:
         try:
+            self._check_names(module_id=request.id)
             await self._service.delete(request.id, self._tenant(context))
         except Exception as exc:
             await _abort(context, exc)
@@ -95,6 +165,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExecuteResponse:
         try:
+            self._check_names(module_id=request.module_id, function=request.function)
             result = await self._service.execute(
                 request.module_id,
                 request.function or None,
@@ -118,15 +189,22 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         generator alone, so helper calls (queued from the worker thread) and
         memory answers (queued by the reader task) never interleave a write.
         """
-        first = await anext(aiter(requests), None)
+        try:
+            first = await anext(aiter(requests), None)
+        except MalformedMessage as exc:
+            await _abort(context, exc)
         if first is None or first.WhichOneof("message") != "start":
             await _abort(context, ProtocolViolation(
                 "the first message of ExecuteStream must be `start` (the execution and the "
                 f"offered helpers), got {_kind(first)}"
             ))  # fmt: skip
         start = first.start
-        outbox: asyncio.Queue[pb.ExecuteStreamResponse | Exception | None] = asyncio.Queue()
+        # Bounded: when it is full, the reader stops taking the client's requests.
+        outbox: Outbox[pb.ExecuteStreamResponse | Exception | None] = Outbox(
+            self.max_stream_outbox_bytes
+        )
         try:
+            self._check_start(start)
             session = RemoteHelpers(
                 start.helper_numbers,
                 start.helper_names,
@@ -135,6 +213,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 metrics=self._service.metrics,
                 send=lambda call: outbox.put_nowait(_helper_call(call)),
                 loop=asyncio.get_running_loop(),
+                max_read=self.max_memory_read_bytes,
             )
             args = arguments(start.request.args)
         except Exception as exc:
@@ -191,9 +270,13 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
 async def _serve_client(
     requests: AsyncIterator[pb.ExecuteStreamRequest],
     session: RemoteHelpers,
-    outbox: asyncio.Queue[pb.ExecuteStreamResponse | Exception | None],
+    outbox: Outbox[pb.ExecuteStreamResponse | Exception | None],
 ) -> None:
-    """Feed the client's messages to `session`; queue memory answers and violations."""
+    """Feed the client's messages to `session`; queue memory answers and violations.
+
+    A memory answer waits for room in the outbox before the next request is
+    read: a client that does not read its answers stops being read (backpressure).
+    """
     try:
         async for message in requests:
             kind = message.WhichOneof("message")
@@ -207,18 +290,19 @@ async def _serve_client(
                 session.answer(
                     result.call_id,
                     result.value if outcome == "value" else None,
-                    result.error if outcome == "error" else None,
+                    _clipped(result.error) if outcome == "error" else None,
                 )
             elif kind == "memory_read":
                 read = message.memory_read
                 answer = pb.MemoryReadResult(call_id=read.call_id)
                 try:
-                    answer.data = session.read(
+                    answer.data = await session.read_async(
                         read.call_id, read.address, read.size, read.until_nul
                     )
                 except Trap as fault:
                     answer.error = fault.message
-                outbox.put_nowait(pb.ExecuteStreamResponse(memory_read_result=answer))
+                size = len(answer.data) + len(answer.error) + MESSAGE_OVERHEAD
+                await outbox.put(pb.ExecuteStreamResponse(memory_read_result=answer), size)
             elif kind == "memory_write":
                 write = message.memory_write
                 done = pb.MemoryWriteResult(call_id=write.call_id)
@@ -226,7 +310,8 @@ async def _serve_client(
                     session.write(write.call_id, write.address, write.data)
                 except Trap as fault:
                     done.error = fault.message
-                outbox.put_nowait(pb.ExecuteStreamResponse(memory_write_result=done))
+                size = len(done.error) + MESSAGE_OVERHEAD
+                await outbox.put(pb.ExecuteStreamResponse(memory_write_result=done), size)
             elif kind == "log":
                 session.log(message.log.call_id, message.log.text)
             else:
@@ -238,6 +323,13 @@ async def _serve_client(
         outbox.put_nowait(violation)
     except (grpc.RpcError, asyncio.InvalidStateError):
         session.cancel()  # the stream broke under the reader: the generator is cancelled too
+
+
+def _clipped(text: str, limit: int = MAX_HELPER_ERROR_CHARS) -> str:
+    """`text`, cut to `limit` characters (saying how many more there were)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
 def _kind(message: pb.ExecuteStreamRequest | None) -> str:
@@ -316,6 +408,8 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode, str]] = [
     (LimitError, grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED"),
     (LinkError, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_HELPER"),
     (ShadowedHelper, grpc.StatusCode.INVALID_ARGUMENT, "HELPER_SHADOWED"),
+    (MalformedMessage, grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_MESSAGE"),
+    (NameTooLong, grpc.StatusCode.INVALID_ARGUMENT, "NAME_TOO_LONG"),
     (ProtocolViolation, grpc.StatusCode.INVALID_ARGUMENT, "PROTOCOL_VIOLATION"),
     (LoadError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MODULE"),
     (RequestError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST"),
@@ -370,3 +464,91 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
         log.exception("unexpected error in a request", exc_info=exc)
         raise exc
     await context.abort_with_status(rpc_status.to_status(status))
+
+
+# Registration: the generated `add_ExecutorServicer_to_server`, with lenient
+# deserializers. A request that does not parse would otherwise raise inside
+# grpc, which logs a traceback and answers UNKNOWN.
+
+
+class _Malformed:
+    """What a lenient deserializer returns for bytes that do not parse: the error,
+    and an empty message of the type for anything that reads fields (the request log)."""
+
+    def __init__(self, message_class: type[Message], error: MalformedMessage) -> None:
+        self._empty = message_class()
+        self.error = error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._empty, name)
+
+
+def _lenient(message_class: type[Message]) -> Callable[[bytes], Any]:
+    name = message_class.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return _Malformed(
+                message_class,
+                MalformedMessage(
+                    f"malformed request: {len(data)} bytes that are not a valid {name} message "
+                    "(corrupt protobuf, or a string field that is not UTF-8)"
+                ),
+            )
+
+    return deserialize
+
+
+def _checked_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            await _abort(context, request.error)
+        return await behaviour(request, context)
+
+    return unary
+
+
+def _checked_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for message in requests:
+            if isinstance(message, _Malformed):
+                raise message.error  # the servicer ends the stream with INVALID_ARGUMENT
+            yield message
+
+    async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        async for response in behaviour(checked(requests), context):
+            yield response
+
+    return stream
+
+
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: ExecutorServicer, server: grpc.aio.Server) -> None:
+    """Register the Executor methods of `servicer` on `server` (lenient deserializers)."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming != method.server_streaming:
+            raise NotImplementedError(f"{method.name}: only unary and bidi methods are wrapped")
+        checked = _checked_stream if method.client_streaming else _checked_unary
+        make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            checked(behaviour),
+            request_deserializer=_lenient(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)

@@ -26,6 +26,12 @@ from vm import Limits
 from vm.machine import available_engines
 
 ENV_PREFIX = "BPFEXEC_"
+_TIER_KNOBS = (
+    "jit_quick_max_function_instructions",
+    "jit_quick_max_instructions",
+    "jit_optimized_max_function_instructions",
+    "jit_optimized_max_instructions",
+)
 ENGINES = available_engines()
 LOG_FORMATS = ("text", "json")
 
@@ -59,11 +65,56 @@ class Settings:
         "whether running or waiting); beyond, a call is refused with RESOURCE_EXHAUSTED",
     )
     cache_max_modules: int = _knob(1024, "modules kept in the cache (least recently used go)")
-    cache_max_bytes: int = _knob(256 << 20, "total bytes of modules kept in the cache")
+    cache_max_bytes: int = _knob(
+        256 << 20,
+        "estimated memory of the modules kept in the cache, in bytes (decoded code, names, "
+        "native code); a module estimated larger is refused",
+    )
+    max_name_bytes: int = _knob(
+        256,
+        "longest name a request may carry, in UTF-8 bytes (module name, module id, function, "
+        "helper names); longer: INVALID_ARGUMENT",
+    )
+    max_offered_helpers: int = _knob(
+        1024, "helpers one ExecuteStream may offer (numbers and names together)"
+    )
     remote_helper_timeout: float = _knob(
         10.0, "seconds a client gets to answer one remote helper call (then HELPER_ERROR)"
     )
+    max_memory_read_bytes: int = _knob(
+        1 << 20,
+        "largest MemoryRead a remote helper may ask for, in bytes (with until_nul, the longest "
+        "string); beyond, the read is answered with an error",
+    )
+    max_stream_outbox_bytes: int = _knob(
+        2 << 20,
+        "bytes of answers an ExecuteStream queues for a client that does not read them; when "
+        "full, the server stops reading that client's requests until it does",
+    )
     grace_period: float = _knob(10.0, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    jit_compile_workers: int = _knob(
+        2,
+        "JIT compile worker processes (quick tiers first, smaller modules first; 0: compile "
+        "in the server process, one module at a time)",
+    )
+    jit_compile_timeout: float = _knob(
+        60.0, "seconds one JIT compile may take in a worker; then the module keeps its tier"
+    )
+    jit_quick_max_function_instructions: int = _knob(
+        65536, "eBPF instructions in one function beyond which a module runs on the interpreter"
+    )
+    jit_quick_max_instructions: int = _knob(
+        131072, "eBPF instructions in a module beyond which it runs on the interpreter"
+    )
+    jit_optimized_max_function_instructions: int = _knob(
+        4096, "eBPF instructions in one function beyond which a module keeps the quick tier"
+    )
+    jit_optimized_max_instructions: int = _knob(
+        16384, "eBPF instructions in a module beyond which it keeps the quick tier"
+    )
+    jit_compile_memory_bytes: int = _knob(
+        2 << 30, "address space of each JIT compile worker process (RLIMIT_AS; 0: no limit)"
+    )
     workers: int = _knob(
         1, "server processes sharing the port (SO_REUSEPORT); metrics are summed across them"
     )
@@ -95,6 +146,9 @@ class Settings:
             "max_concurrent_requests",
             "cache_max_modules",
             "cache_max_bytes",
+            "max_name_bytes",
+            "max_memory_read_bytes",
+            "max_stream_outbox_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -102,6 +156,12 @@ class Settings:
             raise ValueError(
                 f"remote_helper_timeout must be positive, got {self.remote_helper_timeout}"
             )
+        for name in ("jit_compile_workers", "jit_compile_memory_bytes", *_TIER_KNOBS):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.jit_compile_timeout <= 0:
+            timeout = self.jit_compile_timeout
+            raise ValueError(f"jit_compile_timeout must be positive, got {timeout}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         for name in ("grace_period", "auth_reload_interval"):

@@ -4,8 +4,9 @@ The store is a directory (`--store DIR`):
 
 - `<hex>`: the module's bytes; `<hex>` is their sha256, so the module id is
   `sha256:<hex>` (`vm.program.content_id`).
-- `<hex>.json`: what the bytes do not say: the name given at upload and the
-  tenants that uploaded the module (who may see it).
+- `<hex>.json`: what the bytes do not say: the name given at upload, the
+  tenants that uploaded the module (who may see it), and each tenant's own
+  name for it (`names`), so that no tenant ever sees a name another gave.
 - `.tmp-*`: a write in progress, or one a crash interrupted: never read.
 - `<hex>.corrupt`: bytes that did not match their name, set aside for a
   person to inspect; never served.
@@ -27,8 +28,8 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.metrics import Metrics
@@ -48,6 +49,13 @@ class StoredModule:
     code: bytes
     name: str | None
     tenants: frozenset[str]
+    names: Mapping[str, str | None] = field(default_factory=dict)  # tenant -> its name
+
+    def name_for(self, tenant: str | None) -> str | None:
+        """The name `tenant` gave (None: the first name stored, for shared modules)."""
+        if tenant is None:
+            return self.name
+        return self.names.get(tenant, self.name)
 
 
 class ModuleStore:
@@ -82,8 +90,15 @@ class ModuleStore:
         if content_id(code) != module_id:
             self._set_aside(path)
             return None
-        name, tenants = self._metadata(path)
-        return StoredModule(module_id, code, name, tenants)
+        name, tenants, names = self._metadata(path)
+        return StoredModule(module_id, code, name, tenants, names)
+
+    def tenants(self, module_id: str) -> frozenset[str]:
+        """The tenants that uploaded a stored module, from its metadata alone (bytes unread)."""
+        path = self._path(module_id)
+        if path is None or not path.with_name(f"{path.name}.json").is_file():
+            return frozenset()
+        return self._metadata(path)[1]
 
     def save(self, module_id: str, code: bytes, name: str | None, tenants: Iterable[str]) -> None:
         """Keep `code` (if not kept already) and its metadata, durably, before returning."""
@@ -95,6 +110,38 @@ class ModuleStore:
             self._write(f"{path.name}.json", _metadata_json(name, tenants))
             if not path.is_file():
                 self._write(path.name, code)
+
+    def add_tenant(self, module_id: str, code: bytes, name: str | None, tenant: str) -> None:
+        """Record that `tenant` uploaded `code` (as `name`), durably, before returning.
+
+        The bytes are written again even when already stored, so an upload takes
+        the same time whether or not another tenant stored the same bytes first.
+        """
+        path = self._path(module_id)
+        if path is None or content_id(code) != module_id:
+            raise ValueError(f"module id {module_id} is not the sha256 of its {len(code)} bytes")
+        with self._lock:
+            first, tenants, names = self._metadata(path, missing_ok=True)
+            names = {**names, tenant: name}
+            meta = _metadata_json(first if tenants else name, {*tenants, tenant}, names)
+            self._write(f"{path.name}.json", meta)
+            self._write(path.name, code)
+
+    def remove_tenant(self, module_id: str, tenant: str) -> None:
+        """Forget `tenant`'s upload; the files go once no tenant remains."""
+        path = self._path(module_id)
+        if path is None:
+            return
+        with self._lock:
+            first, tenants, names = self._metadata(path, missing_ok=True)
+            remaining = tenants - {tenant}
+            if remaining:
+                names = {t: n for t, n in names.items() if t != tenant}
+                self._write(f"{path.name}.json", _metadata_json(first, remaining, names))
+                return
+            _unlink(path)
+            _unlink(path.with_name(f"{path.name}.json"))
+            self._sync_directory()
 
     def set_tenants(self, module_id: str, name: str | None, tenants: Iterable[str]) -> None:
         path = self._path(module_id)
@@ -118,14 +165,26 @@ class ModuleStore:
         match = _ID.fullmatch(module_id)
         return self.directory / match.group(1) if match else None
 
-    def _metadata(self, path: Path) -> tuple[str | None, frozenset[str]]:
+    def _metadata(
+        self, path: Path, missing_ok: bool = False
+    ) -> tuple[str | None, frozenset[str], dict[str, str | None]]:
+        """(first name, tenants, each tenant's name) of a stored module."""
         try:
             data = json.loads(path.with_name(f"{path.name}.json").read_text())
-            return data.get("name"), frozenset(str(t) for t in data.get("tenants", ()))
+            names = data.get("names") or {}
+            return (
+                data.get("name"),
+                frozenset(str(t) for t in data.get("tenants", ())),
+                {str(t): None if n is None else str(n) for t, n in names.items()},
+            )
+        except FileNotFoundError as exc:
+            if not missing_ok:
+                log.warning("module store: no usable metadata for %s (%s)", path.name, exc)
+            return None, frozenset(), {}
         except (OSError, ValueError, AttributeError, TypeError) as exc:
             # Missing or unreadable metadata: the module exists but belongs to no tenant.
             log.warning("module store: no usable metadata for %s (%s)", path.name, exc)
-            return None, frozenset()
+            return None, frozenset(), {}
 
     def _set_aside(self, path: Path) -> None:
         self._metrics.store_corrupt.inc()
@@ -168,8 +227,13 @@ class ModuleStore:
             os.close(fd)
 
 
-def _metadata_json(name: str | None, tenants: Iterable[str]) -> bytes:
-    return json.dumps({"name": name, "tenants": sorted(set(tenants))}).encode()
+def _metadata_json(
+    name: str | None, tenants: Iterable[str], names: Mapping[str, str | None] | None = None
+) -> bytes:
+    data: dict[str, object] = {"name": name, "tenants": sorted(set(tenants))}
+    if names:
+        data["names"] = dict(sorted(names.items()))
+    return json.dumps(data).encode()
 
 
 def _unlink(path: Path) -> bool:

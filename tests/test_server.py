@@ -28,8 +28,9 @@ from client.errors import (
     ResourceExhausted,
 )
 from server.app import RunningServer, serve_in_thread
+from server.cache import estimate_bytes
 from server.settings import Settings
-from vm import Limits
+from vm import Limits, load
 
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
 COUNT_TO_R1 = b"r0 = 0\nloop:\nr0 += 1\nif r0 < r1 goto loop\nexit\n"
@@ -117,8 +118,13 @@ def test_loading_the_same_bytes_again_hits_the_cache(server: RunningServer, clie
 
 @pytest.mark.parametrize(
     "bounds",
-    [{"cache_max_modules": 2}, {"cache_max_bytes": 30}],  # room for 2 modules of 12 bytes
-)
+    [
+        {"cache_max_modules": 2},
+        # Room for the estimated memory of 2 such modules (the interpreter: no native code).
+        {"cache_max_bytes": 5 * estimate_bytes(load(b"r0 = 0\nexit\n")) // 2,
+         "engine": "interpreter"},
+    ],
+)  # fmt: skip
 def test_least_recently_used_modules_are_evicted(bounds: dict) -> None:
     with serve_in_thread(settings(**bounds)) as running, Client(running.address) as c:
         modules = [c.load(f"r0 = {n}\nexit\n".encode()) for n in range(3)]
