@@ -158,6 +158,7 @@ def test_a_worker_compile_past_its_timeout_is_abandoned_and_the_next_one_works()
 @pytest.mark.compiler_fault
 def test_a_worker_that_dies_is_a_compiler_error_not_a_server_crash():
     import os
+    import threading
 
     from vm.jit import compile_program
     from vm.jit.worker import CompileWorker
@@ -167,12 +168,15 @@ def test_a_worker_that_dies_is_a_compiler_error_not_a_server_crash():
         compile_program(load(SUM + b"r0 += 9\nexit\n"), emit=worker.emitter(30))
         assert worker.pid is not None
         pid = worker.pid
+        # A module whose optimized compile takes about a second: the child dies in the
+        # middle of it, as it would on an LLVM assertion or at its memory cap.
+        big = load(branchy(3_000).encode(), "big")
 
         def die(text: str, quick: bool) -> bytes:
-            os.kill(pid, signal.SIGKILL)  # as an LLVM assertion or the memory cap would
+            threading.Timer(0.2, lambda: os.kill(pid, signal.SIGKILL)).start()
             return worker.emit(text, quick, 30)
 
-        compiled = compile_program(load(SUM), emit=die)
+        compiled = compile_program(big, emit=die)
         assert compiled.failed and "compile worker died" in compiled.fallback
     finally:
         worker.close()
