@@ -109,9 +109,11 @@ class Metrics:
         )  # fmt: skip
         self.jit_fallbacks = Counter(
             "bpfexec_jit_fallbacks",
-            "Modules a JIT tier left to the interpreter, by tier and reason: `unsupported` "
-            "(a construct the JIT does not reproduce exactly) or `compiler_error` (a fault "
-            "of the compiler, logged with its traceback).",
+            "Modules a JIT tier left to the interpreter (or to the quick tier), by tier and "
+            "reason: `unsupported` (a construct the JIT does not reproduce exactly), "
+            "`compiler_error` (a fault of the compiler or a dead compile worker, logged with "
+            "its traceback), `limit` (over the tier's size limits) or `abandoned` (a compile "
+            "past its timeout).",
             ["tier", "reason"], registry=r,
         )  # fmt: skip
         self.load_seconds = Histogram(

@@ -123,13 +123,3 @@ class Memory:
     def write(self, address: int, data: bytes) -> None:
         store, offset = self._locate(address, len(data), "write", True)
         store[offset : offset + len(data)] = data
-
-    def read_cstring(self, address: int, max_len: int) -> bytes:
-        """Bytes up to (not including) a NUL, at most max_len of them."""
-        out = bytearray()
-        for i in range(max_len):
-            byte = self.read(address + i, 1)
-            if byte == b"\0":
-                break
-            out += byte
-        return bytes(out)
