@@ -47,6 +47,17 @@ def parse_int(text: str) -> int:
     return value & ((1 << 64) - 1)
 
 
+def parse_fuel(text: str) -> int:
+    """`--fuel`: a budget of instructions, never negative."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
 def parse_arg(text: str) -> int | bytes:
     """`--arg`: an integer for the next register, or `hex:BYTES` / `file:PATH` for a buffer."""
     if text.startswith("hex:"):
@@ -108,7 +119,31 @@ def print_result(result: dict[str, Any], as_json: bool) -> int:
     return EXIT_TRAP if result["trap"] else EXIT_OK
 
 
+_CONNECTION_FLAGS = ("token", "tls", "tls_ca", "tls_cert", "tls_key")  # of cli_remote
+
+
+def _check_mode(args: argparse.Namespace) -> None:
+    """Flags that do not apply to where the program runs are an error, not ignored."""
+    if args.server:
+        local = [flag for flag, given in (
+            ("--helpers", args.helpers),
+            ("--trace", args.trace),
+            ("--engine", args.engine is not None),
+        ) if given]  # fmt: skip
+        if local:
+            verb = "applies" if len(local) == 1 else "apply"
+            raise UsageError(
+                f"{', '.join(local)} {verb} only to a local run, not with --server "
+                "(the server has its own helpers and engine; offer helpers with --remote-helpers)"
+            )
+    elif args.remote_helpers:
+        raise UsageError("--remote-helpers needs --server (locally, use --helpers)")
+    elif any(getattr(args, flag, None) for flag in _CONNECTION_FLAGS):
+        raise UsageError("--token and --tls* need --server")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_mode(args)
     run_args = [parse_arg(text) for text in args.arg]
     if args.server:
         from client.cli_remote import connection_options, run_remote
@@ -135,7 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_args,
         fuel=args.fuel,
         helpers=_standard_helpers(args.helpers),
-        engine=args.engine,
+        engine=args.engine or "interpreter",
         trace=trace,
     )
     return print_result(result.to_dict(), args.json)
@@ -220,6 +255,7 @@ def cmd_conformance_plugin(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bpfexec", description="Run eBPF programs, locally or on a server.")
+    parser.add_argument("--version", action="version", version=f"bpfexec {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a function of an eBPF object, assembly or bytecode")
@@ -232,8 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="V",
         help="next argument register: an integer, or hex:BYTES / file:PATH for a buffer",
     )
-    run.add_argument("--fuel", type=parse_int, help="fuel budget (instructions)")
-    run.add_argument("--engine", default="interpreter", choices=["interpreter", "jit"])
+    run.add_argument("--fuel", type=parse_fuel, help="fuel budget (instructions)")
+    run.add_argument(
+        "--engine",
+        choices=["interpreter", "jit"],
+        help="local runs: the engine (default: interpreter)",
+    )
     run.add_argument(
         "--helpers",
         action="append",
@@ -277,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_parser(sub)
         add_health_parser(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bpfexec")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

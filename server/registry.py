@@ -16,8 +16,6 @@ or count helpers.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 
@@ -53,11 +51,7 @@ def build_registry(specs: Iterable[str] = (), *, use_entry_points: bool = True) 
 
 
 def import_registry(spec: str) -> HelperRegistry:
-    """Import the HelperRegistry named by `MODULE:ATTR`."""
-    # Like `python -m`, look in the working directory first, so
-    # `bpfexec serve --helpers myhelpers:registry` finds ./myhelpers.py.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    """Import the HelperRegistry named by `MODULE:ATTR` (the working directory first)."""
     try:
         return vm_import_registry(spec)
     except ValueError as exc:

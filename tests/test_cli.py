@@ -115,7 +115,12 @@ def test_trace_prints_every_instruction(tmp_path):
         (["run", "{tmp}/helper.s"], "unknown helper: #77"),
         (["run", "{tmp}/ok.s", "--helpers", "nosuchmodule:x"], "cannot import"),
         (["run", "{tmp}/ok.s", "--engine", "warp"], "invalid choice"),
-        (["run", "{tmp}/ok.s", "--fuel", "-5"], "fuel"),
+        (["run", "{tmp}/ok.s", "--fuel", "-5"], "--fuel: must not be negative, got -5"),
+        (["run", "{tmp}/ok.s", "--server", "127.0.0.1:1", "--trace"], "--trace applies only"),
+        (["run", "{tmp}/ok.s", "--server", "127.0.0.1:1", "--helpers", "m:r"], "--helpers applies"),
+        (["run", "{tmp}/ok.s", "--server", "127.0.0.1:1", "--engine", "jit"], "--engine applies"),
+        (["run", "{tmp}/ok.s", "--remote-helpers", "m:r"], "--remote-helpers needs --server"),
+        (["run", "{tmp}/ok.s", "--token", "secret"], "--token and --tls* need --server"),
         (["frobnicate"], "invalid choice"),
         (["disasm", "{tmp}/odd.bin"], "not a multiple of 8"),
     ],
@@ -199,3 +204,28 @@ def test_plugin_accepts_the_runners_argument_order(engine):
     code = hexcode("r0 = *(u32 *)(r1 + 0)\nexit")
     proc = bpfexec("07  00  00  00  ", "conformance-plugin", "--engine", engine, stdin=code)
     assert (proc.returncode, proc.stdout) == (0, "7\n")
+
+
+def test_version():
+    proc = bpfexec("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("bpfexec ")
+
+
+def test_run_imports_helpers_from_the_working_directory(tmp_path):
+    # The README's first example: `bpfexec run prog --helpers myhelpers:registry`
+    # finds ./myhelpers.py, as `serve` does.
+    (tmp_path / "myhelpers.py").write_text(
+        "from vm import HelperRegistry\n"
+        "registry = HelperRegistry()\n"
+        "@registry.helper(id=1, name='max')\n"
+        "def max_(ctx, a, b, c, d, e):\n"
+        "    return max(a, b)\n"
+    )
+    (tmp_path / "prog.s").write_text("call 1\nexit\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "client.cli", "run", "prog.s", "--arg", "5", "--arg", "6",
+         "--helpers", "myhelpers:registry", "--json"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["return_value"] == 6

@@ -260,8 +260,17 @@ class HelperContext:
 
 
 def import_registry(spec: str) -> HelperRegistry:
-    """The HelperRegistry named by `MODULE:ATTR` (e.g. `myhelpers:registry`)."""
+    """The HelperRegistry named by `MODULE:ATTR` (e.g. `myhelpers:registry`).
+
+    Like `python -m`, the working directory is searched first, so that
+    `bpfexec run --helpers myhelpers:registry` (or `serve`) finds ./myhelpers.py.
+    """
     import importlib
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
