@@ -16,6 +16,11 @@ once (libFuzzer's way to reproduce a crash), or minimized with
 
 Defaults, which a flag given on the command line overrides: `-timeout=10`
 (seconds per input) and `-rss_limit_mb=4096`.
+
+The `loops` target runs JIT code built to defeat its own elided checks: here a
+crash of native code ends the run with libFuzzer's "deadly signal". `python -m
+fuzz.isolated` is its other driver, which runs cases in a child process and
+goes on after a crash (docs/fuzzing.md).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ INSTRUMENTED = {
     "assembler": ["vm", "fuzz.targets"],
     "engines": ["vm", "fuzz.targets"],
     "protocol": ["vm", "fuzz.targets", "server", "client"],
+    "loops": ["vm", "fuzz.targets", "fuzz.loops"],
 }
 # Modules the targets import lazily: imported up front, so that they are instrumented.
 LAZY_IMPORTS = {
@@ -47,6 +53,7 @@ LAZY_IMPORTS = {
     "bytecode": ["vm.elf"],
     "engines": ["vm.elf", "vm.interpreter", "vm.jit"],
     "protocol": ["vm.elf", "vm.interpreter", "server.app", "server.settings", "client.client"],
+    "loops": ["vm.interpreter", "vm.jit", "fuzz.loops", "vm.builtin_helpers"],
 }
 
 

@@ -20,6 +20,8 @@ with the traceback a fuzzer reports, and a broken invariant raises `Finding`.
 |             |                                            | agree on r0, memory, fuel, log, trap |
 | `protocol`  | framed protobuf requests (`encode_frames`) | a real server answers each with a    |
 |             |                                            | response or an expected status       |
+| `loops`     | choices for `fuzz.loops.generate`: loops,  | the interpreter and both JIT tiers   |
+|             | strided accesses, aliases, spills, calls   | agree; the JIT compiler never faults |
 
 Every target is deterministic and bounded (small fuel, small limits), so a
 fuzzer's timeout means a real hang. `run(target, data)` is how drivers call
@@ -455,12 +457,25 @@ def protocol(data: bytes) -> None:
     ProtocolHarness.get().run(data)
 
 
+# -- loops ----------------------------------------------------------------------------------
+
+
+def loops(data: bytes) -> None:
+    """Programs aimed at the checks the optimized tier elides (`fuzz/loops.py`): loop
+    nests entered from outside, wrapping steps, aliases, spills across calls. A wrong
+    elision may crash this process; `fuzz/isolated.py` runs them in a child instead."""
+    from fuzz import loops as generated
+
+    generated.target(data)
+
+
 TARGETS: dict[str, Target] = {
     "elf": elf,
     "bytecode": bytecode,
     "assembler": assembler,
     "engines": engines,
     "protocol": protocol,
+    "loops": loops,
 }
 
 
