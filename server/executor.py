@@ -35,6 +35,7 @@ returns, and a module missing from the cache is read back from the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -61,6 +62,7 @@ from vm import (
     execute,
 )
 from vm.helpers import HelperFn, HelperResolver
+from vm.interpreter import program_blocks
 from vm.loader import load
 from vm.machine import Argument
 
@@ -214,6 +216,8 @@ class ExecutionService:
     def _load(self, code: bytes, name: str | None) -> Program:
         start = time.perf_counter()
         program = load(code, name or "<module>", self.limits)
+        with contextlib.suppress(Exception):  # a program it fails on fails when it runs
+            program_blocks(program)  # what every engine decodes first: now, not in a run
         self.metrics.load_seconds.observe(time.perf_counter() - start)
         return program
 

@@ -549,14 +549,20 @@ def _at(trap: Trap, pc: int) -> Trap:
 # -- running -----------------------------------------------------------------------------
 
 
+def program_blocks(program: Program) -> list[Block | None]:
+    """`decode_blocks(program)`, decoded once and kept with the program (`compiled`)."""
+    blocks = program.compiled.get("interpreter")
+    if blocks is None:
+        blocks = program.compiled.setdefault("interpreter", decode_blocks(program))
+    return blocks  # type: ignore[no-any-return]
+
+
 class Interpreter:
     name = "interpreter"
 
     def run(self, machine: Machine) -> int:
         program = machine.program
-        blocks = program.compiled.get("interpreter")
-        if blocks is None:
-            blocks = program.compiled.setdefault("interpreter", decode_blocks(program))
+        blocks = program_blocks(program)
         if machine.trace is not None:
             blocks = _traced(program, blocks, machine)
         try:

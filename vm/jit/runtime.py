@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import llvmlite.binding as llvm
 
 from vm.errors import Trap, TrapKind
-from vm.interpreter import Block, Op, decode_blocks, decode_op, interrupted, locate_trap
+from vm.interpreter import Block, Op, decode_op, interrupted, locate_trap, program_blocks
 from vm.isa import FRAME_POINTER
 from vm.jit.compiler import DISPATCH_SYMBOL, ENTRY_SYMBOL, Unsupported, build_module
 from vm.jit.context import REGION_COUNT, Access, Context, Status
@@ -197,10 +197,7 @@ def _prepare_llvm() -> None:
 
 
 def _interpreter_blocks(program: Program) -> list[Block | None]:
-    blocks = program.compiled.get("interpreter")
-    if blocks is None:
-        blocks = program.compiled.setdefault("interpreter", decode_blocks(program))
-    return blocks  # type: ignore[no-any-return]
+    return program_blocks(program)
 
 
 def compile_program(
