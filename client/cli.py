@@ -102,7 +102,11 @@ def print_result(result: dict[str, Any], as_json: bool) -> int:
         print(json.dumps(result))
     else:
         value = result["return_value"]
-        print(f"return_value: {value} ({value:#x})")
+        print(
+            "return_value: none (trapped)"
+            if value is None
+            else f"return_value: {value} ({value:#x})"
+        )
         print(f"fuel_used: {result['fuel_used']}")
         for line in result["log"]:
             print(f"log: {line}")

@@ -138,7 +138,7 @@ class Result:
     def to_dict(self) -> dict[str, object]:
         """The JSON shape of `bpfexec run` (buffers in hex), the same for local and remote runs."""
         return {
-            "return_value": self.return_value,
+            "return_value": None if self.trap else self.return_value,  # a trap returns nothing
             "fuel_used": self.fuel_used,
             "trap": None if self.trap is None else {
                 "kind": self.trap.kind,

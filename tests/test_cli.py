@@ -80,9 +80,13 @@ def test_trap_exit_status_and_source_line(compile_c, tmp_path):
     (tmp_path / "fault.s").write_text("r1 = 0\nr0 = *(u64 *)(r1 + 0)\nexit\n")
     proc = bpfexec("run", str(tmp_path / "fault.s"), "--json")
     assert proc.returncode == 3
-    trap = json.loads(proc.stdout)["trap"]
+    out = json.loads(proc.stdout)
+    assert out["return_value"] is None  # a trapped run returns nothing, not 0
+    trap = out["trap"]
     assert trap["kind"] == "MEMORY_FAULT" and trap["pc"] == 1
     assert trap["instruction"] == "r0 = *(u64 *)(r1 + 0)"
+    text = bpfexec("run", str(tmp_path / "fault.s"))
+    assert text.returncode == 3 and "return_value: none (trapped)" in text.stdout
 
 
 def test_trap_names_file_and_line_with_debug_info(compile_c):

@@ -71,7 +71,7 @@ class Result:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "return_value": self.return_value,
+            "return_value": None if self.trap else self.return_value,  # a trap returns nothing
             "fuel_used": self.fuel_used,
             "trap": self.trap.to_dict() if self.trap else None,
             "log": list(self.log),
