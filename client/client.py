@@ -299,7 +299,18 @@ def open_channel(
     *,
     aio: bool = False,
 ) -> Any:
-    """A channel (a `grpc.aio` one with `aio=True`) with the clients' message limits."""
+    """A channel (a `grpc.aio` one with `aio=True`) with the clients' message limits.
+
+    `target` is gRPC's: `HOST:PORT`, or a URI of a scheme gRPC knows (`dns:`,
+    `unix:`, `ipv4:`...); an `http://` or `https://` URL is refused (InvalidArgument).
+    """
+    scheme = target.partition("://")[0].lower() if "://" in target else ""
+    if scheme in ("http", "https"):
+        host = target.split("://", 1)[1].rstrip("/")
+        hint = " (and --tls / tls=True for TLS)" if scheme == "https" else ""
+        raise InvalidArgument(
+            f"the server address is HOST:PORT, not a URL: {host}, not {target}{hint}"
+        )
     channel_options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),

@@ -113,4 +113,21 @@ def from_rpc_error(error: grpc.RpcError) -> BpfexecError:
                 detail = kind()
                 packed.Unpack(detail)
                 details.append(detail)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        message = _transport_message(message)
     return _BY_CODE.get(code, BpfexecError)(message, code, tuple(details))
+
+
+def _transport_message(message: str) -> str:
+    """gRPC's text for a server it cannot reach, in one short sentence:
+    `failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1:
+    Failed to connect to remote host: Connection refused` becomes
+    `cannot connect to 127.0.0.1:1: Connection refused`."""
+    _, found, last = message.partition("last error: ")
+    if not message.startswith("failed to connect to all addresses") or not found:
+        return message
+    parts = [part.strip() for part in last.split(": ")]
+    address = next((p for p in parts if p.startswith(("ipv4:", "ipv6:", "unix:"))), None)
+    reason = parts[-1] if parts else last
+    where = address.split(":", 1)[1] if address else "the server"
+    return f"cannot connect to {where}: {reason} (is a bpfexec server listening there?)"

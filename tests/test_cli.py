@@ -125,6 +125,8 @@ def test_trace_prints_every_instruction(tmp_path):
         (["run", "{tmp}/ok.s", "--server", "127.0.0.1:1", "--engine", "jit"], "--engine applies"),
         (["run", "{tmp}/ok.s", "--remote-helpers", "m:r"], "--remote-helpers needs --server"),
         (["run", "{tmp}/ok.s", "--token", "secret"], "--token and --tls* need --server"),
+        (["run", "{tmp}/prog.c"], "prog.c: C source, not an eBPF object or assembly"),
+        (["run", "{tmp}/ok.s", "--server", "http://localhost:1"], "HOST:PORT, not a URL"),
         (["frobnicate"], "invalid choice"),
         (["disasm", "{tmp}/odd.bin"], "not a multiple of 8"),
     ],
@@ -135,6 +137,7 @@ def test_bad_input_gets_one_line_and_status_2(tmp_path, argv, message):
     (tmp_path / "helper.s").write_text("call 77\nexit\n")
     (tmp_path / "trunc.o").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(20))
     (tmp_path / "odd.bin").write_bytes(bytes(12))
+    (tmp_path / "prog.c").write_text("int foo(int x) { return x + 1; }\n")
     line = one_line_error(bpfexec(*(arg.format(tmp=tmp_path) for arg in argv)))
     assert message in line
 
@@ -233,3 +236,15 @@ def test_run_imports_helpers_from_the_working_directory(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["return_value"] == 6
+
+
+def test_a_server_that_is_not_there_is_one_short_line(tmp_path):
+    import socket
+
+    (tmp_path / "ok.s").write_text("r0 = 0\nexit\n")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = bpfexec("run", str(tmp_path / "ok.s"), "--server", f"127.0.0.1:{port}")
+    line = one_line_error(proc, code=1)
+    assert f"cannot connect to 127.0.0.1:{port}: Connection refused" in line, line

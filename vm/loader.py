@@ -10,6 +10,7 @@ What it must not do: parse ELF or assembly itself, or run anything.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 from vm import isa
@@ -76,13 +77,25 @@ def _assembly_text(data: bytes) -> str | None:
 def _assemble(text: str, name: str) -> Program:
     from vm.assembler import assemble
 
-    module = assemble(text, name)
+    try:
+        module = assemble(text, name)
+    except LoadError:
+        if _C_SOURCE.search(text) or name.endswith((".c", ".h")):
+            raise LoadError(
+                f"{name}: C source, not an eBPF object or assembly: compile it first "
+                f"(clang -O2 -target bpf -c {name})"
+            ) from None
+        raise
     return Program(
         instructions=tuple(module.instructions),
         functions=tuple(module.functions),
         helper_calls=dict(module.helper_calls),
         name=name,
     )
+
+
+# What C has and eBPF assembly never does: preprocessor lines, braces.
+_C_SOURCE = re.compile(r"^\s*#\s*(include|define|if|pragma)\b|[{}]", re.MULTILINE)
 
 
 def _raw(data: bytes, name: str) -> Program:
