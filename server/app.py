@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -131,7 +132,9 @@ async def start(settings: Settings) -> RunningServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # Workers of `--workers N` bind the same port; the kernel spreads connections.
-            *([("grpc.so_reuseport", 1)] if settings.workers > 1 else []),
+            # Otherwise never (gRPC's default on Linux): a second server on a busy port
+            # would silently take half of the first one's connections.
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ],
     )
     # Not the generated add_ExecutorServicer_to_server: the same handlers, with
@@ -156,16 +159,33 @@ async def start(settings: Settings) -> RunningServer:
     )  # fmt: skip
     address = _host_port(settings.host, settings.port)
     credentials = server_credentials(settings)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if settings.port and settings.workers <= 1:
+            _check_free(settings.host, settings.port, "gRPC")  # before gRPC logs its own lines
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC says only "Failed to bind to address"
+        await server.stop(None)
+        service.close(wait=False)
+        raise OSError(f"cannot listen on {address} for gRPC{_BUSY}") from None
+    except OSError:
+        await server.stop(None)
+        service.close(wait=False)
+        raise
     await server.start()
     metrics_http = None
     if settings.metrics_port:
-        metrics_http, _ = start_http_server(
-            settings.metrics_port, settings.host, registry=metrics.registry
-        )
+        try:
+            metrics_http, _ = start_http_server(
+                settings.metrics_port, settings.host, registry=metrics.registry
+            )
+        except OSError:
+            await server.stop(None)
+            service.close(wait=False)
+            metrics_address = _host_port(settings.host, settings.metrics_port)
+            raise OSError(f"cannot listen on {metrics_address} for metrics{_BUSY}") from None
     return RunningServer(
         settings, server, service, health, metrics, port, metrics_http, authenticator
     )
@@ -176,9 +196,10 @@ async def serve(settings: Settings) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
     running = await start(settings)
     log.info(
-        "serving %s on %s (metrics: %s)",
+        "serving %s on %s with the %s engine (metrics: %s)",
         SERVICE_NAME,
         running.address,
+        running.service.engine,
         f"http://{_host_port(settings.host, running.metrics_port)}/metrics"
         if running.metrics_port
         else "off",
@@ -212,6 +233,23 @@ def serve_in_thread(settings: Settings, *, timeout: float = 10.0) -> Iterator[Ru
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
         loop.close()
+
+
+_BUSY = (
+    ": the port is in use, or the address is not this host's"
+    " (another server? port 0 picks a free one)"
+)
+
+
+def _check_free(host: str, port: int, what: str) -> None:
+    """OSError naming `host:port` if something listens there (a bind, as gRPC's, fails)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError:
+            raise OSError(f"cannot listen on {_host_port(host, port)} for {what}{_BUSY}") from None
 
 
 def _host_port(host: str, port: int) -> str:

@@ -69,3 +69,30 @@ def test_sigterm_lets_the_in_flight_execution_finish() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("busy", ["grpc", "metrics"])
+def test_a_busy_port_is_one_line_and_never_shared(tmp_path: Path, busy: str) -> None:
+    # A second server on a busy port must neither share it (SO_REUSEPORT, gRPC's
+    # default on Linux, would split the connections between the two) nor end in a
+    # traceback: one line naming the address, exit status 2.
+    from server_process import ServerProcess
+
+    first = ServerProcess(tmp_path / "first.log", "--engine", "interpreter")
+    try:
+        port = first.port if busy == "grpc" else free_port()
+        metrics_port = first.metrics_port if busy == "metrics" else 0
+        proc = subprocess.run(
+            [sys.executable, "-m", "client.cli", "serve", "--port", str(port),
+             "--metrics-port", str(metrics_port), "--no-entry-point-helpers"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        busy_port = first.port if busy == "grpc" else first.metrics_port
+        assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{busy_port}" in lines[0], lines
+        assert "Traceback" not in proc.stderr
+        assert check_health(first.address, timeout=5) == "SERVING"  # the first one serves on
+        assert "with the interpreter engine" in first.output()  # the start-up line says which
+    finally:
+        first.kill()
