@@ -44,6 +44,13 @@ def dockerfile_copies() -> list[str]:
     return paths
 
 
+def dockerfile_extras() -> str:
+    """The extras the Dockerfile installs the package with (`pip install ".[jit]"`)."""
+    match = re.search(r'pip install "?\.(\[[\w,]+\])?"?', DOCKERFILE.read_text())
+    assert match is not None, "the Dockerfile installs the package with `pip install .`"
+    return match.group(1) or ""
+
+
 def dockerfile_env() -> dict[str, str]:
     """The variables of the Dockerfile's first ENV instruction (the pip settings)."""
     text = DOCKERFILE.read_text().replace("\\\n", " ")
@@ -93,7 +100,7 @@ def test_wheel_installed_as_the_dockerfile_does_serves(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=60)
     install = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", str(wheel)],
+        [str(venv / "bin" / "pip"), "install", "-q", f"{wheel}{dockerfile_extras()}"],
         cwd=tmp_path, env=pip_env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     if install.returncode != 0 and NO_INDEX.search(install.stderr):
@@ -113,6 +120,7 @@ def test_wheel_installed_as_the_dockerfile_does_serves(tmp_path: Path) -> None:
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=30)
         assert server.returncode == 0, output
+        assert "with the jit engine" in output, output  # the image runs native code
         assert str(venv) in subprocess.run(
             [str(venv / "bin" / "python"), "-c", "import server; print(server.__file__)"],
             cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
