@@ -11,6 +11,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY bpfexec ./bpfexec
 COPY vm ./vm
 COPY server ./server
 COPY client ./client

@@ -47,14 +47,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import bpfexec
 from vm.jit.runtime import CompileAbandoned, Emit
 
 log = logging.getLogger(__name__)
 
 _HEADER = 4
 _PR_SET_PDEATHSIG = 1
-# The directory holding the `vm` package, for the child's import path.
-_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+# The directory holding the `bpfexec` package, for the child's import path. Not
+# this file's grandparent: in a checkout `bpfexec.vm` is the folder vm/, beside
+# bpfexec/ (pyproject.toml's package-dir), and is found through the install.
+_ROOT = str(Path(bpfexec.__file__).resolve().parent.parent)
 
 
 class WorkerError(Exception):
