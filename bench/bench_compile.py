@@ -14,7 +14,7 @@ For each size and tier the script prints the seconds `compile_program` takes
 (a fresh Program each time, so nothing is cached). `--phases` splits one
 compile into IR generation (Python), parsing, optimization passes and code
 generation, in this process. `--no-limits` compiles past the per-tier size rule
-(`vm.jit.limits`), which is what "before" measures; without it a program over
+(`bpfexec.vm.jit.limits`), which is what "before" measures; without it a program over
 a tier's limit is not compiled (the table says which rule refused it).
 It measures, it never asserts: tests live in `tests/`.
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vm.loader import load
-from vm.program import Program
+from bpfexec.vm.loader import load
+from bpfexec.vm.program import Program
 
 UNIT = 32  # instructions per unit
 
@@ -103,7 +103,7 @@ def program(instructions: int, functions: int = 1) -> Program:
 
 def time_compile(prog: Program, quick: bool, enforce: bool) -> tuple[float, str]:
     """Seconds to compile `prog` to `quick`'s tier in this process, and any fallback."""
-    from vm.jit import runtime
+    from bpfexec.vm.jit import runtime
 
     start = time.perf_counter()
     if enforce:
@@ -117,8 +117,8 @@ def phases(prog: Program, quick: bool) -> dict[str, float]:
     """One compile split into its phases (the same steps as `runtime._native_code`)."""
     import llvmlite.binding as llvm
 
-    from vm.jit import runtime
-    from vm.jit.compiler import build_module
+    from bpfexec.vm.jit import runtime
+    from bpfexec.vm.jit.compiler import build_module
 
     times: dict[str, float] = {}
     start = time.perf_counter()
@@ -161,7 +161,7 @@ def main() -> None:
     for size in sizes:
         prog = program(size, args.functions)
         count = len(prog.instructions)
-        from vm.jit import runtime
+        from bpfexec.vm.jit import runtime
 
         blocks = sum(b is not None for b in runtime._interpreter_blocks(prog))
         for tier in tiers:

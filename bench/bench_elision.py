@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_engines
 
-import vm
-from vm.jit import compiler
-from vm.loader import load
+from bpfexec import vm
+from bpfexec.vm.jit import compiler
+from bpfexec.vm.loader import load
 
 FUNCTIONS = ("byte_sum", "histogram", "sieve", "matmul", "crc32", "fnv1a", "sha256")
 

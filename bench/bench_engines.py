@@ -43,10 +43,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import vm
-from vm import isa
-from vm.loader import load
-from vm.memory import RODATA_BASE
+from bpfexec import vm
+from bpfexec.vm import isa
+from bpfexec.vm.loader import load
+from bpfexec.vm.memory import RODATA_BASE
 
 PROGRAMS = Path(__file__).parent / "programs"
 INTERPRETER_BUDGET = 3_000_000  # instructions the interpreter runs per case at most
@@ -304,7 +304,7 @@ def bench_ubpf(
 
 
 def bench_compile(work: Path) -> None:
-    from vm.jit import compile_program
+    from bpfexec.vm.jit import compile_program
 
     print("\n| module | instructions | tier | JIT compile time | per 1,000 instructions |")
     print("| --- | ---: | --- | ---: | ---: |")

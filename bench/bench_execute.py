@@ -22,8 +22,8 @@ from multiprocessing.connection import Connection
 
 import grpc
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 
 PROGRAM = b"r0 = r1\nr0 += 1\nexit\n"
 PING = "/bench.Ping/Ping"
@@ -31,8 +31,8 @@ ROUNDS = 6  # slices per measurement, alternating between the two servers
 
 
 def _serve_bpfexec(ready: Connection) -> None:
-    from server.app import start
-    from server.settings import Settings
+    from bpfexec.server.app import start
+    from bpfexec.server.settings import Settings
 
     async def main() -> None:
         running = await start(Settings(port=0, metrics_port=0, max_concurrent_executions=64))

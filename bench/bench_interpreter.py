@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-import vm
-from vm.loader import load
+from bpfexec import vm
+from bpfexec.vm.loader import load
 
 PROGRAMS: dict[str, tuple[str, tuple[int | bytes, ...]]] = {
     # Arithmetic and a branch per iteration: sum of i*i mod 7.

@@ -41,11 +41,11 @@ from pathlib import Path
 
 import grpc
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from client.cli_remote import check_health
-from client.client import Client
-from client.errors import BpfexecError
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.client.cli_remote import check_health
+from bpfexec.client.client import Client
+from bpfexec.client.errors import BpfexecError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from server_process import (
@@ -377,7 +377,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.engine is None:
-        from vm.machine import available_engines
+        from bpfexec.vm.machine import available_engines
 
         args.engine = available_engines()[-1]
     scenarios = {

@@ -7,8 +7,8 @@ Two measurements in one run, on one machine, over localhost:
 - floor: a raw ping-pong on a minimal bidirectional `grpc.aio` stream (generic
   handlers, bytes in and out, no proto): the least one round trip can cost;
 - remote helper: a program calling a remote helper N times through
-  `ExecuteStream`, answered by `client.aio.AsyncClient` (the same asyncio
-  transport as the floor) and by the blocking `client.Client`; the
+  `ExecuteStream`, answered by `bpfexec.client.aio.AsyncClient` (the same asyncio
+  transport as the floor) and by the blocking `bpfexec.client.Client`; the
   per-call cost is (time of the run - time of the same run with N = 0) / N.
 
 The goal is a remote helper round trip of at most 1.5x the floor.
@@ -23,10 +23,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from client.aio import AsyncClient
-from client.client import Client
-from server.app import serve_in_thread
-from server.settings import Settings
+from bpfexec.client.aio import AsyncClient
+from bpfexec.client.client import Client
+from bpfexec.server.app import serve_in_thread
+from bpfexec.server.settings import Settings
 
 PING = "/bench.Ping/PingPong"
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import grpc
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from client.cli_remote import check_health
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.client.cli_remote import check_health
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = {
@@ -65,7 +65,7 @@ def _measure(workers: int, clients: int, seconds: float) -> dict[str, float]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BPFEXEC_")}
     command = [
-        sys.executable, "-m", "client.cli", "serve", "--workers", str(workers),
+        sys.executable, "-m", "bpfexec.client.cli", "serve", "--workers", str(workers),
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
         "--no-entry-point-helpers", "--max-concurrent-executions", "64", "--grace-period", "1",
     ]  # fmt: skip

@@ -1,6 +1,6 @@
 """bpfexec Python client library and the `bpfexec` command line.
 
-    from client import Client
+    from bpfexec.client import Client
 
     with Client("localhost:50051") as bpf:
         module = bpf.load(open("prog.o", "rb").read())
@@ -16,13 +16,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Client": "client.client",
-    "BpfexecError": "client.errors",
-    "Function": "client.types",
-    "Helper": "client.types",
-    "Module": "client.types",
-    "Result": "client.types",
-    "Trap": "client.types",
+    "Client": "bpfexec.client.client",
+    "BpfexecError": "bpfexec.client.errors",
+    "Function": "bpfexec.client.types",
+    "Helper": "bpfexec.client.types",
+    "Module": "bpfexec.client.types",
+    "Result": "bpfexec.client.types",
+    "Trap": "bpfexec.client.types",
 }
 
 __all__ = sorted(_EXPORTS)

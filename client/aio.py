@@ -1,4 +1,4 @@
-"""`AsyncClient`: the asyncio twin of `client.Client`, for asyncio applications.
+"""`AsyncClient`: the asyncio twin of `bpfexec.client.Client`, for asyncio applications.
 
     async with AsyncClient("localhost:50051") as bpf:
         module = await bpf.load(code)
@@ -20,9 +20,9 @@ from typing import Any
 
 import grpc
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from client.client import (
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.client.client import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MASK64,
     Arg,
@@ -39,8 +39,8 @@ from client.client import (
     result_message,
     start_message,
 )
-from client.errors import MemoryFault, NotFound, ProtocolError, from_rpc_error
-from client.types import Helper, Module, Result
+from bpfexec.client.errors import MemoryFault, NotFound, ProtocolError, from_rpc_error
+from bpfexec.client.types import Helper, Module, Result
 
 __all__ = ["AsyncClient", "AsyncHelperCall"]
 
@@ -48,7 +48,7 @@ _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class AsyncClient:
-    """An asyncio connection to one bpfexec server; see `client.Client` for the arguments."""
+    """An asyncio connection to one bpfexec server; arguments as `bpfexec.client.Client`."""
 
     def __init__(
         self,
@@ -171,7 +171,7 @@ class AsyncClient:
 
 
 class AsyncHelperCall:
-    """One helper call of a running program; `client.HelperCall` with coroutine accessors."""
+    """One helper call of a running program: `bpfexec.client.HelperCall`, coroutine accessors."""
 
     __slots__ = ("_stream", "args", "call_id", "helper", "lines")
 

@@ -2,7 +2,7 @@
 
 Subcommands: `run` (locally, or on a server with `--server`), `disasm`, `asm`,
 `conformance-plugin`, and the server-side ones registered by
-`client.cli_remote` (`serve`, `health`).
+`bpfexec.client.cli_remote` (`serve`, `health`).
 
 Exit status: 0 on success, 3 when the program trapped (the result is still
 printed), 2 on bad input or usage, with one line on stderr and no traceback.
@@ -79,13 +79,13 @@ def _read_file(path: str) -> bytes:
 
 
 def _load(path: str) -> Any:
-    from vm.loader import load
+    from bpfexec.vm.loader import load
 
     return load(_read_file(path), name=Path(path).name)
 
 
 def _registry(specs: Sequence[str]) -> Any:
-    from vm.helpers import HelperRegistry, import_registry
+    from bpfexec.vm.helpers import HelperRegistry, import_registry
 
     registry = HelperRegistry()
     for spec in specs:
@@ -150,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_mode(args)
     run_args = [parse_arg(text) for text in args.arg]
     if args.server:
-        from client.cli_remote import connection_options, run_remote
+        from bpfexec.client.cli_remote import connection_options, run_remote
 
         code = _read_file(args.file)
         result = run_remote(
@@ -164,7 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             **connection_options(args),
         )
         return print_result(result, args.json)
-    from vm.machine import execute
+    from bpfexec.vm.machine import execute
 
     program = _load(args.file)
     trace = (lambda line: print(line, file=sys.stderr)) if args.trace else None
@@ -182,26 +182,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _standard_helpers(specs: Sequence[str]) -> Any:
     """The user's helpers first, then the built-in standard set (if installed)."""
-    from vm.helpers import HelperChain
+    from bpfexec.vm.helpers import HelperChain
 
     user = _registry(specs)
     try:
-        from vm.builtin_helpers import standard_helpers
+        from bpfexec.vm.builtin_helpers import standard_helpers
     except ImportError:
         return user
     return HelperChain(user, standard_helpers())
 
 
 def cmd_disasm(args: argparse.Namespace) -> int:
-    from vm.disassembler import disassemble
+    from bpfexec.vm.disassembler import disassemble
 
     print(disassemble(_load(args.file)), end="")
     return EXIT_OK
 
 
 def cmd_asm(args: argparse.Namespace) -> int:
-    from vm.assembler import assemble
-    from vm.isa import encode
+    from bpfexec.vm.assembler import assemble
+    from bpfexec.vm.isa import encode
 
     source = _read_file(args.file)
     try:
@@ -232,9 +232,9 @@ def cmd_conformance_plugin(args: argparse.Namespace) -> int:
     returns its first argument, runtime function 0x2a (`call` with src 2)
     returns 0.
     """
-    from vm.helpers import HelperRegistry
-    from vm.loader import ELF_MAGIC, load
-    from vm.machine import execute
+    from bpfexec.vm.helpers import HelperRegistry
+    from bpfexec.vm.loader import ELF_MAGIC, load
+    from bpfexec.vm.machine import execute
 
     text = "".join(sys.stdin.read().split())
     try:
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_parser(sub)
 
     try:
-        from client.cli_remote import (
+        from bpfexec.client.cli_remote import (
             add_connection_arguments,
             add_health_parser,
             add_serve_parser,
@@ -342,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # conformance-plugin: parse and run without building the server parsers.
     parser = build_parser() if argv[:1] != ["conformance-plugin"] else _plugin_parser()
     args = parser.parse_args(argv)
-    from vm.errors import VmError
+    from bpfexec.vm.errors import VmError
 
     try:
         return int(args.handler(args))
@@ -352,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        remote = sys.modules.get("client.errors")  # loaded only if a server was asked
+        remote = sys.modules.get("bpfexec.client.errors")  # loaded only if a server was asked
         if remote is not None and isinstance(exc, remote.BpfexecError):
             _error(args.command, "error", str(exc))
             # A module or request beyond a server limit is bad input, as it is locally;
@@ -370,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _error(command: str, kind: str, message: str) -> None:
     """One line on stderr, whatever the message holds (names from a file or a server)."""
-    from vm.loader import printable
+    from bpfexec.vm.loader import printable
 
     print(f"bpfexec {command}: {kind}: {printable(message)}", file=sys.stderr)
 

@@ -1,17 +1,17 @@
 """The server-facing parts of the `bpfexec` command line.
 
 - `bpfexec serve [--host] [--port] [--metrics-port] [--workers N] [--helpers M:A]... [limits]`:
-  every flag comes from `server.settings` and can also be set through its
-  `BPFEXEC_*` environment variable; `--workers` above 1 runs `server.workers`.
+  every flag comes from `bpfexec.server.settings` and can also be set through its
+  `BPFEXEC_*` environment variable; `--workers` above 1 runs `bpfexec.server.workers`.
 - `bpfexec health --server HOST:PORT [--service NAME]`: exit 0 when the server
   answers SERVING, 1 otherwise, with one line on stdout or stderr; for probes.
 - `add_connection_arguments(parser)`: `--token` (or `BPFEXEC_TOKEN`, which
   keeps the secret out of the process list), `--tls`, `--tls-ca`,
   `--tls-cert`, `--tls-key`, shared by `health` and `run --server`.
 - `run_remote(...)`: what `bpfexec run FILE --server HOST:PORT` does; it
-  returns the same dict as a local run so `client.cli` prints both alike.
+  returns the same dict as a local run so `bpfexec.client.cli` prints both alike.
 
-`client.cli` owns the parser and registers these subcommands. The server is
+`bpfexec.client.cli` owns the parser and registers these subcommands. The server is
 imported only by `serve`, so the client side stays light.
 """
 
@@ -27,8 +27,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.client import Client, PathLike, bearer_metadata, channel_credentials
-from client.errors import InvalidArgument
+from bpfexec.client.client import Client, PathLike, bearer_metadata, channel_credentials
+from bpfexec.client.errors import InvalidArgument
 
 EXIT_OK = 0
 EXIT_UNHEALTHY = 1
@@ -37,8 +37,8 @@ _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """`bpfexec serve`: flags generated from `server.settings.Settings`."""
-    from server.settings import add_arguments
+    """`bpfexec serve`: flags generated from `bpfexec.server.settings.Settings`."""
+    from bpfexec.server.settings import add_arguments
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "serve",
@@ -54,16 +54,16 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def serve_command(namespace: argparse.Namespace) -> int:
     """Run the server until SIGTERM or SIGINT."""
-    from server.app import serve
-    from server.registry import HelperConfigError
-    from server.request_log import configure_logging
-    from server.settings import Settings
+    from bpfexec.server.app import serve
+    from bpfexec.server.registry import HelperConfigError
+    from bpfexec.server.request_log import configure_logging
+    from bpfexec.server.settings import Settings
 
     try:
         settings = Settings.from_args(namespace, os.environ)
         configure_logging(settings.log_format)
         if settings.workers > 1:
-            from server.workers import serve_workers
+            from bpfexec.server.workers import serve_workers
 
             return serve_workers(settings)
         asyncio.run(serve(settings))
@@ -179,10 +179,10 @@ def run_remote(
 ) -> dict[str, Any]:
     """Upload `code` to `server`, run `function`, return the result as a local run's dict.
 
-    `remote_helpers` are `MODULE:ATTR` specs of `vm.HelperRegistry`s whose
+    `remote_helpers` are `MODULE:ATTR` specs of `bpfexec.vm.HelperRegistry`s whose
     helpers this process answers over an ExecuteStream (by number and name);
     `token` and the TLS arguments are those of `Client`.
-    Raises `client.errors.BpfexecError` subclasses with the server's message.
+    Raises `bpfexec.client.errors.BpfexecError` subclasses with the server's message.
     """
     helpers = _remote_registry(remote_helpers) if remote_helpers else None
     with Client(
@@ -193,8 +193,8 @@ def run_remote(
 
 
 def _remote_registry(specs: Sequence[str]) -> Any:
-    """One `vm.HelperRegistry` merging the registries `specs` name (a clash is an error)."""
-    from vm.helpers import HelperRegistry, import_registry
+    """One `bpfexec.vm.HelperRegistry` merging the registries `specs` name (a clash is an error)."""
+    from bpfexec.vm.helpers import HelperRegistry, import_registry
 
     merged = HelperRegistry()
     try:

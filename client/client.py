@@ -8,10 +8,10 @@
 Blocking, thread-safe (one client can be shared by threads; calls run
 concurrently over one HTTP/2 connection). `execute(..., helpers=...)` answers
 helper calls of the program from this process over an `ExecuteStream`
-(docs/remote-helpers.md); `client.aio.AsyncClient` is the asyncio twin.
-Failures raise `client.errors` exceptions carrying the server's message; a
+(docs/remote-helpers.md); `bpfexec.client.aio.AsyncClient` is the asyncio twin.
+Failures raise `bpfexec.client.errors` exceptions carrying the server's message; a
 program that traps is a `Result` with `trap` set, not an exception. This
-module depends only on the generated stubs in `client._pb`, never on the
+module depends only on the generated stubs in `bpfexec._pb`, never on the
 server or the VM.
 """
 
@@ -25,16 +25,16 @@ from typing import Any, TypeVar
 
 import grpc
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from client.errors import (
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.client.errors import (
     InvalidArgument,
     MemoryFault,
     NotFound,
     ProtocolError,
     from_rpc_error,
 )
-from client.types import Helper, Module, Result
+from bpfexec.client.types import Helper, Module, Result
 
 __all__ = ["Client", "HelperCall", "channel_credentials"]
 
@@ -46,7 +46,7 @@ T = TypeVar("T")
 HelperKey = int | str
 # What `helpers=` takes: {number or name: fn(call, r1, r2, r3, r4, r5) -> int}, or
 # anything iterable whose items have `.fn`, `.number` and `.name`, such as a
-# `vm.HelperRegistry` (not imported: the client does not depend on the VM).
+# `bpfexec.vm.HelperRegistry` (not imported: the client does not depend on the VM).
 Helpers = Mapping[HelperKey, Callable[..., Any]] | Iterable[Any]
 PathLike = str | os.PathLike[str]
 Metadata = tuple[tuple[str, str], ...]
@@ -148,7 +148,7 @@ class Client:
         it is uploaded again and the execution retried once.
 
         `helpers` are answered by this process: `{42: fn, "mul": fn}` (by the
-        number or the name the program calls) or a `vm.HelperRegistry`. Each
+        number or the name the program calls) or a `bpfexec.vm.HelperRegistry`. Each
         `fn(call, r1, r2, r3, r4, r5) -> int` runs on the calling thread; `call`
         is a `HelperCall` whose `read`, `write`, `read_cstring` and `log` work
         like an in-process helper's context, so the same functions serve both.
@@ -350,7 +350,7 @@ def helper_table(helpers: Helpers) -> dict[HelperKey, Callable[..., Any]]:
                 raise InvalidArgument(f"helper number {key} is outside 0..2**32-1", _INVALID)
             table[key] = fn
         return table
-    entries: Iterable[Any] = helpers  # a vm.HelperRegistry: offer each by number and name
+    entries: Iterable[Any] = helpers  # a bpfexec.vm.HelperRegistry: offer each by number and name
     for helper in entries:
         for key in (helper.number, helper.name):
             if key is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
 
 
 @dataclass(frozen=True)

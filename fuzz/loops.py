@@ -50,22 +50,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import vm
-from vm.builtin_helpers import standard_helpers
-from vm.errors import LoadError
-from vm.isa import MASK64
-from vm.memory import STACK_BASE, buffer_base
-from vm.program import Program
+from bpfexec import vm
+from bpfexec.vm.builtin_helpers import standard_helpers
+from bpfexec.vm.errors import LoadError
+from bpfexec.vm.isa import MASK64
+from bpfexec.vm.memory import STACK_BASE, buffer_base
+from bpfexec.vm.program import Program
 
 try:  # how many rounds a group unrolls, to aim wrapping steps at it
-    from vm.jit.unroll import GROUP_INSTRUCTIONS, MAX_COPIES
+    from bpfexec.vm.jit.unroll import GROUP_INSTRUCTIONS, MAX_COPIES
 except ImportError:  # no llvmlite: the values when this was written
     GROUP_INSTRUCTIONS, MAX_COPIES = 64, 8
 
 from fuzz.targets import Finding
 
 BUDGET = 100_000  # the fuel `tests/test_instructions.py` runs a .data case with
-MEMCPY, MEMSET = 0x10000, 0x10002  # standard helpers (vm.builtin_helpers)
+MEMCPY, MEMSET = 0x10000, 0x10002  # standard helpers (bpfexec.vm.builtin_helpers)
 
 
 # -- the choice stream ------------------------------------------------------------------
@@ -555,7 +555,7 @@ class _Generator:
             kind = "argument"
         if c.chance(10):  # a second latch: the loop has two back edges
             p.lines.insert(-1, f"    if r0 == {c.between(0, 9)} goto {head}")
-        # the rounds from a group's first to its last (vm.jit.unroll's rule)
+        # the rounds from a group's first to its last (bpfexec.vm.jit.unroll's rule)
         body = p.lines[start:]
         size = sum(1 + line.endswith(" ll") for line in body if not line.endswith(":"))
         copies = min(MAX_COPIES, GROUP_INSTRUCTIONS // max(size, 1))
@@ -736,7 +736,7 @@ def load_case(case: Case, tier: str | None = None) -> Program:
     fault of the JIT (its fallback for a bug of its own) is a Finding."""
     program = vm.load(case.asm.encode(), name="loops.s")
     if tier is not None:
-        from vm.jit import compile_program
+        from bpfexec.vm.jit import compile_program
 
         compiled = compile_program(program, quick=tier == "quick")
         if getattr(compiled, "failed", False):
@@ -787,7 +787,7 @@ def check(
         reference = load_case(case)
     except LoadError:
         return None
-    runtime_log = logging.getLogger("vm.jit.runtime")
+    runtime_log = logging.getLogger("bpfexec.vm.jit.runtime")
     faults = _Faults()
     runtime_log.addHandler(faults)
     try:
@@ -830,7 +830,7 @@ def _compare(
 def target(data: bytes) -> None:
     """The fuzz target: generate from `data`, compare the engines (in this process).
     Without llvmlite, the interpreter alone runs it (nothing may escape)."""
-    from vm.machine import available_engines
+    from bpfexec.vm.machine import available_engines
 
     check(generate(data), tiers=TIERS if "jit" in available_engines() else ())
 
@@ -869,10 +869,10 @@ def reached(case: Case) -> dict[str, int]:
     many strided accesses they have: the generator's aim, counted. Empty if the
     compiler's analyses cannot be called as they were when this was written."""
     try:
-        from vm.interpreter import CALL, JUMP, decode_blocks
-        from vm.jit.compiler import _reachable, successors
-        from vm.jit.induction import strided_accesses
-        from vm.jit.unroll import unrollable_loops
+        from bpfexec.vm.interpreter import CALL, JUMP, decode_blocks
+        from bpfexec.vm.jit.compiler import _reachable, successors
+        from bpfexec.vm.jit.induction import strided_accesses
+        from bpfexec.vm.jit.unroll import unrollable_loops
 
         program = load_case(case)
         code = program.instructions

@@ -49,11 +49,22 @@ INSTRUMENTED = {
 }
 # Modules the targets import lazily: imported up front, so that they are instrumented.
 LAZY_IMPORTS = {
-    "elf": ["vm.elf"],
-    "bytecode": ["vm.elf"],
-    "engines": ["vm.elf", "vm.interpreter", "vm.jit"],
-    "protocol": ["vm.elf", "vm.interpreter", "server.app", "server.settings", "client.client"],
-    "loops": ["vm.interpreter", "vm.jit", "fuzz.loops", "vm.builtin_helpers"],
+    "elf": ["bpfexec.vm.elf"],
+    "bytecode": ["bpfexec.vm.elf"],
+    "engines": ["bpfexec.vm.elf", "bpfexec.vm.interpreter", "bpfexec.vm.jit"],
+    "protocol": [
+        "bpfexec.vm.elf",
+        "bpfexec.vm.interpreter",
+        "bpfexec.server.app",
+        "bpfexec.server.settings",
+        "bpfexec.client.client",
+    ],
+    "loops": [
+        "bpfexec.vm.interpreter",
+        "bpfexec.vm.jit",
+        "fuzz.loops",
+        "bpfexec.vm.builtin_helpers",
+    ],
 }
 
 
@@ -109,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fuzz.targets import run
 
         for module in LAZY_IMPORTS.get(target_name, ()):
-            with contextlib.suppress(ImportError):  # vm.jit without llvmlite
+            with contextlib.suppress(ImportError):  # bpfexec.vm.jit without llvmlite
                 importlib.import_module(module)
 
     def one_input(data: bytes) -> None:

@@ -2,15 +2,15 @@
 
 A target returns for every input bpfexec handles as designed, rejections
 included: a refused input must raise one of the project's documented errors
-(`vm.LoadError` and its subclass `VerifyError`, `vm.LimitError`; on the wire a
-gRPC status the service documents) with a message of one non-empty line.
+(`bpfexec.vm.LoadError` and its subclass `VerifyError`, `bpfexec.vm.LimitError`; on the
+wire a gRPC status the service documents) with a message of one non-empty line.
 Anything else is a finding: an exception of any other type escapes unchanged,
 with the traceback a fuzzer reports, and a broken invariant raises `Finding`.
 
 | target      | input                                      | what must hold                       |
 |-------------|--------------------------------------------|--------------------------------------|
-| `elf`       | an ELF object (its first 4 bytes are made  | `vm.load` refuses cleanly or returns |
-|             | the ELF magic)                             | a program that disassembles          |
+| `elf`       | an ELF object (its first 4 bytes are made  | `bpfexec.vm.load` refuses cleanly or |
+|             | the ELF magic)                             | returns a program that disassembles  |
 | `bytecode`  | any bytes, as `bpfexec run FILE` reads     | the same; a program that loads from  |
 |             | them (raw bytecode, assembly text or ELF)  | bytecode or text round-trips through |
 |             |                                            | the disassembler and assembler       |
@@ -38,16 +38,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import vm
-from vm import isa
-from vm.assembler import Assembled, assemble
-from vm.disassembler import disassemble
-from vm.errors import LimitError, LinkError, LoadError, RequestError, Trap, TrapKind
-from vm.helpers import Helper, HelperContext
-from vm.loader import ELF_MAGIC
-from vm.machine import available_engines
-from vm.program import HelperRef, Program
-from vm.verifier import verify
+from bpfexec import vm
+from bpfexec.vm import isa
+from bpfexec.vm.assembler import Assembled, assemble
+from bpfexec.vm.disassembler import disassemble
+from bpfexec.vm.errors import LimitError, LinkError, LoadError, RequestError, Trap, TrapKind
+from bpfexec.vm.helpers import Helper, HelperContext
+from bpfexec.vm.loader import ELF_MAGIC
+from bpfexec.vm.machine import available_engines
+from bpfexec.vm.program import HelperRef, Program
+from bpfexec.vm.verifier import verify
 
 Target = Callable[[bytes], None]
 
@@ -255,7 +255,7 @@ def engines(data: bytes) -> None:
         return
     tiers: dict[str, Program] = {}
     if "jit" in available_engines():
-        from vm.jit import compile_program
+        from bpfexec.vm.jit import compile_program
 
         # A Program keeps its native code: the quick tier needs a copy compiled quick first.
         quick = vm.load(data, "fuzz.bin", LIMITS)
@@ -333,10 +333,10 @@ class ProtocolHarness:
     def __init__(self) -> None:
         import grpc
 
-        from client._pb.bpfexec.v1 import executor_pb2 as pb
-        from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-        from server.app import serve_in_thread
-        from server.settings import Settings
+        from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+        from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+        from bpfexec.server.app import serve_in_thread
+        from bpfexec.server.settings import Settings
 
         self.grpc = grpc
         self.pb = pb

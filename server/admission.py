@@ -24,9 +24,9 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
-from server.executor import TooManyRequests
-from server.metrics import Metrics
-from server.service import status_of
+from bpfexec.server.executor import TooManyRequests
+from bpfexec.server.metrics import Metrics
+from bpfexec.server.service import status_of
 
 Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
 

@@ -26,16 +26,16 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from client._pb.bpfexec.v1 import executor_pb2
-from server.admission import RequestLimit
-from server.auth import Authenticator, server_credentials
-from server.executor import ExecutionService
-from server.metrics import Metrics
-from server.registry import build_registry
-from server.request_log import RequestLogInterceptor
-from server.service import ExecutorServicer, add_to_server
-from server.settings import Settings
-from server.store import ModuleStore
+from bpfexec._pb.bpfexec.v1 import executor_pb2
+from bpfexec.server.admission import RequestLimit
+from bpfexec.server.auth import Authenticator, server_credentials
+from bpfexec.server.executor import ExecutionService
+from bpfexec.server.metrics import Metrics
+from bpfexec.server.registry import build_registry
+from bpfexec.server.request_log import RequestLogInterceptor
+from bpfexec.server.service import ExecutorServicer, add_to_server
+from bpfexec.server.settings import Settings
+from bpfexec.server.store import ModuleStore
 
 log = logging.getLogger(__name__)
 

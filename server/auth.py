@@ -35,8 +35,8 @@ from typing import Any
 
 import grpc
 
-from server.metrics import Metrics
-from server.settings import Settings
+from bpfexec.server.metrics import Metrics
+from bpfexec.server.settings import Settings
 
 DEFAULT_TENANT = "default"
 OPEN_SERVICES = (

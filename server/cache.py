@@ -2,7 +2,7 @@
 
 A module's id is the sha256 of its bytes, so any replica can rebuild an entry
 from the bytes alone; that is why evicting is always safe (the client
-re-uploads on NOT_FOUND). The cache keeps the `vm.Program` itself, and with it
+re-uploads on NOT_FOUND). The cache keeps the `bpfexec.vm.Program` itself, and with it
 whatever engines derived from it (`Program.compiled`), so a module is parsed,
 verified and compiled once per namespace.
 
@@ -32,18 +32,18 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.metrics import Metrics
-from vm import LimitError, Program, isa
-from vm.interpreter import block_leaders
-from vm.isa import OP_CALLX
-from vm.program import content_id
+from bpfexec.server.metrics import Metrics
+from bpfexec.vm import LimitError, Program, isa
+from bpfexec.vm.interpreter import block_leaders
+from bpfexec.vm.isa import OP_CALLX
+from bpfexec.vm.program import content_id
 
 # Bytes of memory a module takes, by what it holds. Measured with tracemalloc
 # (Python 3, 64-bit) on raw-bytecode modules of 50,000 to 1,000,000 slots of
 # one instruction kind each (ALU with random immediates, loads, stores, lddw,
 # helper calls, a conditional jump every other slot) and on a clang -O2 object
 # of 300 functions and 36,039 slots (with and without -g): memory after
-# `vm.load()` plus the interpreter's `decode_blocks()`, divided out.
+# `bpfexec.vm.load()` plus the interpreter's `decode_blocks()`, divided out.
 # docs/hardening.md has the figures.
 MODULE_BYTES = 2_000  # Program, CachedModule, their dicts and tuples: any module
 SLOT_BYTES = 120  # an Instruction, its tuple slot and its immediate

@@ -16,9 +16,9 @@ a client retrying elsewhere beats one waiting an unknown time behind a
 program that may run until its fuel is gone.
 
 With the JIT, an upload queues its module's quick tier, then its optimized
-one, on a `vm.jit.worker.CompileQueue`: worker processes do LLVM's work, every
+one, on a `bpfexec.vm.jit.worker.CompileQueue`: worker processes do LLVM's work, every
 quick tier goes before any optimized one and smaller modules first, a tier over
-its size limits (`vm.jit.limits`) is refused at once, and shutdown abandons
+its size limits (`bpfexec.vm.jit.limits`) is refused at once, and shutdown abandons
 compiles instead of waiting for them.
 
 A deadline becomes an interrupt of the running program; a cancelled request
@@ -43,10 +43,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from server.cache import CachedModule, ModuleCache
-from server.metrics import Metrics
-from server.store import ModuleStore
-from vm import (
+from bpfexec.server.cache import CachedModule, ModuleCache
+from bpfexec.server.metrics import Metrics
+from bpfexec.server.store import ModuleStore
+from bpfexec.vm import (
     Helper,
     HelperChain,
     HelperContext,
@@ -61,14 +61,14 @@ from vm import (
     TrapKind,
     execute,
 )
-from vm.helpers import HelperFn, HelperResolver
-from vm.interpreter import program_blocks
-from vm.loader import load
-from vm.machine import Argument
+from bpfexec.vm.helpers import HelperFn, HelperResolver
+from bpfexec.vm.interpreter import program_blocks
+from bpfexec.vm.loader import load
+from bpfexec.vm.machine import Argument
 
 if TYPE_CHECKING:
-    from vm.jit.limits import TierLimits
-    from vm.jit.worker import CompileQueue, CompileWorker
+    from bpfexec.vm.jit.limits import TierLimits
+    from bpfexec.vm.jit.worker import CompileQueue, CompileWorker
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Overloaded(ServiceError):
 
 
 class TooManyRequests(ServiceError):
-    """More calls in progress than `max_concurrent_requests` (`server.admission`)."""
+    """More calls in progress than `max_concurrent_requests` (`bpfexec.server.admission`)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -162,9 +162,9 @@ class ExecutionService:
         self._tier_limits: dict[bool, TierLimits] = {}
         self.jit_compile_timeout = jit_compile_timeout
         if engine == "jit":
-            from vm.jit import best_compiled
-            from vm.jit.limits import TierLimits
-            from vm.jit.worker import CompileQueue
+            from bpfexec.vm.jit import best_compiled
+            from bpfexec.vm.jit.limits import TierLimits
+            from bpfexec.vm.jit.worker import CompileQueue
 
             self._best_compiled = best_compiled
             self._tier_limits = {
@@ -232,9 +232,9 @@ class ExecutionService:
         self, program: Program, quick: bool = True, worker: CompileWorker | None = None
     ) -> None:
         """Compile one tier (in `worker`'s process, if any); after the quick tier,
-        queue the optimized one. A tier over its size limits (`vm.jit.limits`) is
+        queue the optimized one. A tier over its size limits (`bpfexec.vm.jit.limits`) is
         refused at once, and the module keeps the tier below."""
-        from vm.jit import compile_program
+        from bpfexec.vm.jit import compile_program
 
         start = time.perf_counter()
         emit = worker.emitter(self.jit_compile_timeout) if worker is not None else None

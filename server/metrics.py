@@ -6,7 +6,7 @@ clashing in prometheus_client's global registry. Label values stay bounded: an
 outcome is `OK` or a trap kind, a helper is its name (or `#number`), a gRPC
 method is one of the service's; module ids never become labels.
 
-Under `bpfexec serve --workers N` (`server.workers`) prometheus_client runs in
+Under `bpfexec serve --workers N` (`bpfexec.server.workers`) prometheus_client runs in
 multiprocess mode: each worker writes its values to files in a shared
 directory, and the parent process serves their sum.
 

@@ -1,8 +1,8 @@
 """The server's in-process helpers: the standard set plus plugins.
 
-Sources, merged in this order into one `vm.HelperRegistry`:
+Sources, merged in this order into one `bpfexec.vm.HelperRegistry`:
 
-1. the built-in standard set (`vm.builtin_helpers`);
+1. the built-in standard set (`bpfexec.vm.builtin_helpers`);
 2. every entry point of the group `bpfexec.helpers`, each resolving to a
    `HelperRegistry` (a package declares
    `[project.entry-points."bpfexec.helpers"] name = "pkg.module:registry"`);
@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 
-from vm import Helper, HelperRegistry
-from vm.builtin_helpers import standard_helpers
-from vm.helpers import import_registry as vm_import_registry
+from bpfexec.vm import Helper, HelperRegistry
+from bpfexec.vm.builtin_helpers import standard_helpers
+from bpfexec.vm.helpers import import_registry as vm_import_registry
 
 ENTRY_POINT_GROUP = "bpfexec.helpers"
 
@@ -42,7 +42,7 @@ def build_registry(specs: Iterable[str] = (), *, use_entry_points: bool = True) 
                 raise HelperConfigError(f"cannot load helpers from {label}: {exc}") from exc
             if not isinstance(loaded, HelperRegistry):
                 raise HelperConfigError(
-                    f"{label} is a {type(loaded).__name__}, not a vm.HelperRegistry"
+                    f"{label} is a {type(loaded).__name__}, not a bpfexec.vm.HelperRegistry"
                 )
             sources.append((label, loaded))
     for spec in specs:

@@ -42,9 +42,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from server.executor import ServiceError
-from server.metrics import Metrics
-from vm import Helper, HelperContext, HelperRef, Trap, TrapKind
+from bpfexec.server.executor import ServiceError
+from bpfexec.server.metrics import Metrics
+from bpfexec.vm import Helper, HelperContext, HelperRef, Trap, TrapKind
 
 HelperKey = int | str  # the offered number or name a call site matched
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from server.metrics import _code_name
+from bpfexec.server.metrics import _code_name
 
 log = logging.getLogger("bpfexec.requests")
 

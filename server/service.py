@@ -26,17 +26,17 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from server.cache import CachedModule
-from server.executor import (
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.server.cache import CachedModule
+from bpfexec.server.executor import (
     DeadlineExceeded,
     ExecutionService,
     ModuleNotFound,
     Overloaded,
     TooManyRequests,
 )
-from server.remote import (
+from bpfexec.server.remote import (
     DEFAULT_MAX_READ_BYTES,
     DEFAULT_OUTBOX_BYTES,
     MESSAGE_OVERHEAD,
@@ -46,8 +46,17 @@ from server.remote import (
     RemoteHelpers,
     ShadowedHelper,
 )
-from vm import Helper, HelperRef, LimitError, LinkError, LoadError, RequestError, Result, Trap
-from vm.machine import Argument
+from bpfexec.vm import (
+    Helper,
+    HelperRef,
+    LimitError,
+    LinkError,
+    LoadError,
+    RequestError,
+    Result,
+    Trap,
+)
+from bpfexec.vm.machine import Argument
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +77,12 @@ class NameTooLong(RequestError):
 
 
 class ExecutorServicer(pb_grpc.ExecutorServicer):
-    """`tenant_of(context)` names the caller's tenant (`server.auth`); default: one tenant.
+    """`tenant_of(context)` names the caller's tenant (`bpfexec.server.auth`); default: one tenant.
 
     `max_name_bytes` bounds every name a request carries, `max_offered_helpers`
     the helpers one ExecuteStream may offer, `max_memory_read_bytes` one
     MemoryRead and `max_stream_outbox_bytes` the answers a stream queues for its
-    client (`server.settings`, `server.remote`).
+    client (`bpfexec.server.settings`, `bpfexec.server.remote`).
     """
 
     def __init__(

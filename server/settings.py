@@ -1,6 +1,6 @@
 """`Settings`: every knob of the server, in one frozen value.
 
-The fields of `Settings` (and of `vm.Limits`, flattened into the same
+The fields of `Settings` (and of `bpfexec.vm.Limits`, flattened into the same
 namespace) are the single source of truth: `add_arguments` derives one
 command-line flag per field (`--max-concurrent-executions`, `--max-fuel`) and
 `Settings.from_args` reads each value from the flag, else from the environment
@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vm import Limits
-from vm.machine import available_engines
+from bpfexec.vm import Limits
+from bpfexec.vm.machine import available_engines
 
 ENV_PREFIX = "BPFEXEC_"
 _TIER_KNOBS = (
@@ -46,7 +46,8 @@ class Settings:
     port: int = _knob(50051, "gRPC port (0: pick a free one)")
     metrics_port: int = _knob(9090, "Prometheus metrics HTTP port (0: no metrics server)")
     helpers: tuple[str, ...] = _knob(
-        (), "in-process helpers to add, as MODULE:ATTR naming a vm.HelperRegistry (repeatable)"
+        (),
+        "in-process helpers to add, as MODULE:ATTR naming a bpfexec.vm.HelperRegistry (repeatable)",
     )
     entry_point_helpers: bool = _knob(
         True, "load the helper registries of the 'bpfexec.helpers' entry-point group"
@@ -200,7 +201,7 @@ class Settings:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per knob of `Settings` and `vm.Limits` to `parser`.
+    """Add one flag per knob of `Settings` and `bpfexec.vm.Limits` to `parser`.
 
     Every flag defaults to None so `Settings.from_args` can tell "not given"
     from "given the default" and fall back to the environment.

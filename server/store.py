@@ -3,7 +3,7 @@
 The store is a directory (`--store DIR`):
 
 - `<hex>`: the module's bytes; `<hex>` is their sha256, so the module id is
-  `sha256:<hex>` (`vm.program.content_id`).
+  `sha256:<hex>` (`bpfexec.vm.program.content_id`).
 - `<hex>.json`: what the bytes do not say: the name given at upload, the
   tenants that uploaded the module (who may see it), and each tenant's own
   name for it (`names`), so that no tenant ever sees a name another gave.
@@ -32,8 +32,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.metrics import Metrics
-from vm.program import content_id
+from bpfexec.server.metrics import Metrics
+from bpfexec.vm.program import content_id
 
 log = logging.getLogger(__name__)
 

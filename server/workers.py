@@ -2,7 +2,7 @@
 
 A Python process does its Python work on one core (the GIL), so to use more
 cores of one machine the parent starts N worker processes, each a complete
-server (`server.app.serve`) with its own module cache, all bound to the same
+server (`bpfexec.server.app.serve`) with its own module cache, all bound to the same
 port with SO_REUSEPORT: the kernel hands each new connection to one of them.
 This is the pattern of grpcio's multiprocessing example. Workers are started
 with the "spawn" method, so no gRPC state crosses a fork. Any worker may answer
@@ -50,8 +50,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from server.request_log import configure_logging
-from server.settings import Settings
+from bpfexec.server.request_log import configure_logging
+from bpfexec.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def _run_worker(settings: Settings, level: int = logging.INFO) -> None:
     """The body of one worker process: a complete server until SIGTERM or SIGINT."""
-    from server.app import serve
-    from server.registry import HelperConfigError
+    from bpfexec.server.app import serve
+    from bpfexec.server.registry import HelperConfigError
 
     configure_logging(settings.log_format, level, text_format=LOG_FORMAT)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vm.machine import available_engines
+from bpfexec.vm.machine import available_engines
 
 FIXTURES = Path(__file__).parent / "fixtures"
 C_SOURCES = FIXTURES / "c"
@@ -94,5 +94,5 @@ def no_compiler_faults(request: pytest.FixtureRequest, caplog: pytest.LogCapture
     if request.node.get_closest_marker("compiler_fault"):
         return
     for record in caplog.get_records("call"):
-        if record.name == "vm.jit.runtime" and record.levelno >= logging.ERROR:
+        if record.name == "bpfexec.vm.jit.runtime" and record.levelno >= logging.ERROR:
             pytest.fail(f"{record.getMessage()}: {record.exc_info and record.exc_info[1]!r}")

@@ -3,7 +3,7 @@
 Used by tests, and importable by `bpfexec run --helpers seed_helpers:registry`.
 """
 
-from vm import HelperRegistry
+from bpfexec.vm import HelperRegistry
 
 registry = HelperRegistry()
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from support import Samples, free_port, scrape_metrics, wait_until
 
-from client.cli_remote import check_health
-from vm.machine import available_engines
+from bpfexec.client.cli_remote import check_health
+from bpfexec.vm.machine import available_engines
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = available_engines()[-1]  # the server's default: jit when llvmlite is installed
@@ -33,7 +33,7 @@ NEVER_ENDS = 10**15  # fuel for programs that must outlive their test
 # A client process that blocks inside a remote helper until it is killed.
 BLOCKED_CLIENT = """
 import sys, time
-from client.client import Client
+from bpfexec.client.client import Client
 
 def block(call, *registers):
     print("in-helper", flush=True)
@@ -53,7 +53,8 @@ class ServerProcess:
         self.address = f"127.0.0.1:{self.port}"
         self.log = log
         command = [
-            sys.executable, "-X", "faulthandler", "-m", "client.cli", "serve",  # a crash shows
+            # -X faulthandler: a crash shows its traceback in the log
+            sys.executable, "-X", "faulthandler", "-m", "bpfexec.client.cli", "serve",
             "--port", str(self.port), "--metrics-port", str(self.metrics_port),
             "--no-entry-point-helpers", *flags,
         ]  # fmt: skip

@@ -12,11 +12,11 @@ from collections.abc import Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vm.interpreter import Block, decode_blocks
-from vm.jit import runtime
-from vm.jit.compiler import _reachable, successors
-from vm.jit.unroll import Loop, unrollable_loops
-from vm.program import Program
+from bpfexec.vm.interpreter import Block, decode_blocks
+from bpfexec.vm.jit import runtime
+from bpfexec.vm.jit.compiler import _reachable, successors
+from bpfexec.vm.jit.unroll import Loop, unrollable_loops
+from bpfexec.vm.program import Program
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

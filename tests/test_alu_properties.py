@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vm
+from bpfexec import vm
 
 U64 = 1 << 64
 U32 = 1 << 32

@@ -1,6 +1,6 @@
 """The assembler and the disassembler: round trips, llvm-objdump's text, errors.
 
-- Every valid instruction form (generated from the `vm.isa` tables) prints as
+- Every valid instruction form (generated from the `bpfexec.vm.isa` tables) prints as
   text that assembles back to the same instruction.
 - The text equals what `llvm-objdump -d` prints, checked against real objects
   when clang and llvm-objdump are installed: C fixtures compiled for several CPU
@@ -23,12 +23,12 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vm import isa
-from vm.assembler import DEFAULT_FUNCTION, assemble
-from vm.disassembler import disassemble, disassemble_instruction, format_instruction
-from vm.errors import LoadError
-from vm.isa import Instruction
-from vm.program import Function, HelperRef, Program
+from bpfexec.vm import isa
+from bpfexec.vm.assembler import DEFAULT_FUNCTION, assemble
+from bpfexec.vm.disassembler import disassemble, disassemble_instruction, format_instruction
+from bpfexec.vm.errors import LoadError
+from bpfexec.vm.isa import Instruction
+from bpfexec.vm.program import Function, HelperRef, Program
 
 CLANG = shutil.which("clang")
 OBJDUMP = shutil.which("llvm-objdump")
@@ -521,7 +521,7 @@ def assert_matches_objdump(obj: Path) -> int:
     llvm-objdump (without alu32) prints 32-bit atomics with an `r` register or not
     at all; with alu32 it prints them as we do (`w2`), so those lines come from the
     alu32 run. A local call is `call -1` there and `call local -1` here (see
-    vm.disassembler). Lines it cannot decode (`<unknown>`: cpu v4 forms in llvm 14)
+    bpfexec.vm.disassembler). Lines it cannot decode (`<unknown>`: cpu v4 forms in llvm 14)
     are left to the syntax tests above.
     """
     insns = text_section(obj)
@@ -619,7 +619,7 @@ def test_pasted_objdump_listing_assembles_to_the_object(tmp_path: Path) -> None:
     assert len(got) == len(expected)
     for pc, (ours, theirs) in enumerate(zip(got, expected, strict=True)):
         if theirs.opcode == isa.OP_CALL and theirs.src == isa.CALL_LOCAL:
-            # llvm prints a local call like a helper call: `call -1` (see vm.disassembler).
+            # llvm prints a local call like a helper call: `call -1` (see bpfexec.vm.disassembler).
             assert ours == Instruction(isa.OP_CALL, imm=theirs.imm), pc
         else:
             assert ours == theirs, pc

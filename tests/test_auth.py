@@ -27,13 +27,13 @@ import grpc
 import pytest
 from support import free_port, wait_until
 
-from client.aio import AsyncClient
-from client.cli_remote import check_health
-from client.client import Client
-from client.errors import NotFound, Unauthenticated
-from server.app import RunningServer, serve_in_thread
-from server.auth import Authenticator
-from server.settings import Settings
+from bpfexec.client.aio import AsyncClient
+from bpfexec.client.cli_remote import check_health
+from bpfexec.client.client import Client
+from bpfexec.client.errors import NotFound, Unauthenticated
+from bpfexec.server.app import RunningServer, serve_in_thread
+from bpfexec.server.auth import Authenticator
+from bpfexec.server.settings import Settings
 
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
 TIMEOUT = 10.0
@@ -192,7 +192,7 @@ def test_status_code_is_unauthenticated(server: RunningServer) -> None:
 def test_the_cli_takes_the_token_from_the_environment(
     server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    from client.cli import main
+    from bpfexec.client.cli import main
 
     program = tmp_path / "add.s"
     program.write_bytes(ADD_ONE)
@@ -237,7 +237,7 @@ def error_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 def test_reload_replaces_the_tokens_or_keeps_them(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.auth")
+    caplog.set_level(logging.INFO, logger="bpfexec.server.auth")
     path = tmp_path / "tokens"
     path.write_text("alice:a\n")
     auth = Authenticator.from_file(path)
@@ -293,7 +293,8 @@ def serve_process(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Pope
     env = {k: v for k, v in os.environ.items() if not k.startswith("BPFEXEC_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     command = [
-        sys.executable, "-m", "client.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "bpfexec.client.cli", "serve",
+        "--host", "127.0.0.1", "--port", str(port),
         "--metrics-port", "0", "--no-entry-point-helpers", "--engine", "interpreter", *flags,
     ]  # fmt: skip
     with (tmp_path / "serve.log").open("w") as sink:

@@ -25,15 +25,15 @@ import pytest
 from server_process import ServerProcess
 from support import free_port, scrape_metrics
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from client.client import Client
-from client.errors import InvalidArgument, NotFound, ResourceExhausted
-from server.app import RunningServer, serve_in_thread
-from server.cache import estimate_bytes
-from server.settings import Settings
-from vm import Limits, load
-from vm.interpreter import decode_blocks
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.client.client import Client
+from bpfexec.client.errors import InvalidArgument, NotFound, ResourceExhausted
+from bpfexec.server.app import RunningServer, serve_in_thread
+from bpfexec.server.cache import estimate_bytes
+from bpfexec.server.settings import Settings
+from bpfexec.vm import Limits, load
+from bpfexec.vm.interpreter import decode_blocks
 
 TIMEOUT = 10.0
 TWELVE_BYTES = b"r0 = 0\nexit\n"

@@ -21,14 +21,14 @@ import grpc
 import pytest
 from support import FOREVER, wait_until
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from client.client import Client
-from client.errors import DeadlineExceeded
-from server.app import RunningServer, serve_in_thread
-from server.settings import Settings
-from vm import Limits
-from vm.machine import available_engines
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.client.client import Client
+from bpfexec.client.errors import DeadlineExceeded
+from bpfexec.server.app import RunningServer, serve_in_thread
+from bpfexec.server.settings import Settings
+from bpfexec.vm import Limits
+from bpfexec.vm.machine import available_engines
 
 FUEL = Limits().max_fuel
 DEADLINE = 0.3

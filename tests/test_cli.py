@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import UsageError, parse_arg
+from bpfexec.client.cli import UsageError, parse_arg
 
 TESTS = Path(__file__).parent
 MASK64 = (1 << 64) - 1
@@ -20,7 +20,7 @@ def bpfexec(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
     env = dict(os.environ, PYTHONPATH=str(TESTS))
     env.pop("BPFEXEC_DEBUG", None)
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", *args],
+        [sys.executable, "-m", "bpfexec.client.cli", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -159,7 +159,7 @@ def test_disasm_and_asm_round_trip(compile_c, tmp_path):
 
 
 def hexcode(text: str) -> str:
-    from vm import isa, load
+    from bpfexec.vm import isa, load
 
     return isa.encode(load(text.encode()).instructions).hex()
 
@@ -222,7 +222,7 @@ def test_run_imports_helpers_from_the_working_directory(tmp_path):
     # The README's first example: `bpfexec run prog --helpers myhelpers:registry`
     # finds ./myhelpers.py, as `serve` does.
     (tmp_path / "myhelpers.py").write_text(
-        "from vm import HelperRegistry\n"
+        "from bpfexec.vm import HelperRegistry\n"
         "registry = HelperRegistry()\n"
         "@registry.helper(id=1, name='max')\n"
         "def max_(ctx, a, b, c, d, e):\n"
@@ -230,7 +230,7 @@ def test_run_imports_helpers_from_the_working_directory(tmp_path):
     )
     (tmp_path / "prog.s").write_text("call 1\nexit\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "client.cli", "run", "prog.s", "--arg", "5", "--arg", "6",
+        [sys.executable, "-m", "bpfexec.client.cli", "run", "prog.s", "--arg", "5", "--arg", "6",
          "--helpers", "myhelpers:registry", "--json"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip

@@ -7,14 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 
-import vm
-from client.cli_remote import run_remote
-from client.client import Client
-from client.errors import BpfexecError, InvalidArgument, NotFound, Unavailable
-from client.types import Result
-from server.app import RunningServer, serve_in_thread
-from server.settings import Settings
-from vm.loader import load
+from bpfexec import vm
+from bpfexec.client.cli_remote import run_remote
+from bpfexec.client.client import Client
+from bpfexec.client.errors import BpfexecError, InvalidArgument, NotFound, Unavailable
+from bpfexec.client.types import Result
+from bpfexec.server.app import RunningServer, serve_in_thread
+from bpfexec.server.settings import Settings
+from bpfexec.vm.loader import load
 
 MASK64 = (1 << 64) - 1
 

@@ -1,5 +1,5 @@
 """JIT compile limits and workers: a tier takes a module only within its size limits
-(`vm.jit.limits`), compiles run in worker processes in a fair order, a huge module
+(`bpfexec.vm.jit.limits`), compiles run in worker processes in a fair order, a huge module
 never holds back the others, and neither a compile nor its worker outlives SIGTERM."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 from server_process import ServerProcess
 from support import free_port, scrape_metrics, wait_until
 
-from client import Client
-from server.app import serve_in_thread
-from server.settings import Settings
-from vm.loader import load
-from vm.machine import available_engines
+from bpfexec.client import Client
+from bpfexec.server.app import serve_in_thread
+from bpfexec.server.settings import Settings
+from bpfexec.vm.loader import load
+from bpfexec.vm.machine import available_engines
 
 pytestmark = pytest.mark.skipif("jit" not in available_engines(), reason="llvmlite missing")
 
@@ -42,9 +42,9 @@ def fallbacks(samples: dict, tier: str, reason: str) -> float:
 
 
 def test_a_big_branchy_module_gets_the_quick_tier_by_rule():
-    from vm.jit import best_compiled, compile_best, compile_program
-    from vm.jit.limits import OPTIMIZED_LIMITS, QUICK_LIMITS, over_limit
-    from vm.jit.runtime import _interpreter_blocks
+    from bpfexec.vm.jit import best_compiled, compile_best, compile_program
+    from bpfexec.vm.jit.limits import OPTIMIZED_LIMITS, QUICK_LIMITS, over_limit
+    from bpfexec.vm.jit.runtime import _interpreter_blocks
 
     program = load(branchy(40_000).encode(), "big")
     assert len(program.instructions) > 40_000
@@ -56,14 +56,14 @@ def test_a_big_branchy_module_gets_the_quick_tier_by_rule():
     assert time.perf_counter() - start < 1  # refused before anything is compiled
     assert not optimized.native and optimized.refused == "limit"
     assert optimized.fallback.startswith("too big for the optimized tier")
-    compiled = compile_best(program)  # what `vm.execute(..., engine="jit")` does
+    compiled = compile_best(program)  # what `bpfexec.vm.execute(..., engine="jit")` does
     assert compiled.native and compiled.quick
     assert best_compiled(program) is compiled  # a native tier beats a refused one
 
 
 def test_limits_count_every_function_and_the_module():
-    from vm.jit.limits import TierLimits, over_limit
-    from vm.jit.runtime import _interpreter_blocks
+    from bpfexec.vm.jit.limits import TierLimits, over_limit
+    from bpfexec.vm.jit.runtime import _interpreter_blocks
 
     program = load(branchy(2_000, functions=4).encode())  # about 500 per function
     blocks = _interpreter_blocks(program)
@@ -76,9 +76,9 @@ def test_limits_count_every_function_and_the_module():
 
 
 def test_a_module_over_the_quick_limit_runs_on_the_interpreter():
-    import vm
-    from vm.jit import compile_program
-    from vm.jit.limits import TierLimits
+    from bpfexec import vm
+    from bpfexec.vm.jit import compile_program
+    from bpfexec.vm.jit.limits import TierLimits
 
     program = load(branchy(1_000).encode())
     tiny = TierLimits.of(100, 100)
@@ -122,7 +122,7 @@ def test_the_server_sends_an_over_limit_module_to_the_tier_the_rule_says():
     assert fallbacks(samples, "quick", "limit") == 1
     assert results[2] == 15
     program = load(branchy(2_000).encode())
-    import vm
+    from bpfexec import vm
 
     assert results[0] == vm.execute(program, args=[5]).return_value
 
@@ -131,9 +131,9 @@ def test_the_server_sends_an_over_limit_module_to_the_tier_the_rule_says():
 
 
 def test_a_worker_compile_past_its_timeout_is_abandoned_and_the_next_one_works():
-    from vm.jit import compile_program
-    from vm.jit.limits import TierLimits
-    from vm.jit.worker import CompileWorker
+    from bpfexec.vm.jit import compile_program
+    from bpfexec.vm.jit.limits import TierLimits
+    from bpfexec.vm.jit.worker import CompileWorker
 
     worker = CompileWorker()
     try:
@@ -148,7 +148,7 @@ def test_a_worker_compile_past_its_timeout_is_abandoned_and_the_next_one_works()
         fine = load(SUM)
         compiled = compile_program(fine, emit=worker.emitter(30))
         assert compiled.native and worker.started == first + 1  # a new child
-        import vm
+        from bpfexec import vm
 
         assert vm.execute(fine, args=[10], engine="jit").return_value == 55
     finally:
@@ -160,8 +160,8 @@ def test_a_worker_that_dies_is_a_compiler_error_not_a_server_crash():
     import os
     import threading
 
-    from vm.jit import compile_program
-    from vm.jit.worker import CompileWorker
+    from bpfexec.vm.jit import compile_program
+    from bpfexec.vm.jit.worker import CompileWorker
 
     worker = CompileWorker()
     try:

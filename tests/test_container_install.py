@@ -122,7 +122,7 @@ def test_wheel_installed_as_the_dockerfile_does_serves(tmp_path: Path) -> None:
         assert server.returncode == 0, output
         assert "with the jit engine" in output, output  # the image runs native code
         assert str(venv) in subprocess.run(
-            [str(venv / "bin" / "python"), "-c", "import server; print(server.__file__)"],
+            [str(venv / "bin" / "python"), "-c", "from bpfexec import server; print(server.__file__)"],
             cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
     finally:
@@ -150,7 +150,7 @@ def test_image_builds_and_serves() -> None:
         check=True, capture_output=True, text=True, timeout=60,
     ).stdout.strip()  # fmt: skip
     try:
-        bpfexec = [sys.executable, "-m", "client.cli"]
+        bpfexec = [sys.executable, "-m", "bpfexec.client.cli"]
         wait_for_health(bpfexec, f"127.0.0.1:{port}", timeout=60, env=clean_env())
         inside = subprocess.run(
             ["docker", "exec", container, "bpfexec", "health"],

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from server.metrics import Metrics
-from server.settings import Settings
+from bpfexec.server.metrics import Metrics
+from bpfexec.server.settings import Settings
 
 yaml = pytest.importorskip("yaml")
 

@@ -1,6 +1,6 @@
 """The JIT against the interpreter: the same program, the same inputs, the same Result.
 
-Random programs built from `vm.isa` (hypothesis) and every real program of the
+Random programs built from `bpfexec.vm.isa` (hypothesis) and every real program of the
 suite (the C fixtures, the instruction cases of `tests/data/`) run on both
 engines; r0, fuel used, trap (kind, pc, message), log and final buffers must be
 identical. The interpreter is the reference.
@@ -26,15 +26,15 @@ from seed_helpers import registry as seed_registry  # noqa: E402
 from support import FIB, TWO_PATHS, inner_loops  # noqa: E402
 from test_instructions import BUDGET, CASE_FILES, parse_case  # noqa: E402
 
-import vm  # noqa: E402
-from vm import isa  # noqa: E402
-from vm.errors import Trap, TrapKind  # noqa: E402
-from vm.helpers import Helper, HelperChain, HelperRegistry  # noqa: E402
-from vm.isa import Instruction  # noqa: E402
-from vm.jit import compile_program  # noqa: E402
-from vm.loader import load  # noqa: E402
-from vm.memory import STACK_BASE, buffer_base  # noqa: E402
-from vm.program import Function, HelperRef, Program  # noqa: E402
+from bpfexec import vm  # noqa: E402
+from bpfexec.vm import isa  # noqa: E402
+from bpfexec.vm.errors import Trap, TrapKind  # noqa: E402
+from bpfexec.vm.helpers import Helper, HelperChain, HelperRegistry  # noqa: E402
+from bpfexec.vm.isa import Instruction  # noqa: E402
+from bpfexec.vm.jit import compile_program  # noqa: E402
+from bpfexec.vm.loader import load  # noqa: E402
+from bpfexec.vm.memory import STACK_BASE, buffer_base  # noqa: E402
+from bpfexec.vm.program import Function, HelperRef, Program  # noqa: E402
 
 EXAMPLES = int(os.environ.get("BPFEXEC_DIFFERENTIAL_EXAMPLES", "150"))
 TIERS = ("optimized", "quick")
@@ -287,7 +287,7 @@ def counted_loops(draw) -> tuple[Program, int]:
     second jump back to the head from the middle of the body. The buffer pointer r1
     may walk (and walk off the buffer) as the loop goes round, by steps up to 2^63,
     and addresses may be computed from the round counter r6 (strided accesses, which
-    a group checks once for all its rounds: `vm.jit.induction`)."""
+    a group checks once for all its rounds: `bpfexec.vm.jit.induction`)."""
     code = [*isa.lddw_pair(6, draw(st.integers(0, 40)))]
     far = [1 << 32, -(1 << 32), (1 << 32) - 1, 1 - (1 << 32), 1 << 63, 64, -64]
     step = draw(st.one_of(st.integers(-4, 8), st.sampled_from(far)))
@@ -385,7 +385,7 @@ def test_fuel_runs_out_exactly_everywhere(name: str) -> None:
 
 
 # A pointer stepped by r9 each round, in a body of 5 + `pad` instructions, so that a
-# group has `copies` rounds (`vm.jit.unroll.GROUP_INSTRUCTIONS`).
+# group has `copies` rounds (`bpfexec.vm.jit.unroll.GROUP_INSTRUCTIONS`).
 STEPPED = """
     r6 = 30
     r9 = {step} ll

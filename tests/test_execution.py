@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-import vm
-from vm import HelperRegistry, Limits, TrapKind
-from vm.loader import load
-from vm.memory import STACK_BASE, buffer_base
+from bpfexec import vm
+from bpfexec.vm import HelperRegistry, Limits, TrapKind
+from bpfexec.vm.loader import load
+from bpfexec.vm.memory import STACK_BASE, buffer_base
 
 MASK64 = (1 << 64) - 1
 

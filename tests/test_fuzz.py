@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `fuzz` lives next to the packages, not in them
     sys.path.insert(0, str(ROOT))
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb  # noqa: E402
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb  # noqa: E402
+from bpfexec.vm import isa  # noqa: E402
+from bpfexec.vm.disassembler import format_instruction  # noqa: E402
+from bpfexec.vm.isa import Instruction  # noqa: E402
+from bpfexec.vm.program import Function, Program  # noqa: E402
 from fuzz import targets  # noqa: E402
 from fuzz.targets import DELETE, EXECUTE, GET, LOAD, STREAM, encode_frames  # noqa: E402
-from vm import isa  # noqa: E402
-from vm.disassembler import format_instruction  # noqa: E402
-from vm.isa import Instruction  # noqa: E402
-from vm.program import Function, Program  # noqa: E402
 
 CORPUS = ROOT / "fuzz" / "corpus"
 EXAMPLES = int(os.environ.get("BPFEXEC_FUZZ_EXAMPLES", "40"))

@@ -28,9 +28,9 @@ if str(ROOT) not in sys.path:  # `fuzz` lives next to the packages, not in them
 
 from test_instructions import BUDGET, parse_case  # noqa: E402
 
+from bpfexec.vm.isa import MASK64  # noqa: E402
 from fuzz import isolated, loops  # noqa: E402
 from fuzz.targets import Finding  # noqa: E402
-from vm.isa import MASK64  # noqa: E402
 
 SEED = 1
 PROGRAMS = 300

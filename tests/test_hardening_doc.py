@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from server.settings import knob_table
+from bpfexec.server.settings import knob_table
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "hardening.md"
 BEGIN, END = "<!-- knobs:begin -->\n", "<!-- knobs:end -->\n"

@@ -1,5 +1,5 @@
 """Built-in helpers pay for the memory they work on: 1 fuel per 8 bytes
-(`vm.helpers.BYTES_PER_FUEL`), charged before the work, the same on both engines.
+(`bpfexec.vm.helpers.BYTES_PER_FUEL`), charged before the work, the same on both engines.
 
 Before, `strnlen`, `memcmp` and kin cost 1 fuel whatever the size and ran Python
 loops per byte: seconds over 16 MiB, during which no deadline could stop them.
@@ -14,14 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from support import free_port, wait_until
 
-from client.client import Client
-from client.errors import DeadlineExceeded
-from server.app import RunningServer, serve_in_thread
-from server.settings import Settings
-from vm import Limits, Result, execute, load
-from vm.builtin_helpers import standard_helpers
-from vm.helpers import BYTES_PER_FUEL, fuel_for
-from vm.machine import available_engines
+from bpfexec.client.client import Client
+from bpfexec.client.errors import DeadlineExceeded
+from bpfexec.server.app import RunningServer, serve_in_thread
+from bpfexec.server.settings import Settings
+from bpfexec.vm import Limits, Result, execute, load
+from bpfexec.vm.builtin_helpers import standard_helpers
+from bpfexec.vm.helpers import BYTES_PER_FUEL, fuel_for
+from bpfexec.vm.machine import available_engines
 
 MiB = 1 << 20
 BIG = 16 * MiB  # the largest argument buffer by default
@@ -86,9 +86,9 @@ def test_engines_report_the_same_fuel_and_trap(name: str) -> None:
     engines = available_engines()
     if len(engines) < 2:
         pytest.skip("the JIT needs llvmlite")
-    from vm.jit import compile_best
-    from vm.jit.runtime import runs_natively
-    from vm.machine import prepare
+    from bpfexec.vm.jit import compile_best
+    from bpfexec.vm.jit.runtime import runs_natively
+    from bpfexec.vm.machine import prepare
 
     size = 3 * MiB + 5
     buffers = buffers_for(name, size)

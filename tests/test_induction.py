@@ -1,5 +1,5 @@
 """Which accesses of an unrolled loop move by a fixed step per round
-(`vm.jit.induction`): the analysis alone.
+(`bpfexec.vm.jit.induction`): the analysis alone.
 
 That groups which check these accesses once behave exactly like the interpreter is
 tested in `test_differential.py` (random loops, strided accesses that fault)."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from support import inner_loops
 
-from vm.isa import MASK64
-from vm.jit.induction import Linear, Stride, strided_accesses
-from vm.loader import load
+from bpfexec.vm.isa import MASK64
+from bpfexec.vm.jit.induction import Linear, Stride, strided_accesses
+from bpfexec.vm.loader import load
 
 
 def strides(text: str) -> dict[int, Stride]:

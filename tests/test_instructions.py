@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-import vm
-from vm.loader import load
+from bpfexec import vm
+from bpfexec.vm.loader import load
 
 DATA = Path(__file__).parent / "data"
 BUDGET = 100_000  # far above what any case needs; the infinite loop case stops here

@@ -16,11 +16,11 @@ from support import FIB, SPIN, SPIN_ENTRY_FUEL, SPIN_ROUND_FUEL, broken_ir
 
 pytest.importorskip("llvmlite")
 
-import vm
-from vm import HelperRegistry, Limits, TrapKind
-from vm.jit import Jit, best_compiled, compile_program, runtime
-from vm.loader import load
-from vm.memory import STACK_BASE, buffer_base
+from bpfexec import vm
+from bpfexec.vm import HelperRegistry, Limits, TrapKind
+from bpfexec.vm.jit import Jit, best_compiled, compile_program, runtime
+from bpfexec.vm.loader import load
+from bpfexec.vm.memory import STACK_BASE, buffer_base
 
 # About 2 * n instructions; unrolled, native code runs about a billion rounds a second.
 COUNT = """

@@ -14,10 +14,10 @@ pytest.importorskip("llvmlite")
 from test_differential import TIERS, helpers, loaded
 from test_differential import both as run_both
 
-from vm.isa import MASK64
-from vm.jit.compiler import STEP_BOUND
-from vm.limits import Limits
-from vm.memory import buffer_base
+from bpfexec.vm.isa import MASK64
+from bpfexec.vm.jit.compiler import STEP_BOUND
+from bpfexec.vm.limits import Limits
+from bpfexec.vm.memory import buffer_base
 
 
 def both(*args, **kw) -> dict[str, object]:

@@ -40,14 +40,14 @@ from server_process import (
 )
 from support import FOREVER, wait_until
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from client.cli_remote import check_health
-from client.client import Client
-from client.errors import BpfexecError, ResourceExhausted, Unavailable
-from server.app import serve_in_thread
-from server.settings import Settings
-from vm.machine import available_engines
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.client.cli_remote import check_health
+from bpfexec.client.client import Client
+from bpfexec.client.errors import BpfexecError, ResourceExhausted, Unavailable
+from bpfexec.server.app import serve_in_thread
+from bpfexec.server.settings import Settings
+from bpfexec.vm.machine import available_engines
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux", reason="reads /proc/PID/status and sends POSIX signals"

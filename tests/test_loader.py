@@ -1,6 +1,6 @@
 """Loading: ELF objects from clang, raw bytecode, and every input the loader must refuse.
 
-Running programs is not tested here; only what `vm.loader.load` builds (functions,
+Running programs is not tested here; only what `bpfexec.vm.loader.load` builds (functions,
 relocations, helper calls, data images, line info) and what it rejects.
 """
 
@@ -19,13 +19,13 @@ from elftools.elf.elffile import ELFFile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vm import isa
-from vm.errors import LimitError, LoadError
-from vm.isa import Instruction
-from vm.limits import Limits
-from vm.loader import load
-from vm.memory import DATA_BASE, RODATA_BASE
-from vm.program import HelperRef, Program, content_id
+from bpfexec.vm import isa
+from bpfexec.vm.errors import LimitError, LoadError
+from bpfexec.vm.isa import Instruction
+from bpfexec.vm.limits import Limits
+from bpfexec.vm.loader import load
+from bpfexec.vm.memory import DATA_BASE, RODATA_BASE
+from bpfexec.vm.program import HelperRef, Program, content_id
 
 FIXTURES = sorted(path.stem for path in C_SOURCES.glob("*.c"))
 OPTIMIZATIONS = ["-O0", "-O1", "-O2", "-O3"]

@@ -14,7 +14,7 @@ FILE` alike: exit status 2 and exactly one non-empty line on stderr, naming the
 file or the pc; no traceback, no crash, no hang. (A corrupted section, symbol
 or relocation can turn out harmless; such a file may run instead, cleanly and
 with the same output on both sides.) The bulk runs in-process through
-`client.cli.main`, a sample as real subprocesses. Afterwards the server still
+`bpfexec.client.cli.main`, a sample as real subprocesses. Afterwards the server still
 holds the module it had and still computes the right results.
 """
 
@@ -36,12 +36,12 @@ from conftest import committed_object
 from elftools.elf.elffile import ELFFile
 from support import free_port
 
-from client import Client
-from client.cli import main
-from server.app import serve_in_thread
-from server.settings import Settings
-from vm import HelperRegistry, isa
-from vm.isa import Instruction as I
+from bpfexec.client import Client
+from bpfexec.client.cli import main
+from bpfexec.server.app import serve_in_thread
+from bpfexec.server.settings import Settings
+from bpfexec.vm import HelperRegistry, isa
+from bpfexec.vm.isa import Instruction as I
 
 SECONDS_PER_FILE = 10  # far above the few milliseconds each takes: a hang, not slowness
 
@@ -448,7 +448,7 @@ def test_subprocesses(server: str, corpus_dir: Path) -> None:
     names = sorted(refused)
     sample = names[:: len(names) // 4]
     commands = [
-        [sys.executable, "-m", "client.cli", "run", str(corpus_dir / name), *where]
+        [sys.executable, "-m", "bpfexec.client.cli", "run", str(corpus_dir / name), *where]
         for name in sample
         for where in ([], ["--server", server])
     ]

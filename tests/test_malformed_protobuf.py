@@ -20,10 +20,10 @@ import pytest
 from grpc_status import rpc_status
 from support import wait_until
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client.client import Client
-from server.app import RunningServer, serve_in_thread
-from server.settings import Settings
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec.client.client import Client
+from bpfexec.server.app import RunningServer, serve_in_thread
+from bpfexec.server.settings import Settings
 
 TIMEOUT = 10.0
 SERVICE = "/bpfexec.v1.Executor/"

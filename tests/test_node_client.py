@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from server.app import serve_in_thread
-from server.settings import Settings
+from bpfexec.server.app import serve_in_thread
+from bpfexec.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "node"

@@ -34,7 +34,7 @@ def test_generated_code_matches_proto(tmp_path):
 
 
 def test_descriptor_keeps_its_proto_path():
-    from client._pb.bpfexec.v1 import executor_pb2
+    from bpfexec._pb.bpfexec.v1 import executor_pb2
 
     assert executor_pb2.DESCRIPTOR.name == "bpfexec/v1/executor.proto"
     assert executor_pb2.DESCRIPTOR.package == "bpfexec.v1"

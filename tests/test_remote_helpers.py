@@ -19,15 +19,15 @@ from seed_helpers import registry as seed_registry
 from support import SPIN, free_port, wait_until
 from test_server import sample, scrape
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from client.aio import AsyncClient
-from client.cli_remote import run_remote
-from client.client import Client, HelperCall
-from client.errors import InvalidArgument, MemoryFault
-from server.app import RunningServer, serve_in_thread
-from server.settings import Settings
-from vm import Limits
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.client.aio import AsyncClient
+from bpfexec.client.cli_remote import run_remote
+from bpfexec.client.client import Client, HelperCall
+from bpfexec.client.errors import InvalidArgument, MemoryFault
+from bpfexec.server.app import RunningServer, serve_in_thread
+from bpfexec.server.settings import Settings
+from bpfexec.vm import Limits
 
 TIMEOUT = 10.0
 HELPER_TIMEOUT = 0.5
@@ -81,7 +81,7 @@ def in_flight(server: RunningServer) -> float:
     [
         ("helper_pointers", {1: seed_max, 42: seed_mul}),  # by number
         ("helper_prototypes", {"max": seed_max, "mul": seed_mul}),  # by name
-        ("helper_pointers", seed_registry),  # a vm.HelperRegistry: number and name
+        ("helper_pointers", seed_registry),  # a bpfexec.vm.HelperRegistry: number and name
         ("helper_prototypes", seed_registry),
     ],
 )

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from client.client import Client
-from client.errors import NotFound, Unauthenticated
-from server.app import RunningServer, serve_in_thread
-from server.request_log import JsonFormatter, configure_logging
-from server.settings import Settings
+from bpfexec.client.client import Client
+from bpfexec.client.errors import NotFound, Unauthenticated
+from bpfexec.server.app import RunningServer, serve_in_thread
+from bpfexec.server.request_log import JsonFormatter, configure_logging
+from bpfexec.server.settings import Settings
 
 TOKEN = "t0ps3cret-request-log"
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
@@ -91,7 +91,7 @@ def test_each_request_is_one_json_line_without_secrets(
 def test_a_trap_is_the_outcome_and_health_is_not_logged(
     server: RunningServer, lines: io.StringIO
 ) -> None:
-    from client.cli_remote import check_health
+    from bpfexec.client.cli_remote import check_health
 
     assert check_health(server.address, timeout=TIMEOUT) == "SERVING"
     with Client(server.address, timeout=TIMEOUT, token=TOKEN) as client:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from seed_helpers import registry
 
-import vm
-from vm.loader import load
+from bpfexec import vm
+from bpfexec.vm.loader import load
 
 TESTS = Path(__file__).parent
 MASK64 = (1 << 64) - 1
@@ -79,7 +79,7 @@ def test_helper_prototypes_call_by_name(compile_c):
 def bpfexec(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(TESTS))
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", *args],
+        [sys.executable, "-m", "bpfexec.client.cli", *args],
         capture_output=True,
         text=True,
         env=env,

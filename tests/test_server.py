@@ -19,18 +19,18 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from support import FOREVER, Samples, free_port, scrape_metrics, wait_until
 
-from client.cli_remote import check_health
-from client.client import Client
-from client.errors import (
+from bpfexec.client.cli_remote import check_health
+from bpfexec.client.client import Client
+from bpfexec.client.errors import (
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
-from server.app import RunningServer, serve_in_thread
-from server.cache import estimate_bytes
-from server.settings import Settings
-from vm import Limits, load
+from bpfexec.server.app import RunningServer, serve_in_thread
+from bpfexec.server.cache import estimate_bytes
+from bpfexec.server.settings import Settings
+from bpfexec.vm import Limits, load
 
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
 COUNT_TO_R1 = b"r0 = 0\nloop:\nr0 += 1\nif r0 < r1 goto loop\nexit\n"
@@ -233,8 +233,8 @@ def test_deadline_stops_a_never_ending_program(server: RunningServer, client: Cl
 
 
 def test_cancelled_call_stops_its_program(server: RunningServer) -> None:
-    from client._pb.bpfexec.v1 import executor_pb2 as pb
-    from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+    from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+    from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ExecutorStub(channel)

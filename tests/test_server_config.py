@@ -7,11 +7,11 @@ import argparse
 
 import pytest
 
-from server.registry import HelperConfigError, build_registry, import_registry, merge
-from server.settings import Settings, add_arguments
-from vm import HelperContext, HelperRef, HelperRegistry, Limits, Trap
-from vm.builtin_helpers import format_printk, standard_helpers
-from vm.memory import Memory, buffer_base
+from bpfexec.server.registry import HelperConfigError, build_registry, import_registry, merge
+from bpfexec.server.settings import Settings, add_arguments
+from bpfexec.vm import HelperContext, HelperRef, HelperRegistry, Limits, Trap
+from bpfexec.vm.builtin_helpers import format_printk, standard_helpers
+from bpfexec.vm.memory import Memory, buffer_base
 
 
 def parse(argv: list[str], environ: dict[str, str]) -> Settings:

@@ -12,10 +12,10 @@ import urllib.request
 import pytest
 from support import broken_ir, free_port, scrape_metrics
 
-from client import Client
-from server.app import serve_in_thread
-from server.settings import Settings
-from vm.machine import available_engines
+from bpfexec.client import Client
+from bpfexec.server.app import serve_in_thread
+from bpfexec.server.settings import Settings
+from bpfexec.vm.machine import available_engines
 
 pytestmark = pytest.mark.skipif("jit" not in available_engines(), reason="llvmlite missing")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from support import free_port, wait_until
 
-from client.cli_remote import check_health
-from client.client import Client
-from client.types import Result
+from bpfexec.client.cli_remote import check_health
+from bpfexec.client.client import Client
+from bpfexec.client.types import Result
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNT_TO_R1 = b"r0 = 0\nloop:\nr0 += 1\nif r0 < r1 goto loop\nexit\n"
@@ -43,7 +43,14 @@ def test_sigterm_lets_the_in_flight_execution_finish() -> None:
         # ready in milliseconds and finish the run before SIGTERM is sent).
         "BPFEXEC_ENGINE": "interpreter",
     }
-    command = [sys.executable, "-m", "client.cli", "serve", "--metrics-port", str(metrics_port)]
+    command = [
+        sys.executable,
+        "-m",
+        "bpfexec.client.cli",
+        "serve",
+        "--metrics-port",
+        str(metrics_port),
+    ]
     process = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -83,7 +90,7 @@ def test_a_busy_port_is_one_line_and_never_shared(tmp_path: Path, busy: str) -> 
         port = first.port if busy == "grpc" else free_port()
         metrics_port = first.metrics_port if busy == "metrics" else 0
         proc = subprocess.run(
-            [sys.executable, "-m", "client.cli", "serve", "--port", str(port),
+            [sys.executable, "-m", "bpfexec.client.cli", "serve", "--port", str(port),
              "--metrics-port", str(metrics_port), "--no-entry-point-helpers"],
             capture_output=True, text=True, timeout=60, cwd=ROOT,
         )  # fmt: skip

@@ -24,8 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import free_port, wait_until
 
-from client._pb.bpfexec.v1 import executor_pb2, executor_pb2_grpc
-from client.cli_remote import check_health
+from bpfexec._pb.bpfexec.v1 import executor_pb2, executor_pb2_grpc
+from bpfexec.client.cli_remote import check_health
 
 ROOT = Path(__file__).resolve().parent.parent
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
@@ -78,7 +78,8 @@ def serve_workers(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Pope
     env = {k: v for k, v in os.environ.items() if not k.startswith("BPFEXEC_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     command = [
-        sys.executable, "-m", "client.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
+        sys.executable, "-m", "bpfexec.client.cli", "serve", "--workers", "2",
+        "--host", "127.0.0.1",
         "--port", str(port), "--no-entry-point-helpers", *flags,
     ]  # fmt: skip
     with (tmp_path / LOG).open("w") as sink:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from client.client import Client
-from client.errors import NotFound
-from server.app import serve_in_thread
-from server.metrics import Metrics
-from server.settings import Settings
-from server.store import ModuleStore
-from vm.program import content_id
+from bpfexec.client.client import Client
+from bpfexec.client.errors import NotFound
+from bpfexec.server.app import serve_in_thread
+from bpfexec.server.metrics import Metrics
+from bpfexec.server.settings import Settings
+from bpfexec.server.store import ModuleStore
+from bpfexec.vm.program import content_id
 
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
 TIMES_TWO = b"r0 = r1\nr0 *= 2\nexit\n"

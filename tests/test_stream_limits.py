@@ -22,12 +22,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_process import ServerProcess
 from support import wait_until
 
-from client._pb.bpfexec.v1 import executor_pb2 as pb
-from client._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
-from client.client import Client, HelperCall
-from client.errors import MemoryFault
-from server.remote import DEFAULT_MAX_READ_BYTES, Outbox
-from server.settings import Settings
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.client.client import Client, HelperCall
+from bpfexec.client.errors import MemoryFault
+from bpfexec.server.remote import DEFAULT_MAX_READ_BYTES, Outbox
+from bpfexec.server.settings import Settings
 
 MiB = 1 << 20
 BUFFER0 = 0x4_0000_0000  # argument buffer 0

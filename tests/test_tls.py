@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from client.cli_remote import check_health
-from client.client import Client
-from client.errors import Unavailable
-from server.app import serve_in_thread
-from server.settings import Settings
+from bpfexec.client.cli_remote import check_health
+from bpfexec.client.client import Client
+from bpfexec.client.errors import Unavailable
+from bpfexec.server.app import serve_in_thread
+from bpfexec.server.settings import Settings
 
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
 TIMEOUT = 10.0
@@ -107,7 +107,7 @@ def test_settings_refuse_half_a_tls_configuration() -> None:
 
 
 def test_the_cli_connects_over_mutual_tls(pki: Path, tmp_path: Path, capsys) -> None:
-    from client.cli import main
+    from bpfexec.client.cli import main
 
     program = tmp_path / "add.s"
     program.write_bytes(ADD_ONE)

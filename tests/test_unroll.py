@@ -1,4 +1,4 @@
-"""Which loops the optimized tier unrolls (`vm.jit.unroll`): the analysis alone.
+"""Which loops the optimized tier unrolls (`bpfexec.vm.jit.unroll`): the analysis alone.
 
 That unrolled code behaves exactly like the interpreter is tested in
 `test_differential.py` (random loops, fuel sweeps)."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from support import TWO_PATHS, inner_loops
 
-from vm.jit.unroll import MAX_COPIES, Loop
-from vm.loader import load
+from bpfexec.vm.jit.unroll import MAX_COPIES, Loop
+from bpfexec.vm.loader import load
 
 
 def loops(text: str) -> dict[int, Loop]:

@@ -10,12 +10,12 @@ import re
 
 import pytest
 
-from vm import isa
-from vm.errors import VerifyError
-from vm.isa import Instruction as I  # short: the tables read like assembly
-from vm.loader import load
-from vm.program import Function, HelperRef, Program
-from vm.verifier import verify
+from bpfexec.vm import isa
+from bpfexec.vm.errors import VerifyError
+from bpfexec.vm.isa import Instruction as I  # short: the tables read like assembly
+from bpfexec.vm.loader import load
+from bpfexec.vm.program import Function, HelperRef, Program
+from bpfexec.vm.verifier import verify
 
 EXIT = I(isa.OP_EXIT)
 JA = isa.OP_JA

@@ -3,7 +3,7 @@
 This package knows nothing of gRPC. Its public surface is re-exported here.
 """
 
-from vm.errors import (
+from bpfexec.vm.errors import (
     LimitError,
     LinkError,
     LoadError,
@@ -13,11 +13,11 @@ from vm.errors import (
     VerifyError,
     VmError,
 )
-from vm.helpers import Helper, HelperChain, HelperContext, HelperRegistry, import_registry
-from vm.limits import Limits
-from vm.loader import load
-from vm.machine import Interrupt, Result, execute
-from vm.program import Function, HelperRef, Program
+from bpfexec.vm.helpers import Helper, HelperChain, HelperContext, HelperRegistry, import_registry
+from bpfexec.vm.limits import Limits
+from bpfexec.vm.loader import load
+from bpfexec.vm.machine import Interrupt, Result, execute
+from bpfexec.vm.program import Function, HelperRef, Program
 
 __all__ = [
     "Function",

@@ -1,4 +1,4 @@
-"""Assembly text to instructions: the inverse of `vm.disassembler`.
+"""Assembly text to instructions: the inverse of `bpfexec.vm.disassembler`.
 
 `assemble()` reads the llvm-objdump syntax the disassembler prints, one
 instruction per line, plus what a person writing a test or a listing needs:
@@ -35,10 +35,10 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from vm import isa
-from vm.errors import LoadError
-from vm.isa import Instruction
-from vm.program import Function, HelperRef
+from bpfexec.vm import isa
+from bpfexec.vm.errors import LoadError
+from bpfexec.vm.isa import Instruction
+from bpfexec.vm.program import Function, HelperRef
 
 DEFAULT_FUNCTION = "main"  # the name of the first function when the text has no label there
 

@@ -19,7 +19,7 @@ Every memory access goes through the helper context, so it is bounds-checked
 exactly like the program's own loads and stores.
 
 Fuel: on top of the call instruction, a helper that works on memory charges
-1 fuel per 8 bytes it works on, rounded up (`vm.helpers.BYTES_PER_FUEL`),
+1 fuel per 8 bytes it works on, rounded up (`bpfexec.vm.helpers.BYTES_PER_FUEL`),
 before doing the work: `memcpy`, `memcmp` and `memset` their `n`, `strnlen` and
 each `%s` of `bpf_trace_printk` the bytes they scan (the NUL included),
 `bpf_trace_printk` its `fmt_size`. A range that is out of bounds traps
@@ -35,7 +35,7 @@ import random
 import re
 import time
 
-from vm import HelperContext, HelperRegistry, Trap, TrapKind
+from bpfexec.vm import HelperContext, HelperRegistry, Trap, TrapKind
 
 MASK64 = (1 << 64) - 1
 MEMORY_HELPERS_BASE = 0x10000

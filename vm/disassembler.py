@@ -2,14 +2,14 @@
 
 The syntax is the one `llvm-objdump -d` prints for BPF (`r0 = *(u32 *)(r1 + 4)`,
 `if w1 s< w2 goto -2`, `r1 = 4294967296 ll`), so a listing reads like the
-compiler's, and `vm.assembler` reads every line printed here back into the same
+compiler's, and `bpfexec.vm.assembler` reads every line printed here back into the same
 instruction. Traps, verifier errors, traces and the CLI's listing all use it.
 
 The details, and our choices where llvm-objdump's text is ambiguous or missing:
 
 - a local call (src 1) prints `call local -3`: llvm prints `call -3` for both a
   local call and a helper call, which could not be assembled back;
-- `callx` accepts both encodings (see `vm.isa.callx_register`) and prints `callx r8`;
+- `callx` accepts both encodings (see `bpfexec.vm.isa.callx_register`) and prints `callx r8`;
 - the cpu v4 forms, which llvm 14 cannot decode, use the syntax of the llvm
   releases that added them (`r0 s/= r1`, `r0 = (s8)r1`, `r0 = *(s8 *)(r1 + 0)`,
   `r0 = bswap64 r0`, `gotol +3`, `*(u32 *)(r1 + 0) = 7`); JSET, which llvm never
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vm import isa
-from vm.isa import Instruction
-from vm.program import Program
+from bpfexec.vm import isa
+from bpfexec.vm.isa import Instruction
+from bpfexec.vm.program import Program
 
 # llvm-objdump pads the pc column to this width in its listings.
 _PC_WIDTH = 8
@@ -73,7 +73,7 @@ def disassemble(program: Program, *, raw: bool = True) -> str:
     Each function starts with a `0000000000000000 <name>:` header; each line has
     the pc, the bytes (when `raw`) and the text. Calls show their target by name
     (`call max` for a local function, `call mul` for a helper known by name).
-    The listing assembles back into the same program (`vm.assembler`).
+    The listing assembles back into the same program (`bpfexec.vm.assembler`).
     """
     instructions = program.instructions
     starts = {fn.pc: fn for fn in program.functions}

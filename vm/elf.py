@@ -13,7 +13,7 @@ The object is read in two phases:
    calls by name, pointers inside data).
 
 What it must not do: parse ELF structures by hand (pyelftools does), verify
-instructions (`vm.verifier` does, called by `vm.loader`), or know anything
+instructions (`bpfexec.vm.verifier` does, called by `bpfexec.vm.loader`), or know anything
 about how a program runs.
 """
 
@@ -31,12 +31,12 @@ from elftools.elf.enums import ENUM_E_MACHINE, ENUM_RELOC_TYPE_BPF
 from elftools.elf.relocation import RelocationHandler, RelocationSection
 from elftools.elf.sections import Section, SymbolTableSection
 
-from vm import isa
-from vm.errors import LimitError, LoadError
-from vm.limits import Limits
-from vm.loader import ELF_MAGIC
-from vm.memory import DATA_BASE, RODATA_BASE
-from vm.program import Function, HelperRef, Program
+from bpfexec.vm import isa
+from bpfexec.vm.errors import LimitError, LoadError
+from bpfexec.vm.limits import Limits
+from bpfexec.vm.loader import ELF_MAGIC
+from bpfexec.vm.memory import DATA_BASE, RODATA_BASE
+from bpfexec.vm.program import Function, HelperRef, Program
 
 EM_BPF = ENUM_E_MACHINE["EM_BPF"]
 

@@ -16,7 +16,7 @@ Fuel: the call instruction costs 1 and a helper may declare a fixed extra
 `cost`, both charged before it runs. A helper whose work grows with the memory
 it is given also charges for that work, before doing it, through
 `HelperContext.charge_bytes`: one fuel per `BYTES_PER_FUEL` bytes, rounded up
-(see `vm.builtin_helpers` and docs/hardening.md). Both engines run helpers
+(see `bpfexec.vm.builtin_helpers` and docs/hardening.md). Both engines run helpers
 through `Machine.call_helper`, so they report the same fuel.
 """
 
@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from vm.errors import Trap, TrapKind
-from vm.memory import Memory
-from vm.program import HelperRef
+from bpfexec.vm.errors import Trap, TrapKind
+from bpfexec.vm.memory import Memory
+from bpfexec.vm.program import HelperRef
 
 HelperFn = Callable[..., int]
 

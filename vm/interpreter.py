@@ -8,7 +8,7 @@ instruction pick the next block. The decoded blocks are kept in
 
 Semantics follow RFC 9669 and are the reference for every other engine: the
 JIT is held to this module's results by the differential tests. This module
-does no set-up (that is `vm.machine`) and no verification (the verifier has
+does no set-up (that is `bpfexec.vm.machine`) and no verification (the verifier has
 already checked every instruction it sees).
 """
 
@@ -18,9 +18,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vm import isa
-from vm.errors import Trap, TrapKind
-from vm.isa import (
+from bpfexec.vm import isa
+from bpfexec.vm.errors import Trap, TrapKind
+from bpfexec.vm.isa import (
     ALU,
     ALU64,
     JMP,
@@ -33,9 +33,9 @@ from vm.isa import (
     STX,
     Instruction,
 )
-from vm.machine import Machine
-from vm.memory import OFFSET_MASK, REGION_SHIFT
-from vm.program import Program
+from bpfexec.vm.machine import Machine
+from bpfexec.vm.memory import OFFSET_MASK, REGION_SHIFT
+from bpfexec.vm.program import Program
 
 Op = Callable[[list[int], Machine], None]
 Branch = Callable[[list[int]], int]
@@ -392,7 +392,7 @@ def _callx_op(insn: Instruction, pc: int) -> Op:
     reg = isa.callx_register(insn)
 
     def callx(r: list[int], m: Machine) -> None:
-        from vm.program import HelperRef
+        from bpfexec.vm.program import HelperRef
 
         number = r[reg]
         helper = m.resolver.resolve(HelperRef(number=number)) if m.resolver else None
@@ -623,7 +623,7 @@ def interrupted(reason: TrapKind, pc: int) -> Trap:
 
 def locate_trap(trap: Trap, program: Program) -> Trap:
     """Fill in the instruction, function and source line of the trap's pc."""
-    from vm.disassembler import disassemble_instruction
+    from bpfexec.vm.disassembler import disassemble_instruction
 
     pc = trap.pc
     if 0 <= pc < len(program.instructions):
@@ -639,7 +639,7 @@ def locate_trap(trap: Trap, program: Program) -> Trap:
 
 def _traced(program: Program, blocks: list[Block | None], machine: Machine) -> list[Block | None]:
     """The same blocks, each instruction reporting itself to machine.trace first."""
-    from vm.disassembler import disassemble_instruction
+    from bpfexec.vm.disassembler import disassemble_instruction
 
     trace = machine.trace
     assert trace is not None

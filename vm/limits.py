@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from vm.errors import LimitError
-from vm.memory import MAX_BUFFERS
+from bpfexec.vm.errors import LimitError
+from bpfexec.vm.memory import MAX_BUFFERS
 
 
 def _limit(default: int, help: str) -> Any:

@@ -1,7 +1,7 @@
 """Turn uploaded bytes into a verified `Program`: the one entry point for loading.
 
-The input is recognised by its content: an ELF object (`vm.elf`), assembly
-text (`vm.assembler`), or raw bytecode (little-endian 8-byte slots). Size
+The input is recognised by its content: an ELF object (`bpfexec.vm.elf`), assembly
+text (`bpfexec.vm.assembler`), or raw bytecode (little-endian 8-byte slots). Size
 limits are enforced before any parsing, and every program is verified before
 it is returned, so a caller never holds an unchecked `Program`.
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from vm import isa
-from vm.errors import LimitError, LoadError
-from vm.limits import Limits
-from vm.program import Function, HelperRef, Program, content_id
-from vm.verifier import verify
+from bpfexec.vm import isa
+from bpfexec.vm.errors import LimitError, LoadError
+from bpfexec.vm.limits import Limits
+from bpfexec.vm.program import Function, HelperRef, Program, content_id
+from bpfexec.vm.verifier import verify
 
 ELF_MAGIC = b"\x7fELF"
 
@@ -34,7 +34,7 @@ def load(data: bytes, name: str = "<module>", limits: Limits | None = None) -> P
     if not data:
         raise LoadError(f"{name}: empty module (no bytes to load)")
     if data[:4] == ELF_MAGIC:
-        from vm.elf import load_elf  # pyelftools is only imported for ELF input
+        from bpfexec.vm.elf import load_elf  # pyelftools is only imported for ELF input
 
         program = load_elf(data, name, limits)
     else:
@@ -75,7 +75,7 @@ def _assembly_text(data: bytes) -> str | None:
 
 
 def _assemble(text: str, name: str) -> Program:
-    from vm.assembler import assemble
+    from bpfexec.vm.assembler import assemble
 
     try:
         module = assemble(text, name)

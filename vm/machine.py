@@ -3,7 +3,7 @@
 `execute()` is the one entry point every caller uses (CLI, server, tests). It
 links the program's helper call sites, builds fresh memory and registers, hands
 the `Machine` to an engine and packs what happened into a `Result`. Engines
-(`vm.interpreter`, `vm.jit`) only run a prepared Machine; they never set one up.
+(`bpfexec.vm.interpreter`, `bpfexec.vm.jit`) only run a prepared Machine; they never set one up.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vm.errors import HelperSite, LimitError, LinkError, RequestError, Trap, TrapKind
-from vm.helpers import Helper, HelperContext, HelperResolver
-from vm.isa import FRAME_POINTER, MASK64, NUM_REGISTERS
-from vm.limits import Limits
-from vm.memory import STACK_BASE, Memory, buffer_base
-from vm.program import Program
+from bpfexec.vm.errors import HelperSite, LimitError, LinkError, RequestError, Trap, TrapKind
+from bpfexec.vm.helpers import Helper, HelperContext, HelperResolver
+from bpfexec.vm.isa import FRAME_POINTER, MASK64, NUM_REGISTERS
+from bpfexec.vm.limits import Limits
+from bpfexec.vm.memory import STACK_BASE, Memory, buffer_base
+from bpfexec.vm.program import Program
 
 Argument = int | bytes | bytearray
 TraceFn = Callable[[str], None]
@@ -30,7 +30,7 @@ class Interrupt:
 
     The interpreter polls `reason` on every backward jump and every call. The
     JIT mirrors it into native memory through `listeners` and reads that at the
-    same places, once per `vm.jit.compiler.POLL_INTERVAL` fuel and at the first
+    same places, once per `bpfexec.vm.jit.compiler.POLL_INTERVAL` fuel and at the first
     such place after a helper call (see docs/jit.md).
     """
 
@@ -101,7 +101,7 @@ class Machine:
     trace: TraceFn | None = None
 
     def __post_init__(self) -> None:
-        self.context.bind(self)  # helpers charge fuel for their memory work (vm.helpers)
+        self.context.bind(self)  # helpers charge fuel for their memory work (bpfexec.vm.helpers)
 
     def call_helper(self, helper: Helper, pc: int) -> None:
         """Call `helper` with r1..r5, leave the result in r0; any failure is a trap."""
@@ -232,12 +232,12 @@ def available_engines() -> tuple[str, ...]:
 
 def get_engine(name: str) -> Engine:
     if name == "interpreter":
-        from vm.interpreter import Interpreter
+        from bpfexec.vm.interpreter import Interpreter
 
         return Interpreter()
     if name == "jit":
         try:
-            from vm.jit import Jit
+            from bpfexec.vm.jit import Jit
         except ImportError as exc:
             raise RequestError(str(exc)) from None
         return Jit()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from vm.errors import Trap, TrapKind
+from bpfexec.vm.errors import Trap, TrapKind
 
 REGION_SHIFT = 32
 OFFSET_MASK = (1 << REGION_SHIFT) - 1

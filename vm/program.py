@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vm.errors import RequestError
-from vm.isa import Instruction
+from bpfexec.vm.errors import RequestError
+from bpfexec.vm.isa import Instruction
 
 
 @dataclass(frozen=True)

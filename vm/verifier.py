@@ -15,10 +15,10 @@ change the program, or report more than the first problem.
 
 from __future__ import annotations
 
-from vm import isa
-from vm.errors import VerifyError
-from vm.isa import Instruction
-from vm.program import Program
+from bpfexec.vm import isa
+from bpfexec.vm.errors import VerifyError
+from bpfexec.vm.isa import Instruction
+from bpfexec.vm.program import Program
 
 _ALU_OPS = frozenset(isa.ALU_NAMES) | {isa.NEG, isa.END}
 _JUMP_CONDITIONS = frozenset(isa.JMP_NAMES)
@@ -82,7 +82,7 @@ def _instruction_text(program: Program, pc: int) -> str:
     if not 0 <= pc < len(code):
         return ""
     try:
-        from vm.disassembler import disassemble_instruction
+        from bpfexec.vm.disassembler import disassemble_instruction
 
         return disassemble_instruction(code, pc)
     # Without a disassembler, or when it chokes on exactly the malformed slot

@@ -1,7 +1,7 @@
 """The JIT engine: eBPF compiled to native code with LLVM (llvmlite), as exact as the interpreter.
 
-    from vm.jit import Jit, compile_program
-    vm.execute(program, "sum", [100], engine="jit")
+    from bpfexec.vm.jit import Jit, compile_program
+    bpfexec.vm.execute(program, "sum", [100], engine="jit")
     compile_program(program).compile_seconds  # the optimized tier
     compile_program(program, quick=True)  # the first tier: quick to compile
 
@@ -25,8 +25,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "the JIT engine needs llvmlite: install bpfexec[jit], or use engine 'interpreter'"
     ) from exc
 
-from vm.interpreter import Interpreter
-from vm.jit.runtime import (
+from bpfexec.vm.interpreter import Interpreter
+from bpfexec.vm.jit.runtime import (
     CompileAbandoned,
     CompiledProgram,
     best_compiled,
@@ -35,7 +35,7 @@ from vm.jit.runtime import (
     run_native,
     runs_natively,
 )
-from vm.machine import Machine
+from bpfexec.vm.machine import Machine
 
 __all__ = [
     "CompileAbandoned",

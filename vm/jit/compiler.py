@@ -1,6 +1,6 @@
 """Translation of a decoded eBPF program into an LLVM IR module (textual IR).
 
-The interpreter's basic blocks (`vm.interpreter.decode_blocks`) are the unit of
+The interpreter's basic blocks (`bpfexec.vm.interpreter.decode_blocks`) are the unit of
 translation, so both engines agree by construction on where blocks start, what
 each costs and how it ends. Every pc that is entered by a call (the program's
 functions and every local call target) becomes one internal LLVM function
@@ -13,7 +13,7 @@ holding the blocks reachable from it by jumps and fall-through:
 caller saves what it keeps across the call, and only on the paths that call.)
 
 A local call is a native call: the callee gets the caller's registers it may
-read (`vm.jit.liveness`), `r10 - frame_size` and the fuel left, and hands back
+read (`bpfexec.vm.jit.liveness`), `r10 - frame_size` and the fuel left, and hands back
 those of r0..r5 its callers may read, and the fuel; r6..r10 of the caller are
 its own values, so they survive the call exactly as the interpreter's frame
 stack restores them. A registers the analysis proves unread starts as 0.
@@ -55,15 +55,15 @@ import ctypes
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vm import isa
-from vm.interpreter import CALL, EXIT, FALL, JUMP, Block
-from vm.isa import MASK32, NUM_REGISTERS, Instruction
-from vm.jit.context import FIELD_INDEX, REGION_COUNT, Access, Context, Status
-from vm.jit.induction import Linear, Stride, strided_accesses
-from vm.jit.liveness import Signature, signatures, uses_and_defs
-from vm.jit.unroll import Loop, unrollable_loops
-from vm.memory import OFFSET_MASK, REGION_SHIFT
-from vm.program import Program
+from bpfexec.vm import isa
+from bpfexec.vm.interpreter import CALL, EXIT, FALL, JUMP, Block
+from bpfexec.vm.isa import MASK32, NUM_REGISTERS, Instruction
+from bpfexec.vm.jit.context import FIELD_INDEX, REGION_COUNT, Access, Context, Status
+from bpfexec.vm.jit.induction import Linear, Stride, strided_accesses
+from bpfexec.vm.jit.liveness import Signature, signatures, uses_and_defs
+from bpfexec.vm.jit.unroll import Loop, unrollable_loops
+from bpfexec.vm.memory import OFFSET_MASK, REGION_SHIFT
+from bpfexec.vm.program import Program
 
 DISPATCH_SYMBOL = "bpfexec_jit_dispatch"  # i64 (ptr ctx, i64 pc): 0, or a trap is recorded
 FUEL = NUM_REGISTERS  # the fuel counter is cached and spilled like a register
@@ -202,7 +202,7 @@ def build_module(
     """The IR of `program`, whose `ENTRY_SYMBOL` enters each pc in `exported`.
 
     Accesses within `frame_bytes` below r10 are unchecked (0: check every access).
-    `optimized` unrolls simple inner loops (`vm.jit.unroll`), faster code and more
+    `optimized` unrolls simple inner loops (`bpfexec.vm.jit.unroll`), faster code and more
     of it, and makes the cold calls (traps, polls, out-of-line translations) with a
     convention that saves every register, so hot paths keep theirs across them. The
     quick tier makes them with the C convention, which LLVM's fast instruction
@@ -676,7 +676,7 @@ class _FunctionCompiler:
 
     def iterate(self, loop: Loop, copy: int, cond: str | None, fallthrough: int) -> None:
         """Jump back to the head of copy `copy` of `loop` (or fall through): within a
-        group, so no fuel check and no poll is due (see `vm.jit.unroll`)."""
+        group, so no fuel check and no poll is due (see `bpfexec.vm.jit.unroll`)."""
         head = f"u{copy}.pc{loop.head}"
         if copy == 1 and self.strides.get(loop.head):
             head = f"u0.pc{loop.head}"  # the group's checks of its accesses first
@@ -689,7 +689,7 @@ class _FunctionCompiler:
 
     def precheck(self, loop: Loop, strides: dict[int, Stride]) -> None:
         """`u0.pc<head>`: check, once before a group, every round's access of each
-        strided access (`vm.jit.induction`), so the copies make them unchecked.
+        strided access (`bpfexec.vm.jit.induction`), so the copies make them unchecked.
 
         The check holds on its own, whatever edge enters the group: a backward jump
         from the loop's latch, or from a block outside the body (the outer latch of a
@@ -829,7 +829,7 @@ class _FunctionCompiler:
     def check_entries(self, loops: dict[int, Loop], strides: dict[int, dict[int, Stride]]) -> None:
         """Verify, on the emitted code, the conditions on the CFG that the elided checks
         rest on (docs/jit.md, "Where a check is elided"); a violation is a compiler bug,
-        and the program runs on the interpreter instead (see `vm.jit`):
+        and the program runs on the interpreter instead (see `bpfexec.vm.jit`):
         - a label handed a block's state (cached registers, roots, translations, frame
           slots) is entered only from code of that block, so every path into it passes
           through the point the state describes, with no store or call in between;

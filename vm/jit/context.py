@@ -14,8 +14,8 @@ from __future__ import annotations
 import ctypes
 from enum import IntEnum
 
-from vm.isa import NUM_REGISTERS
-from vm.memory import MAX_BUFFERS, Region
+from bpfexec.vm.isa import NUM_REGISTERS
+from bpfexec.vm.memory import MAX_BUFFERS, Region
 
 # Slots of the region table: every region number `Memory` can map.
 REGION_COUNT = Region.BUFFER0 + MAX_BUFFERS

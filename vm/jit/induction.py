@@ -24,11 +24,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vm import isa
-from vm.interpreter import FALL, Block
-from vm.isa import FRAME_POINTER, MASK64, NUM_REGISTERS, Instruction
-from vm.jit.liveness import uses_and_defs
-from vm.jit.unroll import Loop
+from bpfexec.vm import isa
+from bpfexec.vm.interpreter import FALL, Block
+from bpfexec.vm.isa import FRAME_POINTER, MASK64, NUM_REGISTERS, Instruction
+from bpfexec.vm.jit.liveness import uses_and_defs
+from bpfexec.vm.jit.unroll import Loop
 
 
 @dataclass(frozen=True)

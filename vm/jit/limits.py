@@ -13,7 +13,7 @@ at once, not after a timeout.
 
 What is counted is what the compiler translates: every pc entered by a call
 (each exported function, each local call target) is one LLVM function made of
-the blocks reachable from it without a call (`vm.jit.compiler.build_module`),
+the blocks reachable from it without a call (`bpfexec.vm.jit.compiler.build_module`),
 so code reachable from several call targets counts once per target.
 """
 
@@ -22,10 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vm import isa
-from vm.interpreter import CALL, FALL, Block
-from vm.jit.compiler import successors
-from vm.program import Program
+from bpfexec.vm import isa
+from bpfexec.vm.interpreter import CALL, FALL, Block
+from bpfexec.vm.jit.compiler import successors
+from bpfexec.vm.program import Program
 
 
 @dataclass(frozen=True)

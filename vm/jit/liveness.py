@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from vm import isa
-from vm.interpreter import CALL, EXIT, FALL, JUMP, Block
-from vm.isa import FRAME_POINTER, NUM_REGISTERS, Instruction
+from bpfexec.vm import isa
+from bpfexec.vm.interpreter import CALL, EXIT, FALL, JUMP, Block
+from bpfexec.vm.isa import FRAME_POINTER, NUM_REGISTERS, Instruction
 
 RESULTS = frozenset(range(6))  # what a call may hand back: r0..r5
 HELPER_ARGUMENTS = frozenset(range(1, 6))

@@ -14,13 +14,13 @@ Machine on it:
   callback, which runs the interpreter's own operation for that call site, so
   helper semantics (fuel cost, limits, errors) cannot drift between engines;
 - an interrupt listener sets a flag word that native code reads on backward
-  jumps and calls, once per `POLL_INTERVAL` of fuel (`vm.jit.compiler`);
+  jumps and calls, once per `POLL_INTERVAL` of fuel (`bpfexec.vm.jit.compiler`);
 - a trap recorded by native code becomes the same `Trap` the interpreter
   raises, message and pc included.
 
 Programs the compiler does not reproduce exactly (`Unsupported`) are marked in
 their CompiledProgram and run by the interpreter instead. This module does no
-IR construction (`vm.jit.compiler`) and no Machine set-up (`vm.machine`).
+IR construction (`bpfexec.vm.jit.compiler`) and no Machine set-up (`bpfexec.vm.machine`).
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ from dataclasses import dataclass, field
 
 import llvmlite.binding as llvm
 
-from vm.errors import Trap, TrapKind
-from vm.interpreter import Block, Op, decode_op, interrupted, locate_trap, program_blocks
-from vm.isa import FRAME_POINTER
-from vm.jit.compiler import DISPATCH_SYMBOL, ENTRY_SYMBOL, Unsupported, build_module
-from vm.jit.context import REGION_COUNT, Access, Context, Status
-from vm.jit.limits import TierLimits, over_limit, tier_limits
-from vm.limits import Limits
-from vm.machine import Machine
-from vm.memory import OFFSET_MASK, REGION_SHIFT
-from vm.program import Program
+from bpfexec.vm.errors import Trap, TrapKind
+from bpfexec.vm.interpreter import Block, Op, decode_op, interrupted, locate_trap, program_blocks
+from bpfexec.vm.isa import FRAME_POINTER
+from bpfexec.vm.jit.compiler import DISPATCH_SYMBOL, ENTRY_SYMBOL, Unsupported, build_module
+from bpfexec.vm.jit.context import REGION_COUNT, Access, Context, Status
+from bpfexec.vm.jit.limits import TierLimits, over_limit, tier_limits
+from bpfexec.vm.limits import Limits
+from bpfexec.vm.machine import Machine
+from bpfexec.vm.memory import OFFSET_MASK, REGION_SHIFT
+from bpfexec.vm.program import Program
 
 # Deeper call limits than this run on the interpreter: every eBPF frame is a native
 # frame too, and the thread's C stack must hold them all.
@@ -63,7 +63,7 @@ _DISPATCH_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int6
 
 # llvmlite shares LLVM's global state between threads; one LLVM operation at a time
 # keeps it consistent: code generation in this process, and loading object code a
-# compile worker made (`vm.jit.worker`), which takes about a millisecond. IR
+# compile worker made (`bpfexec.vm.jit.worker`), which takes about a millisecond. IR
 # generation (Python) and waiting for a worker happen outside it; runs never take it.
 _LLVM_LOCK = threading.RLock()
 _llvm_ready = False
@@ -99,7 +99,7 @@ class CompiledProgram:
 
     `fast` leaves accesses inside the current stack frame unchecked and is used
     whenever every frame of the run lies inside the stack region (always, with
-    the memory `vm.machine.prepare` builds); `checked` checks every access and
+    the memory `bpfexec.vm.machine.prepare` builds); `checked` checks every access and
     is compiled the first time a run needs it.
     """
 
@@ -111,7 +111,7 @@ class CompiledProgram:
     failed: bool = False  # the fallback is a fault of the compiler, not the program
     checked_fallback: str = ""  # non-empty: why the checked variant is not compiled
     # Why a tier was not compiled although nothing is wrong: "limit" (over the tier's
-    # size limits, `vm.jit.limits`) or "abandoned" (a timeout, a shutdown).
+    # size limits, `bpfexec.vm.jit.limits`) or "abandoned" (a timeout, a shutdown).
     refused: str = ""
 
     @property
@@ -212,10 +212,10 @@ def compile_program(
     `quick` asks for the first tier: LLVM's fast instruction selection and
     register allocation after SROA alone, several times quicker to compile and
     several times slower to run than the default, optimized tier. A program over
-    the tier's size limits (`limits`, default `vm.jit.limits.tier_limits(quick)`)
+    the tier's size limits (`limits`, default `bpfexec.vm.jit.limits.tier_limits(quick)`)
     is not compiled: its CompiledProgram says why (`refused == "limit"`). `emit`
     generates the machine code (default: in this process; the server passes a
-    compile worker's, `vm.jit.worker`).
+    compile worker's, `bpfexec.vm.jit.worker`).
     A compile that raises `CompileAbandoned` is not cached: it may be asked again.
     """
     key = QUICK if quick else OPTIMIZED

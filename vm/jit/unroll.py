@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vm import isa
-from vm.interpreter import FALL, JUMP, Block
-from vm.isa import Instruction
+from bpfexec.vm import isa
+from bpfexec.vm.interpreter import FALL, JUMP, Block
+from bpfexec.vm.isa import Instruction
 
 MAX_COPIES = 8  # iterations per group, at most
 # Instructions of one group, at most: longer bodies get fewer copies, and a body

@@ -4,7 +4,7 @@ LLVM's work on one module cannot be interrupted, shares global state with every
 other compile of the process (`runtime._LLVM_LOCK`), and may end the process on
 an internal assertion. So the server runs it elsewhere:
 
-- `CompileWorker` is one child process (`python -m vm.jit.worker`) that turns
+- `CompileWorker` is one child process (`python -m bpfexec.vm.jit.worker`) that turns
   LLVM IR text into an object file (`runtime.emit_object`: parse, verify,
   passes, codegen) and sends it back; the server loads it into an engine of
   its own (`runtime._load_object`, about a millisecond), resolving the
@@ -19,8 +19,8 @@ an internal assertion. So the server runs it elsewhere:
   smaller modules first within a tier, so a huge upload never holds back the
   others' first native code, and shutdown never waits for a compile.
 
-IR generation (`vm.jit.compiler`, Python, linear in program size and bounded
-by the tier limits of `vm.jit.limits`) stays in the server process, on the
+IR generation (`bpfexec.vm.jit.compiler`, Python, linear in program size and bounded
+by the tier limits of `bpfexec.vm.jit.limits`) stays in the server process, on the
 compile thread.
 
 Messages on the pipes are a 4-byte little-endian length and a pickle: the
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import bpfexec
-from vm.jit.runtime import CompileAbandoned, Emit
+from bpfexec.vm.jit.runtime import CompileAbandoned, Emit
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,13 @@ class CompileWorker:
             return process
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([_ROOT, *filter(None, [env.get("PYTHONPATH")])])
-        command = [sys.executable, "-m", "vm.jit.worker", str(self.memory_bytes), str(os.getpid())]
+        command = [
+            sys.executable,
+            "-m",
+            "bpfexec.vm.jit.worker",
+            str(self.memory_bytes),
+            str(os.getpid()),
+        ]
         self._process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True
         )
@@ -258,7 +264,7 @@ def _child(memory_bytes: int, parent: int) -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    from vm.jit.runtime import emit_object
+    from bpfexec.vm.jit.runtime import emit_object
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing else may write on the answer pipe
