@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import bpfexec
+
 EXIT_OK = 0
 EXIT_TRAP = 3
 EXIT_USAGE = 2
@@ -259,7 +261,7 @@ def cmd_conformance_plugin(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bpfexec", description="Run eBPF programs, locally or on a server.")
-    parser.add_argument("--version", action="version", version=f"bpfexec {_version()}")
+    parser.add_argument("--version", action="version", version=f"bpfexec {bpfexec.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="run a function of an eBPF object, assembly or bytecode")
@@ -321,15 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_parser(sub)
         add_health_parser(sub)
     return parser
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("bpfexec")
-    except PackageNotFoundError:  # run from a checkout that is not installed
-        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,10 +2,12 @@
 
 What the Dockerfile copies into its build context is copied to a temporary
 directory (read from its COPY lines, so the two cannot drift apart), a wheel is
-built from it, and installed into a fresh venv with the Dockerfile's pip
-environment. `bpfexec serve` from that venv, outside the repository, must then
-answer `bpfexec health` with SERVING and stop cleanly on SIGTERM. When a Docker
-engine is present, the image itself is built and probed the same way.
+built from it, which must hold the one top-level package `bpfexec` and every
+module of the repository's package folders, and installed into a fresh venv
+with the Dockerfile's pip environment. `bpfexec serve` from that venv, outside
+the repository, must then answer `bpfexec health` with SERVING and stop cleanly
+on SIGTERM. When a Docker engine is present, the image itself is built and
+probed the same way.
 
 Needs a package index for the dependencies; skipped when there is none.
 """
@@ -19,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -79,7 +82,15 @@ def wait_for_health(bpfexec: list[str], address: str, timeout: float, env: dict[
         time.sleep(0.2)
 
 
-def test_wheel_installed_as_the_dockerfile_does_serves(tmp_path: Path) -> None:
+def pip_env() -> dict[str, str]:
+    """The Dockerfile's pip settings, except the cache: a warm cache keeps these tests short."""
+    return clean_env(**{k: v for k, v in dockerfile_env().items() if k != "PIP_NO_CACHE_DIR"})
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from what the Dockerfile copies into the image."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     context = tmp_path / "src"
     for name in dockerfile_copies():
         source = ROOT / name
@@ -88,20 +99,45 @@ def test_wheel_installed_as_the_dockerfile_does_serves(tmp_path: Path) -> None:
         else:
             context.mkdir(exist_ok=True)
             shutil.copy2(source, context / name)
-    # The Dockerfile's pip settings, except the cache: a warm cache keeps this test short.
-    pip_env = clean_env(**{k: v for k, v in dockerfile_env().items() if k != "PIP_NO_CACHE_DIR"})
-
-    subprocess.run(
+    build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q", "-w", str(tmp_path)],
-        cwd=context, env=pip_env, check=True, capture_output=True, timeout=120,
+        cwd=context, env=pip_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    (wheel,) = tmp_path.glob("bpfexec-*.whl")
+    if build.returncode != 0 and NO_INDEX.search(build.stderr):
+        pytest.skip(f"no package index for the build backend: {build.stderr.strip()[-200:]}")
+    assert build.returncode == 0, build.stderr
+    (built,) = tmp_path.glob("bpfexec-*.whl")
+    return built
 
+
+def test_wheel_installs_only_the_bpfexec_package(wheel: Path) -> None:
+    name, version = wheel.name.split("-")[:2]
+    dist_info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = archive.read(f"{dist_info}/entry_points.txt").decode()
+    assert {path.split("/")[0] for path in names} == {"bpfexec", dist_info}
+    # Every module of the folders pyproject.toml maps into the package: a subpackage
+    # missing from its `packages` list would be left out.
+    folders = {"bpfexec": "bpfexec", "vm": "bpfexec/vm", "server": "bpfexec/server"}
+    folders["client"] = "bpfexec/client"
+    expected = {
+        f"{inside}/{path.relative_to(ROOT / folder).as_posix()}"
+        for folder, inside in folders.items()
+        for path in (ROOT / folder).rglob("*")
+        if path.suffix in (".py", ".pyi", ".typed") and "__pycache__" not in path.parts
+    }
+    assert expected - names == set()
+    assert {"bpfexec/py.typed", "bpfexec/_pb/bpfexec/v1/executor_pb2.pyi"} <= names
+    assert "bpfexec = bpfexec.client.cli:main" in entry_points
+
+
+def test_wheel_installed_as_the_dockerfile_does_serves(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=60)
     install = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "-q", f"{wheel}{dockerfile_extras()}"],
-        cwd=tmp_path, env=pip_env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=pip_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     if install.returncode != 0 and NO_INDEX.search(install.stderr):
         pytest.skip(f"no package index for the dependencies: {install.stderr.strip()[-200:]}")
@@ -122,9 +158,15 @@ def test_wheel_installed_as_the_dockerfile_does_serves(tmp_path: Path) -> None:
         assert server.returncode == 0, output
         assert "with the jit engine" in output, output  # the image runs native code
         assert str(venv) in subprocess.run(
-            [str(venv / "bin" / "python"), "-c", "from bpfexec import server; print(server.__file__)"],
+            [str(venv / "bin" / "python"), "-c",
+             "from bpfexec import server; print(server.__file__)"],
             cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
+        version = subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "bpfexec", "--version"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert version.strip() == f"bpfexec {wheel.name.split('-')[1]}"
     finally:
         if server.poll() is None:
             server.kill()

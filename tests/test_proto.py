@@ -1,4 +1,4 @@
-"""The generated code in client/_pb never drifts from proto/: regenerate and compare."""
+"""The generated code in bpfexec/_pb never drifts from proto/: regenerate and compare."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "client" / "_pb"
+COMMITTED = ROOT / "bpfexec" / "_pb"
 
 
 def _generator():
