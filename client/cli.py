@@ -80,10 +80,10 @@ def _read_file(path: str) -> bytes:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _load(path: str) -> Any:
+def _load(path: str, limits: Any = None) -> Any:
     from bpfexec.vm.loader import load
 
-    return load(_read_file(path), name=Path(path).name)
+    return load(_read_file(path), name=Path(path).name, limits=limits)
 
 
 def _registry(specs: Sequence[str]) -> Any:
@@ -136,16 +136,40 @@ def _check_mode(args: argparse.Namespace) -> None:
             ("--trace", args.trace),
             ("--engine", args.engine is not None),
         ) if given]  # fmt: skip
+        local += [_flag(name) for name in _limit_names() if getattr(args, name, None) is not None]
         if local:
             verb = "applies" if len(local) == 1 else "apply"
             raise UsageError(
-                f"{', '.join(local)} {verb} only to a local run, not with --server "
-                "(the server has its own helpers and engine; offer helpers with --remote-helpers)"
+                f"{', '.join(local)} {verb} only to a local run, not with --server (the "
+                "server has its own helpers, engine and limits; offer helpers with "
+                "--remote-helpers)"
             )
     elif args.remote_helpers:
         raise UsageError("--remote-helpers needs --server (locally, use --helpers)")
     elif any(getattr(args, flag, None) for flag in _CONNECTION_FLAGS):
         raise UsageError("--token and --tls* need --server")
+
+
+def _limit_names() -> list[str]:
+    from dataclasses import fields
+
+    from bpfexec.vm.limits import Limits
+
+    return [knob.name for knob in fields(Limits)]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _local_limits(args: argparse.Namespace) -> Any:
+    """The limits of a local run: `serve`'s flags and BPFEXEC_* variables."""
+    from bpfexec.server.settings import limits_from_args
+
+    try:
+        return limits_from_args(args, os.environ)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -168,7 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return print_result(result, args.json)
     from bpfexec.vm.machine import execute
 
-    program = _load(args.file)
+    limits = _local_limits(args)
+    program = _load(args.file, limits)
     trace = (lambda line: print(line, file=sys.stderr)) if args.trace else None
     result = execute(
         program,
@@ -176,6 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_args,
         fuel=args.fuel,
         helpers=_standard_helpers(args.helpers),
+        limits=limits,
         engine=args.engine or "interpreter",
         trace=trace,
     )
@@ -297,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:ATTR",
         help="with --server: answer these helpers from this process (repeatable)",
     )
+    from bpfexec.server.settings import add_limit_arguments
+
+    add_limit_arguments(run.add_argument_group("limits of a local run (as for serve)"))
     run.set_defaults(handler=cmd_run)
 
     disasm = sub.add_parser("disasm", help="print the disassembly of a program")

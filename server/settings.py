@@ -7,6 +7,8 @@ command-line flag per field (`--max-concurrent-executions`, `--max-fuel`) and
 variable of the same name (`BPFEXEC_MAX_CONCURRENT_EXECUTIONS`,
 `BPFEXEC_MAX_FUEL`), else the field's default. The CLI, the server and the tests
 all build their settings here; no other module parses a flag or a variable.
+A local `bpfexec run` takes the `Limits` part alone (`add_limit_arguments`,
+`limits_from_args`): the same flags and variables as `serve`.
 
 List-valued knobs (`helpers`) take the flag once per value, or a comma-separated
 environment variable. Boolean knobs take `--x/--no-x` and `1/0`, `true/false`,
@@ -186,18 +188,26 @@ class Settings:
         """Settings from parsed flags, then `BPFEXEC_*` variables, then defaults."""
         given = vars(namespace) if namespace is not None else {}
         environ = environ if environ is not None else {}
+        return cls(**_values(cls, given, environ), limits=limits_from_args(namespace, environ))
 
-        def values(target: type) -> dict[str, Any]:
-            found: dict[str, Any] = {}
-            for knob, kind in _knobs(target):
-                if given.get(knob.name) is not None:
-                    value = given[knob.name]
-                    found[knob.name] = tuple(value) if kind is tuple else value
-                elif _env_name(knob.name) in environ:
-                    found[knob.name] = _parse(knob.name, kind, environ[_env_name(knob.name)])
-            return found
 
-        return cls(**values(cls), limits=Limits(**values(Limits)))
+def limits_from_args(
+    namespace: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Limits:
+    """`Limits` from parsed flags (`add_limit_arguments`), then `BPFEXEC_*` variables."""
+    given = vars(namespace) if namespace is not None else {}
+    return Limits(**_values(Limits, given, environ if environ is not None else {}))
+
+
+def _values(target: type, given: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for knob, kind in _knobs(target):
+        if given.get(knob.name) is not None:
+            value = given[knob.name]
+            found[knob.name] = tuple(value) if kind is tuple else value
+        elif _env_name(knob.name) in environ:
+            found[knob.name] = _parse(knob.name, kind, environ[_env_name(knob.name)])
+    return found
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,18 +217,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from "given the default" and fall back to the environment.
     """
     defaults = Settings()
-    for target, instance in ((Settings, defaults), (Limits, defaults.limits)):
-        for knob, kind in _knobs(target):
-            default = getattr(instance, knob.name)
-            text = knob.metadata["help"]
-            text = f"{text} (env {_env_name(knob.name)}, default {default!r})"
-            flag = "--" + knob.name.replace("_", "-")
-            if kind is bool:
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-            elif kind is tuple:
-                parser.add_argument(flag, action="append", metavar="SPEC", help=text)
-            else:
-                parser.add_argument(flag, type=kind, help=text)
+    _add_knobs(parser, Settings, defaults)
+    _add_knobs(parser, Limits, defaults.limits)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per knob of `bpfexec.vm.Limits` to `parser` (a local `bpfexec run`)."""
+    _add_knobs(parser, Limits, Limits())
+
+
+def _add_knobs(parser: argparse.ArgumentParser, target: type, instance: Any) -> None:
+    for knob, kind in _knobs(target):
+        default = getattr(instance, knob.name)
+        text = knob.metadata["help"]
+        text = f"{text} (env {_env_name(knob.name)}, default {default!r})"
+        flag = "--" + knob.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif kind is tuple:
+            parser.add_argument(flag, action="append", metavar="SPEC", help=text)
+        else:
+            parser.add_argument(flag, type=kind, help=text)
 
 
 def _knobs(target: type) -> list[tuple[dataclasses.Field[Any], type]]:

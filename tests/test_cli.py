@@ -124,6 +124,8 @@ def test_trace_prints_every_instruction(tmp_path):
         (["run", "{tmp}/ok.s", "--server", "127.0.0.1:1", "--helpers", "m:r"], "--helpers applies"),
         (["run", "{tmp}/ok.s", "--server", "127.0.0.1:1", "--engine", "jit"], "--engine applies"),
         (["run", "{tmp}/ok.s", "--remote-helpers", "m:r"], "--remote-helpers needs --server"),
+        (["run", "{tmp}/ok.s", "--server", "127.0.0.1:1", "--max-fuel", "9"], "--max-fuel applies"),
+        (["run", "{tmp}/ok.s", "--fuel", "20000000000"], "exceeds the maximum of 10000000000"),
         (["run", "{tmp}/ok.s", "--token", "secret"], "--token and --tls* need --server"),
         (["run", "{tmp}/prog.c"], "prog.c: C source, not an eBPF object or assembly"),
         (["run", "{tmp}/ok.s", "--server", "http://localhost:1"], "HOST:PORT, not a URL"),
@@ -248,3 +250,16 @@ def test_a_server_that_is_not_there_is_one_short_line(tmp_path):
     proc = bpfexec("run", str(tmp_path / "ok.s"), "--server", f"127.0.0.1:{port}")
     line = one_line_error(proc, code=1)
     assert f"cannot connect to 127.0.0.1:{port}: Connection refused" in line, line
+
+
+def test_a_local_run_takes_the_limit_flags_and_variables_of_serve(tmp_path, monkeypatch):
+    (tmp_path / "loop.s").write_text("r0 = 0\nloop:\nr0 += 1\nif r0 < 100 goto loop\nexit\n")
+    prog = str(tmp_path / "loop.s")
+    # Beyond the default maximum (10^10) only with --max-fuel, as for serve.
+    proc = bpfexec("run", prog, "--fuel", "20000000000", "--max-fuel", "100000000000", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["fuel_used"] == 202
+    monkeypatch.setenv("BPFEXEC_MAX_FUEL", "100")
+    assert "exceeds the maximum of 100" in one_line_error(bpfexec("run", prog, "--fuel", "200"))
+    monkeypatch.setenv("BPFEXEC_MAX_CALL_DEPTH", "zero")
+    assert "BPFEXEC_MAX_CALL_DEPTH='zero'" in one_line_error(bpfexec("run", prog))
