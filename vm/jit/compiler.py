@@ -47,6 +47,19 @@ compiling it, and compile time is a budget of its own (see docs/jit.md).
 This module only produces IR. It never runs code, imports nothing of llvmlite,
 and refuses (`Unsupported`) anything whose interpreter semantics it does not
 reproduce exactly, so the runtime can hand such programs to the interpreter.
+
+Why one file: the analyses that stand on their own are modules of their own
+(`liveness`, `unroll`, `induction`, `limits`). What is left is one object,
+`_FunctionCompiler`, whose per-function state (cached registers, roots,
+translations, frame slots, the loop copy being emitted and the accesses its
+group checked) every part of the emission reads and writes: an access consults
+the copy's checked accesses and the frame slots, a jump the loops, and
+`check_entries` the labels and hand-overs every part records. Split across
+files, its methods would still share that state through one class, and a
+reader following one access would move between files. The file is ordered by
+concern instead: the module (`build_module`, the prelude, the entry), then per
+function the emission helpers, traps and polls, loops and groups, the function
+and its checks, blocks, calls and jumps, ALU, and memory.
 """
 
 from __future__ import annotations
