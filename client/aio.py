@@ -135,7 +135,8 @@ class AsyncClient:
         table: dict[HelperKey, Callable[..., Any]] | None,
     ) -> pb.ExecuteResponse:
         if table is None:
-            return await self._call(self._stub.Execute, request, timeout)
+            response: pb.ExecuteResponse = await self._call(self._stub.Execute, request, timeout)
+            return response
         stream = self._stub.ExecuteStream(timeout=timeout, metadata=self._metadata)
         try:
             await stream.write(start_message(request, table))
@@ -145,7 +146,10 @@ class AsyncClient:
                     raise ProtocolError("the server ended ExecuteStream without a result")
                 kind = message.WhichOneof("message")
                 if kind == "result":
-                    return message.result
+                    await stream.done_writing()  # half-close: nothing more to send
+                    await _read_to_end(stream)
+                    outcome: pb.ExecuteResponse = message.result
+                    return outcome
                 if kind != "helper_call":
                     raise ProtocolError(f"unexpected {kind} from the server outside a helper call")
                 call = AsyncHelperCall(message.helper_call, stream)
@@ -157,7 +161,10 @@ class AsyncClient:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:
-            stream.cancel()  # a no-op once the server has finished
+            # Only on the way out of a failure: after a result the call has ended by
+            # itself, and a cancel racing the server's status would make it CANCELLED.
+            if not stream.done():
+                stream.cancel()
 
     async def _call(self, method: Any, request: object, timeout: float | None = None) -> Any:
         try:
@@ -214,7 +221,7 @@ class AsyncHelperCall:
         return bytes(answer.data)
 
     async def _answer(self, kind: str) -> pb.ExecuteStreamResponse:
-        message = await self._stream.read()
+        message: pb.ExecuteStreamResponse = await self._stream.read()
         if message is grpc.aio.EOF or message.WhichOneof("message") != kind:
             got = "the end" if message is grpc.aio.EOF else message.WhichOneof("message")
             raise ProtocolError(f"expected {kind} from the server, got {got}")
@@ -222,6 +229,21 @@ class AsyncHelperCall:
 
     def __repr__(self) -> str:
         return f"AsyncHelperCall(call_id={self.call_id}, helper={self.helper!r}, args={self.args})"
+
+
+async def _read_to_end(stream: Any) -> None:
+    """Wait for the server's status after the result, so the call ends as it does.
+
+    The result is the last message and the outcome: a late failure of the call
+    (its deadline passing meanwhile, say) changes nothing about it.
+    """
+    try:
+        message = await stream.read()
+        if message is not grpc.aio.EOF:
+            raise ProtocolError(f"unexpected {message.WhichOneof('message')} after the result")
+        await stream.code()  # the status has arrived: the call is over
+    except grpc.RpcError:
+        pass
 
 
 async def _answer(

@@ -175,7 +175,8 @@ class Client:
         table: dict[HelperKey, Callable[..., Any]] | None,
     ) -> pb.ExecuteResponse:
         if table is None:
-            return self._call(self._stub.Execute, request, timeout)
+            response: pb.ExecuteResponse = self._call(self._stub.Execute, request, timeout)
+            return response
         outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None] = queue.SimpleQueue()
         outbox.put(start_message(request, table))
         responses = self._stub.ExecuteStream(
@@ -185,7 +186,10 @@ class Client:
             for message in responses:
                 kind = message.WhichOneof("message")
                 if kind == "result":
-                    return message.result
+                    outbox.put(None)  # half-close: nothing more to send
+                    _read_to_end(responses)
+                    result: pb.ExecuteResponse = message.result
+                    return result
                 if kind != "helper_call":
                     raise ProtocolError(f"unexpected {kind} from the server outside a helper call")
                 call = HelperCall(message.helper_call, outbox, responses)
@@ -195,7 +199,10 @@ class Client:
             raise from_rpc_error(error) from None
         finally:
             outbox.put(None)  # ends the request stream
-            responses.cancel()  # a no-op once the server has finished
+            # Only on the way out of a failure: after a result the call has ended by
+            # itself, and a cancel racing the server's status would make it CANCELLED.
+            if responses.is_active():
+                responses.cancel()
 
     def _call(self, method: Callable[..., T], request: object, timeout: float | None = None) -> T:
         try:
@@ -415,6 +422,19 @@ def describe(exc: BaseException) -> str:
     """`Type: first line` of an exception, the form in-process helper errors take."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _read_to_end(responses: Iterator[pb.ExecuteStreamResponse]) -> None:
+    """Wait for the server's status after the result, so the call ends as it does.
+
+    The result is the last message and the outcome: a late failure of the call
+    (its deadline passing meanwhile, say) changes nothing about it.
+    """
+    try:
+        for message in responses:
+            raise ProtocolError(f"unexpected {message.WhichOneof('message')} after the result")
+    except grpc.RpcError:
+        pass
 
 
 def _drain(outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None]) -> Iterator[Any]:

@@ -97,7 +97,7 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                 response = await behaviour(request, context)
                 return response
             finally:
-                self._emit(method, context, start, caller, request, response)
+                self._emit(method, _status(context), start, caller, request, response)
 
         return unary
 
@@ -123,10 +123,12 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                 closed = True
                 raise
             finally:
-                context_alive = None if closed else context
-                self._emit(
-                    method, context_alive, start, caller, seen.get("first"), seen.get("last")
-                )
+                last = seen.get("last")
+                # A result handed to gRPC is the call's outcome, even if the client
+                # went away before the status.
+                gone = "CANCELLED" if closed else _status(context)
+                status = "OK" if _is_result(last) else gone
+                self._emit(method, status, start, caller, seen.get("first"), last)
 
         return stream
 
@@ -142,20 +144,16 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
     def _emit(
         self,
         method: str,
-        context: grpc.aio.ServicerContext | None,
+        status: str,
         start: float,
         caller: dict[str, Any],
         request: Any,
         response: Any,
     ) -> None:
-        """One line; `context` is None when the call has already been torn down."""
+        """One line; `status` is the call's gRPC status code name."""
         if not log.isEnabledFor(logging.INFO):
             return
         fields = request_fields(request, response)
-        if context is None:
-            status = "CANCELLED"
-        else:
-            status = _code_name(context, "CANCELLED" if context.cancelled() else "OK")
         if status != "OK" or "outcome" not in fields:
             fields["outcome"] = status
         fields.update(method=method, duration_ms=round((time.perf_counter() - start) * 1000, 3))
@@ -163,6 +161,20 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
         line = {name: fields[name] for name in FIELDS if name in fields}
         text = " ".join(f"{name}={value}" for name, value in line.items() if name != "method")
         log.info("%s %s", method, text, extra={"request": line})
+
+
+def _status(context: grpc.aio.ServicerContext) -> str:
+    """The status of a call that has ended, while its context is still alive."""
+    return _code_name(context, "CANCELLED" if context.cancelled() else "OK")
+
+
+def _is_result(response: Any) -> bool:
+    """Whether `response` is the result message of an ExecuteStream."""
+    return (
+        response is not None
+        and response.DESCRIPTOR.name == "ExecuteStreamResponse"
+        and response.WhichOneof("message") == "result"
+    )
 
 
 def request_fields(request: Any, response: Any) -> dict[str, Any]:

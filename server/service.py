@@ -251,6 +251,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 result = run.result()
             except Exception as exc:
                 await _abort(context, exc)
+            # The result is the call's outcome from here on: a client that goes away
+            # once it has it (before the status) does not make the call CANCELLED.
+            context.set_code(grpc.StatusCode.OK)
             yield pb.ExecuteStreamResponse(result=response(result))
         finally:
             # However the stream ends (result sent, client gone, violation),
@@ -473,6 +476,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
         log.exception("unexpected error in a request", exc_info=exc)
         raise exc
     await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("abort_with_status returned")  # it raises to end the call
 
 
 # Registration: the generated `add_ExecutorServicer_to_server`, with lenient

@@ -1,17 +1,21 @@
 """Small helpers shared by the tests: test programs, free ports, bounded waits,
-metrics, the JIT's loop analysis, a stand-in for a compiler bug."""
+metrics, the request log, the JIT's loop analysis, a stand-in for a compiler bug."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bpfexec.server.request_log import JsonFormatter
 from bpfexec.vm.interpreter import Block, decode_blocks
 from bpfexec.vm.jit import runtime
 from bpfexec.vm.jit.compiler import _reachable, successors
@@ -95,6 +99,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def request_log_lines() -> Iterator[io.StringIO]:
+    """What the `bpfexec.requests` logger writes meanwhile, one JSON object a line."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("bpfexec.requests")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def wait_until(

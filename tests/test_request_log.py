@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import request_log_lines
 
 from bpfexec.client.client import Client
 from bpfexec.client.errors import NotFound, Unauthenticated
 from bpfexec.server.app import RunningServer, serve_in_thread
-from bpfexec.server.request_log import JsonFormatter, configure_logging
+from bpfexec.server.request_log import configure_logging
 from bpfexec.server.settings import Settings
 
 TOKEN = "t0ps3cret-request-log"
@@ -31,19 +32,8 @@ TIMEOUT = 10.0
 
 @pytest.fixture
 def lines() -> Iterator[io.StringIO]:
-    """What the `bpfexec.requests` logger writes, as JSON lines."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("bpfexec.requests")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with request_log_lines() as stream:
         yield stream
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 @pytest.fixture
