@@ -28,6 +28,7 @@ from bpfexec.vm.assembler import DEFAULT_FUNCTION, assemble
 from bpfexec.vm.disassembler import disassemble, disassemble_instruction, format_instruction
 from bpfexec.vm.errors import LoadError
 from bpfexec.vm.isa import Instruction
+from bpfexec.vm.loader import load
 from bpfexec.vm.program import Function, HelperRef, Program
 
 CLANG = shutil.which("clang")
@@ -239,14 +240,15 @@ def sample_program() -> Program:
 
 def test_listing_layout() -> None:
     listing = disassemble(sample_program())
-    assert listing.splitlines()[:4] == [
+    assert listing.splitlines()[:5] == [
+        "\t.globl\tfoo",
         "0000000000000000 <foo>:",
         "       0:\tbf 16 00 00 00 00 00 00\tr6 = r1",
         "       1:\t18 01 00 00 00 00 00 00 00 00 00 00 01 00 00 00\tr1 = 4294967296 ll",
         "       3:\t85 10 00 00 03 00 00 00\tcall max",
     ]
     assert "       4:\t85 00 00 00 ff ff ff ff\tcall mul" in listing
-    assert "0000000000000038 <max>:" in listing
+    assert "\n\t.globl\tmax\n0000000000000038 <max>:" in listing
 
 
 @pytest.mark.parametrize("raw", [True, False])
@@ -348,6 +350,76 @@ def test_globl_decides_what_is_exported() -> None:
     """
     functions = assemble(text).functions
     assert [(fn.name, fn.exported) for fn in functions] == [("helper", False), ("main", True)]
+
+
+def test_local_declares_a_function_that_is_not_exported() -> None:
+    text = """
+        .local main, helper
+    main:
+        call helper
+        exit
+    helper:
+        if r1 == 0 goto +0
+        r0 = 1
+        exit
+    """
+    functions = assemble(text).functions
+    assert [(fn.name, fn.exported) for fn in functions] == [("main", False), ("helper", False)]
+
+
+# -- disasm, then load: the same program -----------------------------------------------------
+
+C_SOURCES = Path(__file__).parent / "fixtures" / "c"
+BENCH_PROGRAMS = Path(__file__).parent.parent / "bench" / "programs"
+ROUND_TRIPS = [
+    *(("fixture", source.stem) for source in sorted(C_SOURCES.glob("*.c"))),
+    *(("bench", source.stem) for source in sorted(BENCH_PROGRAMS.glob("*.c"))),
+]
+
+
+def listed_program(compile_c, tmp_path: Path, kind: str, name: str) -> Program:
+    if kind == "fixture":
+        return load(compile_c(name).read_bytes(), f"{name}.o")
+    if CLANG is None:
+        pytest.skip("clang is not installed")
+    obj = clang(BENCH_PROGRAMS / f"{name}.c", tmp_path / f"{name}.o", "-mcpu=v3")
+    return load(obj.read_bytes(), f"{name}.o")
+
+
+@pytest.mark.parametrize(("kind", "name"), ROUND_TRIPS, ids=[name for _, name in ROUND_TRIPS])
+def test_a_listing_loads_back_as_the_same_program(
+    compile_c, tmp_path: Path, kind: str, name: str
+) -> None:
+    """What `bpfexec disasm` prints, `bpfexec run` loads as the program it came from:
+    every function (name, pc, size, exported or local), local calls to it, helpers
+    by name and by number. Data is the exception, and the listing says so."""
+    program = listed_program(compile_c, tmp_path, kind, name)
+    listing = disassemble(program)
+    again = load(listing.encode(), f"{name}.s")
+    assert again.instructions == program.instructions
+    assert again.functions == program.functions
+    assert dict(again.helper_calls) == dict(program.helper_calls)
+    has_data = bool(program.rodata or program.data)
+    assert ("Assembly text cannot carry data" in listing) == has_data
+
+
+def test_the_round_trip_cases_cover_what_a_listing_must_keep(compile_c, tmp_path: Path) -> None:
+    programs = [listed_program(compile_c, tmp_path, "fixture", name) for name in
+                ("local_calls", "multi_section", "helper_prototypes", "globals")]  # fmt: skip
+    local_calls, multi_section, prototypes, globals_ = programs
+    assert len(local_calls.functions) > 1
+    assert any(insn.src == isa.CALL_LOCAL for insn in local_calls.instructions)
+    assert {fn.exported for fn in multi_section.functions} == {True, False}
+    assert any(ref.name for ref in prototypes.helper_calls.values())
+    assert globals_.rodata and globals_.data
+
+
+def test_a_program_without_entry_points_keeps_them_local() -> None:
+    assembled = assemble(".local f, g\nf:\ncall g\nexit\ng:\nr0 = 1\nexit\n")
+    program = Program(assembled.instructions, assembled.functions)
+    local = (Function("f", 0, 2, exported=False), Function("g", 2, 2, exported=False))
+    assert program.functions == local
+    assert assemble(disassemble(program)).functions == local
 
 
 def test_clang_s_directives_are_understood() -> None:

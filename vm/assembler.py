@@ -11,17 +11,19 @@ instruction per line, plus what a person writing a test or a listing needs:
 - a pasted `llvm-objdump -d` listing: the pc and byte columns, the `<sym+0x..>`
   annotations of jumps and the `file format` / `Disassembly of` lines are
   skipped; a `0000000000000000 <name>:` header is a label;
-- the directives `.globl name` / `.global name` and `.type name,@function`;
-  harmless layout directives of `clang -S` output are ignored.
+- the directives `.globl name` / `.global name`, `.local name` and
+  `.type name,@function`; harmless layout directives of `clang -S` output are
+  ignored.
 
 Which labels start a function: the label at pc 0 (or an implicit `main` when
-the text starts without one); a label named in `.globl` / `.type @function`; a
-label that is the target of a `call`; and a label that follows an `exit` or an
-unconditional `goto` and is not the target of any jump (so `sub:` after the
-`exit` of `add:` is a function, while `done:` after a `goto` that other jumps
-reach is not). Labels beginning with `.L` (compiler-local) never start one.
+the text starts without one); a label named in `.globl`, `.local` or
+`.type @function`; a label that is the target of a `call`; and a label that
+follows an `exit` or an unconditional `goto` and is not the target of any jump
+(so `sub:` after the `exit` of `add:` is a function, while `done:` after a
+`goto` that other jumps reach is not). Labels beginning with `.L` (compiler-local) never start one.
 Exported functions: those named in `.globl` when the text has any `.globl`,
-otherwise every function.
+otherwise every function not named in `.local` (the disassembler writes one or
+the other before each function, so a listing keeps which functions are entry points).
 
 Every problem raises `LoadError("name:line: message")`; no input text makes
 this module raise anything else. It does not check that the program is valid
@@ -98,8 +100,13 @@ _DIRECTIVE = re.compile(r"(\.[A-Za-z_][A-Za-z0-9_]*)\b(.*)")
 # Directives `clang -S` emits around code that do not change it.
 _IGNORED_DIRECTIVES = frozenset(
     {".text", ".file", ".p2align", ".align", ".size", ".addrsig", ".addrsig_sym", ".ident",
-     ".loc", ".local", ".weak", ".hidden", ".visibility"}
+     ".loc", ".weak", ".hidden", ".visibility"}
 )  # fmt: skip
+
+
+def is_symbol(name: str) -> bool:
+    """Whether `name` can be a label, a `.globl` symbol and a `call` target."""
+    return re.fullmatch(_IDENT, name) is not None
 
 
 def _strip_comment(line: str) -> str:
@@ -134,8 +141,9 @@ class _Assembler:
         self.labels: dict[str, int] = {}  # label -> pc
         self.label_lines: dict[str, int] = {}
         self.after_terminator: set[str] = set()  # labels that follow exit / goto
-        self.declared: set[str] = set()  # .type name,@function or .globl name
+        self.declared: set[str] = set()  # .type name,@function, .globl name or .local name
         self.globl: set[str] = set()
+        self.local: set[str] = set()
         self.line = 0
         self._forms: list[tuple[re.Pattern[str], _Parser]] = [
             (re.compile(pattern + r"\s*"), parser) for pattern, parser in self._grammar()
@@ -228,11 +236,12 @@ class _Assembler:
             self.after_terminator.add(label)
 
     def _directive(self, name: str, rest: str) -> None:
-        if name in (".globl", ".global"):
+        if name in (".globl", ".global", ".local"):
+            visibility = self.local if name == ".local" else self.globl
             for symbol in (s.strip() for s in rest.split(",")):
-                if not re.fullmatch(_IDENT, symbol):
+                if not is_symbol(symbol):
                     raise _AsmError(f"bad symbol name {symbol!r} in {name}")
-                self.globl.add(symbol)
+                visibility.add(symbol)
                 self.declared.add(symbol)
         elif name == ".type":
             parts = [p.strip() for p in rest.split(",")]
@@ -499,7 +508,7 @@ class _Assembler:
                 starts[pc],
                 pc,
                 end - pc,
-                exported=starts[pc] in self.globl if self.globl else True,
+                exported=(starts[pc] in self.globl if self.globl else starts[pc] not in self.local),
             )
             for pc, end in itertools.pairwise(bounds)
         )

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bpfexec.vm import isa
+from bpfexec.vm.assembler import is_symbol
 from bpfexec.vm.isa import Instruction
 from bpfexec.vm.program import Program
 
@@ -70,20 +71,26 @@ def format_instruction(insn: Instruction) -> str:
 def disassemble(program: Program, *, raw: bool = True) -> str:
     """A listing of the whole program in llvm-objdump's layout.
 
-    Each function starts with a `0000000000000000 <name>:` header; each line has
-    the pc, the bytes (when `raw`) and the text. Calls show their target by name
-    (`call max` for a local function, `call mul` for a helper known by name).
-    The listing assembles back into the same program (`bpfexec.vm.assembler`).
+    Each function starts with a `0000000000000000 <name>:` header, preceded by
+    `.globl name` (an entry point) or `.local name`, which llvm-objdump does not
+    print but the assembler needs to tell functions and entry points apart; each
+    line has the pc, the bytes (when `raw`) and the text. Calls show their target
+    by name (`call max` for a local function, `call mul` for a helper known by
+    name). The listing assembles back into the same instructions, functions and
+    helper call sites (`bpfexec.vm.assembler`). Assembly text has no data
+    sections: a program with data gets a comment saying that it loads without it.
     """
     instructions = program.instructions
     starts = {fn.pc: fn for fn in program.functions}
-    lines: list[str] = []
+    lines: list[str] = [f"; {line}" for line in _data_note(program)]
     pc = 0
     while pc < len(instructions):
         fn = starts.get(pc)
         if fn is not None:
             if lines:
                 lines.append("")
+            if is_symbol(fn.name):
+                lines.append(f"\t{'.globl' if fn.exported else '.local'}\t{fn.name}")
             lines.append(f"{pc * isa.INSTRUCTION_SIZE:016x} <{fn.name}>:")
         text = _listing_text(program, pc)
         width = 2 if instructions[pc].opcode == isa.LDDW and pc + 1 < len(instructions) else 1
@@ -95,6 +102,22 @@ def disassemble(program: Program, *, raw: bool = True) -> str:
         lines.append("\t".join(columns))
         pc += width
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def _data_note(program: Program) -> list[str]:
+    """What the listing leaves out: the data images, which assembly text cannot express."""
+    parts = []
+    if program.rodata:
+        parts.append(f"{len(program.rodata)} bytes of read-only data (.rodata*)")
+    if program.data:
+        parts.append(f"{len(program.data)} bytes of writable globals (.data*, .bss*)")
+    if not parts:
+        return []
+    return [
+        f"This program has {' and '.join(parts)}.",
+        "Assembly text cannot carry data: this listing loads without it, and its",
+        "loads from those addresses fault. Run the object file itself instead.",
+    ]
 
 
 def _listing_text(program: Program, pc: int) -> str:
