@@ -179,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from bpfexec.client.cli_remote import connection_options, run_remote
 
         code = _read_file(args.file)
-        result = run_remote(
+        remote = run_remote(
             code,
             Path(args.file).name,
             args.server,
@@ -189,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             remote_helpers=args.remote_helpers,
             **connection_options(args),
         )
-        return print_result(result, args.json)
+        return print_result(remote, args.json)
     from bpfexec.vm.machine import execute
 
     limits = _local_limits(args)

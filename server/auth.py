@@ -262,7 +262,7 @@ def _refusal(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandl
         (True, True): grpc.stream_stream_rpc_method_handler,
     }
     make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(  # type: ignore[no-any-return]
+    return make(
         refuse,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,

@@ -19,7 +19,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -32,7 +32,7 @@ MAX_REMOTE_HELPER_LABELS = 256
 FUEL_BUCKETS = tuple(float(10**n) for n in range(1, 11))
 # With `--workers N` each process has its own cache and executions: a gauge's
 # value for the server is the sum over the live worker processes.
-GAUGE_MODE = "livesum"
+GAUGE_MODE: Final = "livesum"
 
 
 class Metrics:
@@ -148,7 +148,7 @@ class Metrics:
 
     def helper_counter(self, helper: str, location: str) -> Callable[[], None]:
         """A cheap `inc()` for one helper, bound once so each call skips the label lookup."""
-        return self.helper_calls.labels(helper, location).inc  # type: ignore[no-any-return]
+        return self.helper_calls.labels(helper, location).inc
 
     def remote_helper_counter(self, helper: str) -> Callable[[], None]:
         """`inc()` for a helper a client answers (`location="remote"`).
@@ -285,6 +285,7 @@ def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
     if code is None:
         return default
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        name: str = code.name
+        return name
     # grpc.aio reports codes set through abort() as the raw integer.
     return next((c.name for c in grpc.StatusCode if c.value[0] == code), default)

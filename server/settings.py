@@ -221,12 +221,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_knobs(parser, Limits, defaults.limits)
 
 
-def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per knob of `bpfexec.vm.Limits` to `parser` (a local `bpfexec run`)."""
+def add_limit_arguments(parser: argparse._ActionsContainer) -> None:
+    """Add one flag per knob of `bpfexec.vm.Limits` to `parser` (a local `bpfexec run`),
+    an ArgumentParser or one of its argument groups (their common base is private)."""
     _add_knobs(parser, Limits, Limits())
 
 
-def _add_knobs(parser: argparse.ArgumentParser, target: type, instance: Any) -> None:
+def _add_knobs(parser: argparse._ActionsContainer, target: type, instance: Any) -> None:
     for knob, kind in _knobs(target):
         default = getattr(instance, knob.name)
         text = knob.metadata["help"]

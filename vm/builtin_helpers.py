@@ -36,6 +36,7 @@ import re
 import time
 
 from bpfexec.vm import HelperContext, HelperRegistry, Trap, TrapKind
+from bpfexec.vm.helpers import HelperFn
 
 MASK64 = (1 << 64) - 1
 MEMORY_HELPERS_BASE = 0x10000
@@ -49,7 +50,8 @@ def standard_helpers() -> HelperRegistry:
     registry.register(bpf_ktime_get_ns, id=5)
     registry.register(bpf_trace_printk, id=6)
     registry.register(bpf_get_prandom_u32, id=7)
-    for offset, fn in enumerate((memcpy, memcmp, memset, strnlen)):
+    memory_helpers: tuple[HelperFn, ...] = (memcpy, memcmp, memset, strnlen)
+    for offset, fn in enumerate(memory_helpers):
         registry.register(fn, id=MEMORY_HELPERS_BASE + offset)
     return registry
 

@@ -64,9 +64,11 @@ and its checks, blocks, calls and jumps, ALU, and memory.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from bpfexec.vm import isa
 from bpfexec.vm.interpreter import CALL, EXIT, FALL, JUMP, Block
@@ -134,9 +136,10 @@ class ModuleIR:
     frame_low: int
 
 
-def _ir_type(ctype: type) -> str:
+def _ir_type(ctype: type[Any]) -> str:
     if issubclass(ctype, ctypes.Array):
-        return f"[{ctype._length_} x {_ir_type(ctype._type_)}]"
+        # typeshed declares Array._type_ a property of instances; it is a class attribute.
+        return f"[{ctype._length_} x {_ir_type(ctype._type_)}]"  # type: ignore[arg-type]
     if ctype is ctypes.c_void_p:
         return "ptr"
     if ctypes.sizeof(ctype) == 8:
@@ -144,7 +147,7 @@ def _ir_type(ctype: type) -> str:
     raise TypeError(f"no LLVM type for context field type {ctype.__name__}")
 
 
-CONTEXT_TYPE = "{ " + ", ".join(_ir_type(ctype) for _, ctype in Context._fields_) + " }"
+CONTEXT_TYPE = "{ " + ", ".join(_ir_type(field[1]) for field in Context._fields_) + " }"
 UNWOUND = -1  # the fuel a function hands back when it unwinds after a trap
 
 
@@ -727,13 +730,14 @@ class _FunctionCompiler:
         passed = "true"
         for pc, stride in sorted(strides.items()):
             size, access = _accessed(self.code[pc])
-            step: str | int = _signed(stride.step.constant)
+            constant = _signed(stride.step.constant)
+            step: str | int = constant
             if stride.step.terms:
                 step = self.linear(stride.step)
                 bounded = self.value(f"add i64 {step}, {STEP_BOUND - 1}")
                 small = self.value(f"icmp ult i64 {bounded}, {2 * STEP_BOUND - 1}")
                 passed = self.value(f"and i1 {passed}, {small}")
-            elif not -STEP_BOUND < step < STEP_BOUND:
+            elif not -STEP_BOUND < constant < STEP_BOUND:
                 continue  # never in bounds twice: the copies check it themselves
             region = self.translation(self.linear(stride.start), access, size)
             starts = region[f"{_LENGTH[access]}.{size}"]
@@ -851,9 +855,15 @@ class _FunctionCompiler:
           a fuel check, and copy k runs round k of the group its precheck checked.
         """
         entered_from = _predecessors(self.lines)
+
+        def owned_by(unit: str) -> Callable[[str], bool]:
+            return lambda p: self.owner.get(p) == unit
+
+        def in_copy(prefix: str) -> Callable[[str], bool]:
+            return lambda p: self.owner.get(p, "").startswith(prefix)
+
         rules: list[tuple[str, Callable[[str], bool], str]] = [
-            (label, lambda p, unit=unit: self.owner.get(p) == unit, f"from {unit} only")
-            for label, unit in self.handed.items()
+            (label, owned_by(unit), f"from {unit} only") for label, unit in self.handed.items()
         ]
         for loop in loops.values():
             first = f"u0.pc{loop.head}" if strides.get(loop.head) else f"u1.pc{loop.head}"
@@ -861,11 +871,7 @@ class _FunctionCompiler:
             for copy in range(1, loop.copies):
                 prefix = f"u{copy}."
                 rules.append(
-                    (
-                        f"u{copy + 1}.pc{loop.head}",
-                        lambda p, prefix=prefix: self.owner.get(p, "").startswith(prefix),
-                        f"from copy {copy} only",
-                    )
+                    (f"u{copy + 1}.pc{loop.head}", in_copy(prefix), f"from copy {copy} only")
                 )
         for label, allowed, what in rules:
             wrong = sorted(p for p in entered_from.get(label, ()) if not allowed(p))
@@ -890,7 +896,7 @@ class _FunctionCompiler:
             value = f"%ret.{index}.in"
         return [*lines, f"  ret {ty} {value}", "}"]
 
-    def written(self, pcs: list[int]) -> set[int]:
+    def written(self, pcs: list[int]) -> builtins.set[int]:  # not the method `set`
         """Registers some instruction of these blocks may write (never r10: see
         `_writes_frame_pointer`)."""
         written: set[int] = set()
@@ -1426,7 +1432,8 @@ class _FunctionCompiler:
             return self.value(f"{extend} {ty} {value} to i64") if size < 8 else value
 
         slot = self.frame_slot(insn.src, insn.offset, size, pc)
-        stored, stored_size, root = self.slots.get(slot, ("", 0, None))
+        unknown: Slot = ("", 0, None)
+        stored, stored_size, root = self.slots.get(slot, unknown) if slot is not None else unknown
         if size == stored_size == 8:
             self.set(insn.dst, stored, root)
             return

@@ -68,4 +68,4 @@ class Context(ctypes.Structure):
     ]
 
 
-FIELD_INDEX = {name: i for i, (name, _) in enumerate(Context._fields_)}
+FIELD_INDEX = {field[0]: i for i, field in enumerate(Context._fields_)}

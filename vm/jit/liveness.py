@@ -59,7 +59,7 @@ def uses_and_defs(insn: Instruction) -> tuple[set[int], set[int]]:
     if cls == isa.STX:
         return _valid([dst, src]), set()
     if insn.opcode == isa.OP_CALLX:
-        return HELPER_ARGUMENTS | _valid([isa.callx_register(insn)]), {0}
+        return set(HELPER_ARGUMENTS) | _valid([isa.callx_register(insn)]), {0}
     if insn.opcode == isa.OP_CALL:
         return set(HELPER_ARGUMENTS), {0}
     return set(), set()

@@ -160,7 +160,6 @@ class _Run:
 _RUNS: dict[int, _Run] = {}
 
 
-@_DISPATCH_TYPE
 def _dispatch(ctx_address: int, pc: int) -> int:
     """Run the helper call at `pc` for native code (called with the GIL re-acquired)."""
     run = _RUNS[ctx_address]
@@ -184,6 +183,10 @@ def _dispatch(ctx_address: int, pc: int) -> int:
         return Status.PYTHON
 
 
+# The C function pointer native code calls (a module global: it must stay alive).
+_DISPATCH = _DISPATCH_TYPE(_dispatch)
+
+
 def _prepare_llvm() -> None:
     global _llvm_ready
     if not _llvm_ready:
@@ -192,7 +195,7 @@ def _prepare_llvm() -> None:
         # Tail merging folds our thousands of near-identical trap exits together, slowly
         # and for no gain: they are cold. (A process-wide LLVM option.)
         llvm.set_option("bpfexec", "-enable-tail-merge=false")
-        llvm.add_symbol(DISPATCH_SYMBOL, ctypes.cast(_dispatch, ctypes.c_void_p).value)
+        llvm.add_symbol(DISPATCH_SYMBOL, ctypes.cast(_DISPATCH, ctypes.c_void_p).value)
         _llvm_ready = True
 
 
@@ -219,7 +222,7 @@ def compile_program(
     A compile that raises `CompileAbandoned` is not cached: it may be asked again.
     """
     key = QUICK if quick else OPTIMIZED
-    compiled = program.compiled.get(key)
+    compiled: CompiledProgram | None = program.compiled.get(key)
     if compiled is None:
         with program.compiled.setdefault(key + ".lock", threading.Lock()):
             compiled = program.compiled.get(key)
@@ -227,7 +230,7 @@ def compile_program(
                 compiled = _compile(program, quick, emit, limits)
                 if compiled.refused != "abandoned":
                     program.compiled[key] = compiled
-    return compiled  # type: ignore[no-any-return]
+    return compiled
 
 
 def compile_best(program: Program) -> CompiledProgram:
@@ -242,10 +245,10 @@ def compile_best(program: Program) -> CompiledProgram:
 def best_compiled(program: Program) -> CompiledProgram | None:
     """The best tier of native code compiled so far for `program`, if any (else the
     first tier that fell back, which says why)."""
-    tiers = [program.compiled.get(key) for key in (OPTIMIZED, QUICK)]
+    tiers: list[CompiledProgram | None] = [program.compiled.get(key) for key in (OPTIMIZED, QUICK)]
     for compiled in tiers:
         if compiled is not None and compiled.native:
-            return compiled  # type: ignore[no-any-return]
+            return compiled
     return next((c for c in tiers if c is not None), None)
 
 
@@ -425,6 +428,7 @@ def _map_regions(ctx: Context, machine: Machine) -> list[object]:
     for n, store in enumerate(memory.regions):
         if not store:
             continue  # unmapped or empty: length 0, every access faults
+        view: ctypes.Array[ctypes.c_char] | ctypes.c_char_p
         if isinstance(store, bytearray):
             # Exporting the buffer also stops anything from resizing it during the run.
             view = (ctypes.c_char * len(store)).from_buffer(store)

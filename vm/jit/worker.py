@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import bpfexec
 from bpfexec.vm.jit.runtime import CompileAbandoned, Emit
@@ -157,13 +157,13 @@ class CompileWorker:
         self.kill()
 
 
-def _write(pipe: BinaryIO, message: object) -> None:
+def _write(pipe: IO[bytes], message: object) -> None:
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     pipe.write(len(data).to_bytes(_HEADER, "little") + data)
     pipe.flush()
 
 
-def _read(pipe: BinaryIO, deadline: float | None) -> Any:
+def _read(pipe: IO[bytes], deadline: float | None) -> Any:
     """One message from `pipe`; TimeoutError after `deadline`, EOFError if it closed."""
     fd = pipe.fileno()
 

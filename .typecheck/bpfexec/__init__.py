@@ -1,0 +1,1 @@
+../../bpfexec/__init__.py

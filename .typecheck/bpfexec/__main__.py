@@ -1,0 +1,1 @@
+../../bpfexec/__main__.py
