@@ -179,6 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from bpfexec.client.cli_remote import connection_options, run_remote
 
         code = _read_file(args.file)
+        _warn_unset_arguments(args.file, args.function, len(run_args))
         remote = run_remote(
             code,
             Path(args.file).name,
@@ -194,6 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     limits = _local_limits(args)
     program = _load(args.file, limits)
+    _warn_unset_arguments(program, args.function, len(run_args))
     trace = (lambda line: print(line, file=sys.stderr)) if args.trace else None
     result = execute(
         program,
@@ -206,6 +208,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         trace=trace,
     )
     return print_result(result.to_dict(), args.json)
+
+
+def _warn_unset_arguments(program: Any, function: str | None, given: int) -> None:
+    """Say on stderr when the function may read an argument register that no `--arg`
+    sets (it would silently be 0). `program` is a loaded Program, or a path to load
+    for the check alone: a file that does not load is left to the server to report."""
+    from bpfexec.vm.errors import VmError
+    from bpfexec.vm.interpreter import program_blocks
+    from bpfexec.vm.liveness import arguments_read
+
+    try:
+        if isinstance(program, str):
+            program = _load(program)
+        fn = program.function(function)
+        read = arguments_read(program, program_blocks(program), fn.pc)
+    except (VmError, ValueError):
+        return  # the run itself reports what is wrong
+    unset = [f"r{n}" for n in sorted(read) if n > given]
+    if not unset:
+        return
+    args = {0: "no --arg was", 1: "only 1 --arg was"}.get(given, f"only {given} --args were")
+    it, is_ = ("it", "it is") if len(unset) == 1 else ("them", "they are")
+    print(
+        f"warning: {fn.name} may read {', '.join(unset)} before writing {it}, "
+        f"but {args} given, so {is_} 0",
+        file=sys.stderr,
+    )
 
 
 def _standard_helpers(specs: Sequence[str]) -> Any:

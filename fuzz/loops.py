@@ -870,9 +870,9 @@ def reached(case: Case) -> dict[str, int]:
     compiler's analyses cannot be called as they were when this was written."""
     try:
         from bpfexec.vm.interpreter import CALL, JUMP, decode_blocks
-        from bpfexec.vm.jit.compiler import _reachable, successors
         from bpfexec.vm.jit.induction import strided_accesses
         from bpfexec.vm.jit.unroll import unrollable_loops
+        from bpfexec.vm.liveness import reachable, successors
 
         program = load_case(case)
         code = program.instructions
@@ -881,7 +881,7 @@ def reached(case: Case) -> dict[str, int]:
         entries = {fn.pc for fn in program.functions}
         entries |= {b.target for b in blocks if b is not None and b.kind == CALL}
         for entry in entries:
-            pcs = _reachable(entry, blocks, code)
+            pcs = reachable(entry, blocks, code)
             jumps = {pc: successors(blocks[pc], code) for pc in pcs}  # type: ignore[arg-type]
             for head, loop in unrollable_loops(pcs, blocks, code, jumps).items():
                 counts["unrolled"] += 1

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bpfexec.server.request_log import JsonFormatter
 from bpfexec.vm.interpreter import Block, decode_blocks
 from bpfexec.vm.jit import runtime
-from bpfexec.vm.jit.compiler import _reachable, successors
 from bpfexec.vm.jit.unroll import Loop, unrollable_loops
+from bpfexec.vm.liveness import reachable, successors
 from bpfexec.vm.program import Program
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -89,7 +89,7 @@ def inner_loops(
     """The loops the optimized tier unrolls in code reachable from pc 0, with the
     blocks and the jumps between them they were found in."""
     blocks = decode_blocks(program)
-    pcs = _reachable(0, blocks, program.instructions)
+    pcs = reachable(0, blocks, program.instructions)
     jumps = {pc: successors(blocks[pc], program.instructions) for pc in pcs}  # type: ignore[arg-type]
     return unrollable_loops(pcs, blocks, program.instructions, jumps), blocks, jumps
 

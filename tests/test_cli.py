@@ -263,3 +263,56 @@ def test_a_local_run_takes_the_limit_flags_and_variables_of_serve(tmp_path, monk
     assert "exceeds the maximum of 100" in one_line_error(bpfexec("run", prog, "--fuel", "200"))
     monkeypatch.setenv("BPFEXEC_MAX_CALL_DEPTH", "zero")
     assert "BPFEXEC_MAX_CALL_DEPTH='zero'" in one_line_error(bpfexec("run", prog))
+
+
+# A function reads an argument register that no --arg sets: a warning, and the run goes on.
+READS_R2_IN_A_CALLEE = """
+main:
+    call add
+    exit
+add:
+    r0 = r1
+    r0 += r2
+    exit
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "args", "warning"),
+    [
+        ("r0 = r1\nr0 += r2\nexit\n", [], "main may read r1, r2 before writing them, "
+         "but no --arg was given, so they are 0"),
+        ("r0 = r1\nr0 += r2\nexit\n", ["1"], "main may read r2 before writing it, "
+         "but only 1 --arg was given, so it is 0"),
+        (READS_R2_IN_A_CALLEE, ["1"], "main may read r2 before writing it"),
+        ("r0 = 0\nif r0 == 0 goto out\nr0 = r3\nout:\nexit\n", ["1", "2"],
+         "main may read r3 before writing it, but only 2 --args were given, so it is 0"),
+        ("r0 = r1\nr0 += r2\nexit\n", ["1", "2"], None),
+        ("r1 = 5\nr2 = 6\nr0 = r1\nr0 += r2\nexit\n", [], None),  # written before read
+        ("r1 = 0\ncall 7\nexit\n", [], None),  # a helper's r2..r5 come from nothing: no args
+    ],
+)  # fmt: skip
+def test_too_few_args_warn(tmp_path, source, args, warning):
+    (tmp_path / "prog.s").write_text(source)
+    proc = bpfexec("run", str(tmp_path / "prog.s"), *(a for v in args for a in ("--arg", v)))
+    assert proc.returncode == 0, proc.stderr
+    if warning is None:
+        assert proc.stderr == ""
+    else:
+        assert proc.stderr.startswith("warning: ") and warning in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1
+
+
+def test_too_few_args_warn_for_a_server_run_too(tmp_path):
+    from support import free_port
+
+    from bpfexec.server.app import serve_in_thread
+    from bpfexec.server.settings import Settings
+
+    (tmp_path / "prog.s").write_text("r0 = r1\nr0 += r2\nexit\n")
+    settings = Settings(port=0, metrics_port=free_port(), entry_point_helpers=False)
+    with serve_in_thread(settings) as server:
+        proc = bpfexec("run", str(tmp_path / "prog.s"), "--arg", "40", "--server", server.address)
+    assert proc.returncode == 0, proc.stderr
+    assert "return_value: 40" in proc.stdout
+    assert "main may read r2 before writing it" in proc.stderr

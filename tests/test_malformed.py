@@ -321,7 +321,8 @@ HELPERS_SPEC = f"{__name__}:HELPERS"
 # -- running them -------------------------------------------------------------------------
 
 VALID = b"r0 = r1\nr0 *= r2\nr0 += 1\nexit\n"  # (a, b) -> a * b + 1
-FUEL = ["--fuel", "100000"]
+# r1..r5 = 0 as when no --arg is given, but said: a run reading them warns otherwise.
+FUEL = ["--fuel", "100000", *["--arg", "0"] * 5]
 
 
 class Hang(BaseException):

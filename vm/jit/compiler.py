@@ -13,7 +13,7 @@ holding the blocks reachable from it by jumps and fall-through:
 caller saves what it keeps across the call, and only on the paths that call.)
 
 A local call is a native call: the callee gets the caller's registers it may
-read (`bpfexec.vm.jit.liveness`), `r10 - frame_size` and the fuel left, and hands back
+read (`bpfexec.vm.liveness`), `r10 - frame_size` and the fuel left, and hands back
 those of r0..r5 its callers may read, and the fuel; r6..r10 of the caller are
 its own values, so they survive the call exactly as the interpreter's frame
 stack restores them. A registers the analysis proves unread starts as 0.
@@ -75,8 +75,8 @@ from bpfexec.vm.interpreter import CALL, EXIT, FALL, JUMP, Block
 from bpfexec.vm.isa import MASK32, NUM_REGISTERS, Instruction
 from bpfexec.vm.jit.context import FIELD_INDEX, REGION_COUNT, Access, Context, Status
 from bpfexec.vm.jit.induction import Linear, Stride, strided_accesses
-from bpfexec.vm.jit.liveness import Signature, signatures, uses_and_defs
 from bpfexec.vm.jit.unroll import Loop, unrollable_loops
+from bpfexec.vm.liveness import Signature, reachable, signatures, successors, uses_and_defs
 from bpfexec.vm.memory import OFFSET_MASK, REGION_SHIFT
 from bpfexec.vm.program import Program
 
@@ -167,32 +167,13 @@ def _field(ctx: str, name: str, index: str | None = None) -> str:
     return f"getelementptr inbounds %ctx, ptr {ctx}, i32 0, i32 {FIELD_INDEX[name]}{tail}"
 
 
-def successors(block: Block, code: Sequence[Instruction]) -> list[int]:
-    """The pcs control may reach from `block` without a call (a call's return included)."""
-    if block.kind in (FALL, CALL):
-        return [block.next_pc]
-    if block.kind == EXIT:
-        return []
-    insn = code[block.end_pc]
-    taken = block.end_pc + 1 + isa.jump_offset(insn)
-    return [taken] if insn.op == isa.JA else [taken, block.end_pc + 1]
-
-
 def _reachable(
     entry: int, blocks: Sequence[Block | None], code: Sequence[Instruction]
 ) -> list[int]:
-    seen = {entry}
-    work = [entry]
-    while work:
-        block = blocks[work.pop()]
-        assert block is not None
-        for pc in successors(block, code):
-            if not 0 <= pc < len(blocks) or blocks[pc] is None:
-                raise Unsupported(f"pc {block.end_pc}: control reaches pc {pc}, not a block")
-            if pc not in seen:
-                seen.add(pc)
-                work.append(pc)
-    return sorted(seen)
+    try:
+        return reachable(entry, blocks, code)
+    except ValueError as exc:
+        raise Unsupported(str(exc)) from None
 
 
 def _writes_frame_pointer(code: Sequence[Instruction]) -> bool:

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from bpfexec.vm import isa
 from bpfexec.vm.interpreter import FALL, Block
 from bpfexec.vm.isa import FRAME_POINTER, MASK64, NUM_REGISTERS, Instruction
-from bpfexec.vm.jit.liveness import uses_and_defs
 from bpfexec.vm.jit.unroll import Loop
+from bpfexec.vm.liveness import uses_and_defs
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from bpfexec.vm import isa
 from bpfexec.vm.interpreter import CALL, FALL, Block
-from bpfexec.vm.jit.compiler import successors
+from bpfexec.vm.liveness import successors
 from bpfexec.vm.program import Program
 
 

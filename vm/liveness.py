@@ -1,4 +1,4 @@
-"""Which registers each compiled function takes and hands back.
+"""Which registers each function takes and hands back.
 
 A local call passes the whole register file in the interpreter: the callee
 sees the caller's r0..r9, and the caller gets the callee's r0..r5 back. Native
@@ -11,16 +11,20 @@ iterated across calls until nothing changes; it is conservative, so a register
 it leaves out is provably never read, and the compiler gives it the value 0.
 
 Helpers read r1..r5 (and `callx` its register) and write r0.
+
+The JIT passes each function only its parameters; `bpfexec run` warns when a
+function reads an argument register that no `--arg` sets (`arguments_read`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bpfexec.vm import isa
 from bpfexec.vm.interpreter import CALL, EXIT, FALL, JUMP, Block
 from bpfexec.vm.isa import FRAME_POINTER, NUM_REGISTERS, Instruction
+from bpfexec.vm.program import Program
 
 RESULTS = frozenset(range(6))  # what a call may hand back: r0..r5
 HELPER_ARGUMENTS = frozenset(range(1, 6))
@@ -72,6 +76,64 @@ def _jump_uses(insn: Instruction) -> set[int]:
     return _valid([insn.dst, insn.src] if by_register else [insn.dst])
 
 
+def successors(block: Block, code: Sequence[Instruction]) -> list[int]:
+    """The pcs control may reach from `block` without a call (a call's return included)."""
+    if block.kind in (FALL, CALL):
+        return [block.next_pc]
+    if block.kind == EXIT:
+        return []
+    insn = code[block.end_pc]
+    taken = block.end_pc + 1 + isa.jump_offset(insn)
+    return [taken] if insn.op == isa.JA else [taken, block.end_pc + 1]
+
+
+def reachable(entry: int, blocks: Sequence[Block | None], code: Sequence[Instruction]) -> list[int]:
+    """The pcs of the blocks control reaches from `entry` without a call, ascending.
+
+    ValueError if control reaches a pc where no block starts.
+    """
+    seen = {entry}
+    work = [entry]
+    while work:
+        block = blocks[work.pop()]
+        assert block is not None
+        for pc in successors(block, code):
+            if not 0 <= pc < len(blocks) or blocks[pc] is None:
+                raise ValueError(f"pc {block.end_pc}: control reaches pc {pc}, not a block")
+            if pc not in seen:
+                seen.add(pc)
+                work.append(pc)
+    return sorted(seen)
+
+
+def arguments_read(program: Program, blocks: Sequence[Block | None], entry: int) -> set[int]:
+    """The argument registers (r1..r5) the function at `entry` may read before
+    writing them, on some path, through its local calls included; not counting
+    what a helper call passes on."""
+    code = program.instructions
+    bodies: dict[int, list[int]] = {}
+    todo = [entry]
+    while todo:
+        pc = todo.pop()
+        if pc not in bodies:
+            bodies[pc] = reachable(pc, blocks, code)
+            todo += [b.target for b in map(blocks.__getitem__, bodies[pc]) if b and b.kind == CALL]
+    jumps = {pc: successors(blocks[pc], code) for pcs in bodies.values() for pc in pcs}  # type: ignore[arg-type]
+    found = signatures(bodies, blocks, code, jumps, _uses_not_passing_to_helpers)
+    return set(found[entry].params) & HELPER_ARGUMENTS
+
+
+def _uses_not_passing_to_helpers(insn: Instruction) -> tuple[set[int], set[int]]:
+    """`uses_and_defs`, but a helper call reads none of r1..r5: a helper that takes
+    fewer arguments is handed whatever they hold, and that is no argument of the run."""
+    uses, defs = uses_and_defs(insn)
+    if insn.opcode == isa.OP_CALL:
+        return set(), defs
+    if insn.opcode == isa.OP_CALLX:
+        return _valid([isa.callx_register(insn)]), defs
+    return uses, defs
+
+
 def _straight_line(block: Block, code: Sequence[Instruction]) -> list[Instruction]:
     """The block's instructions before its terminator (all of them for FALL)."""
     end = block.next_pc if block.kind == FALL else block.end_pc
@@ -88,10 +150,12 @@ def signatures(
     blocks: Sequence[Block | None],
     code: Sequence[Instruction],
     successors: Mapping[int, Sequence[int]],
+    uses_and_defs: Callable[[Instruction], tuple[set[int], set[int]]] = uses_and_defs,
 ) -> dict[int, Signature]:
     """The signature of every function in `bodies` (entry pc -> the pcs of its blocks).
 
-    `successors` maps a block's pc to the pcs control reaches without a call.
+    `successors` maps a block's pc to the pcs control reaches without a call;
+    `uses_and_defs` says what a straight-line instruction reads and writes.
     """
     # Per block: what its straight-line part reads before writing, and writes.
     summary: dict[int, tuple[set[int], set[int]]] = {}
