@@ -13,10 +13,16 @@ In the repository the code of `bpfexec.vm`, `bpfexec.server` and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 __version__: str  # from the installed distribution
 _UNKNOWN_VERSION = "0+unknown"  # a checkout imported without being installed
+
+
+def include_dir() -> str:
+    """The folder of `bpfexec_helper.h`, the header of native helpers (`-I` for cc)."""
+    return str(Path(__file__).parent / "include")
 
 
 def __getattr__(name: str) -> Any:

@@ -133,6 +133,7 @@ def _check_mode(args: argparse.Namespace) -> None:
     if args.server:
         local = [flag for flag, given in (
             ("--helpers", args.helpers),
+            ("--native-helpers", args.native_helpers),
             ("--trace", args.trace),
             ("--engine", args.engine is not None),
         ) if given]  # fmt: skip
@@ -202,7 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.function,
         run_args,
         fuel=args.fuel,
-        helpers=_standard_helpers(args.helpers),
+        helpers=_standard_helpers(args.helpers, args.native_helpers),
         limits=limits,
         engine=args.engine or "interpreter",
         trace=trace,
@@ -237,11 +238,17 @@ def _warn_unset_arguments(program: Any, function: str | None, given: int) -> Non
     )
 
 
-def _standard_helpers(specs: Sequence[str]) -> Any:
+def _standard_helpers(specs: Sequence[str], native: Sequence[str] = ()) -> Any:
     """The user's helpers first, then the built-in standard set (if installed)."""
     from bpfexec.vm.helpers import HelperChain
+    from bpfexec.vm.native import native_registry
 
     user = _registry(specs)
+    for spec in native:
+        try:
+            user.update(native_registry(spec))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     try:
         from bpfexec.vm.builtin_helpers import standard_helpers
     except ImportError:
@@ -341,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="MODULE:ATTR",
         help="import a HelperRegistry (repeatable)",
+    )
+    run.add_argument(
+        "--native-helpers",
+        action="append",
+        default=[],
+        metavar="LIBRARY:SYMBOL[=NUMBER]",
+        help="a C function of a shared library as a helper (repeatable; docs/native-helpers.md)",
     )
     run.add_argument("--json", action="store_true", help="print the result as one JSON object")
     run.add_argument("--trace", action="store_true", help="trace every instruction on stderr")

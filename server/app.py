@@ -88,7 +88,11 @@ async def start(settings: Settings) -> RunningServer:
         else None
     )
     service = ExecutionService(
-        helpers=build_registry(settings.helpers, use_entry_points=settings.entry_point_helpers),
+        helpers=build_registry(
+            settings.helpers,
+            use_entry_points=settings.entry_point_helpers,
+            native=settings.native_helpers,
+        ),
         limits=settings.limits,
         metrics=metrics,
         engine=settings.engine,

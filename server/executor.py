@@ -65,6 +65,7 @@ from bpfexec.vm.helpers import HelperFn, HelperResolver
 from bpfexec.vm.interpreter import program_blocks
 from bpfexec.vm.loader import load
 from bpfexec.vm.machine import Argument
+from bpfexec.vm.native import NativeHelper
 
 if TYPE_CHECKING:
     from bpfexec.vm.jit.limits import TierLimits
@@ -435,6 +436,9 @@ def _counted(registry: HelperRegistry, metrics: Metrics) -> HelperRegistry:
     """A copy of `registry` whose helpers count their calls as `inprocess`."""
     counted = HelperRegistry()
     for helper in registry:
+        if isinstance(helper.fn, NativeHelper):  # called from native code, uncounted
+            counted.register(helper.fn, helper.number, helper.name, helper.cost)
+            continue
         inc = metrics.helper_counter(helper.name or f"#{helper.number}", "inprocess")
         counted.register(_Counted(helper.fn, inc), helper.number, helper.name, helper.cost)
     return counted

@@ -6,7 +6,8 @@ Sources, merged in this order into one `bpfexec.vm.HelperRegistry`:
 2. every entry point of the group `bpfexec.helpers`, each resolving to a
    `HelperRegistry` (a package declares
    `[project.entry-points."bpfexec.helpers"] name = "pkg.module:registry"`);
-3. every `--helpers MODULE:ATTR` spec, in the order given.
+3. every `--helpers MODULE:ATTR` spec, in the order given;
+4. every `--native-helpers LIBRARY:SYMBOL[=NUMBER]` (`bpfexec.vm.native`).
 
 A helper number or name defined by two sources is an error naming both: a
 server whose helper meaning depends on plugin load order would be a trap for
@@ -22,6 +23,7 @@ from importlib.metadata import entry_points
 from bpfexec.vm import Helper, HelperRegistry
 from bpfexec.vm.builtin_helpers import standard_helpers
 from bpfexec.vm.helpers import import_registry as vm_import_registry
+from bpfexec.vm.native import native_registry
 
 ENTRY_POINT_GROUP = "bpfexec.helpers"
 
@@ -30,8 +32,11 @@ class HelperConfigError(Exception):
     """A helper source cannot be used; the message names the source and the problem."""
 
 
-def build_registry(specs: Iterable[str] = (), *, use_entry_points: bool = True) -> HelperRegistry:
-    """The standard helpers, plus entry-point plugins and `MODULE:ATTR` specs."""
+def build_registry(
+    specs: Iterable[str] = (), *, use_entry_points: bool = True, native: Iterable[str] = ()
+) -> HelperRegistry:
+    """The standard helpers, plus entry-point plugins, `MODULE:ATTR` specs and native
+    helpers."""
     sources: list[tuple[str, HelperRegistry]] = [("built-in helpers", standard_helpers())]
     if use_entry_points:
         for point in entry_points(group=ENTRY_POINT_GROUP):
@@ -47,6 +52,11 @@ def build_registry(specs: Iterable[str] = (), *, use_entry_points: bool = True) 
             sources.append((label, loaded))
     for spec in specs:
         sources.append((f"--helpers {spec}", import_registry(spec)))
+    for spec in native:
+        try:
+            sources.append((f"--native-helpers {spec}", native_registry(spec)))
+        except ValueError as exc:
+            raise HelperConfigError(str(exc)) from None
     return merge(sources)
 
 

@@ -51,6 +51,11 @@ class Settings:
         (),
         "in-process helpers to add, as MODULE:ATTR naming a bpfexec.vm.HelperRegistry (repeatable)",
     )
+    native_helpers: tuple[str, ...] = _knob(
+        (),
+        "native helpers to load, as LIBRARY:SYMBOL[=NUMBER] (repeatable): C functions "
+        "of a shared library, the operator's trusted code (docs/native-helpers.md)",
+    )
     entry_point_helpers: bool = _knob(
         True, "load the helper registries of the 'bpfexec.helpers' entry-point group"
     )

@@ -116,6 +116,21 @@ class HelperRegistry:
         self._all.append(entry)
         return entry
 
+    def native(
+        self,
+        library: str,
+        symbol: str,
+        id: int | None = None,
+        name: str | None = None,
+        cost: int = 0,
+    ) -> Helper:
+        """Register the C function `symbol` of the shared library `library` (a path) as
+        a native helper (`bpfexec.vm.native`), named `name` (default: `symbol`).
+        ValueError with a one-line message if the library or the symbol is missing."""
+        from bpfexec.vm.native import NativeHelper
+
+        return self.register(NativeHelper(library, symbol), id=id, name=name or symbol, cost=cost)
+
     def update(self, other: HelperRegistry) -> None:
         """Add every helper of `other` (a clash is an error)."""
         for entry in other:
@@ -250,13 +265,16 @@ class HelperContext:
 
     def log(self, text: str) -> None:
         """Append a line to the execution's log (dropped past the log limits)."""
-        if len(self._log) >= self._limits_lines:
-            return
         size = len(text.encode("utf-8", "replace"))
-        if self._log_bytes + size > self._limits_bytes:
-            return
-        self._log_bytes += size
-        self._log.append(text)
+        if self.would_log(size):
+            self._log_bytes += size
+            self._log.append(text)
+
+    def would_log(self, nbytes: int) -> bool:
+        """Whether a line of `nbytes` bytes (UTF-8) fits in the log limits."""
+        return (
+            len(self._log) < self._limits_lines and self._log_bytes + nbytes <= self._limits_bytes
+        )
 
 
 def import_registry(spec: str) -> HelperRegistry:

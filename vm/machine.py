@@ -112,6 +112,12 @@ class Machine:
                 TrapKind.HELPER_ERROR,
                 f"more than {self.limits.max_helper_calls} helper calls in one execution",
             )
+        regs[0] = self.helper_value(helper, regs[1], regs[2], regs[3], regs[4], regs[5])
+        # r1-r5 are clobbered by a call, as the calling convention allows.
+
+    def helper_value(self, helper: Helper, r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+        """What `helper` returns for these arguments, its cost charged first (a call
+        already counted); any failure is a trap."""
         if helper.cost:
             if helper.cost > self.fuel:
                 raise Trap(
@@ -121,7 +127,7 @@ class Machine:
             self.fuel -= helper.cost
         self.context.helper = helper
         try:
-            value = helper.fn(self.context, regs[1], regs[2], regs[3], regs[4], regs[5])
+            value = helper.fn(self.context, r1, r2, r3, r4, r5)
         except Trap:
             raise
         except Exception as exc:  # a helper's own failure ends the run, never the host
@@ -131,8 +137,7 @@ class Machine:
                 TrapKind.HELPER_ERROR,
                 f"helper {helper} returned {type(value).__name__}, expected int",
             )
-        regs[0] = value & MASK64
-        # r1-r5 are clobbered by a call, as the calling convention allows.
+        return value & MASK64
 
 
 def _describe(exc: BaseException) -> str:

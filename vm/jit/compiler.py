@@ -35,10 +35,13 @@ Backward jumps and local calls poll the interrupt flag where the interpreter
 does, at the cost of one compare until a read is due (`poll`, `back_edge`).
 Traps call `bpf_trap` (kind, pc, details and fuel into the context) and
 return a fuel of -1; it fails the fuel check of the block a call returns to, whose
-slow path then unwinds (a call needs no check of its own). Helper calls
-spill the registers to the context and go through one external function, the
-runtime's Python dispatcher. No host address is ever stored in an eBPF
-register: host pointers exist only inside the access that uses them.
+slow path then unwinds (a call needs no check of its own). A helper call
+counts itself against the run's limit, then calls a native helper through the
+function pointer in the run's table of call sites, or the runtime's Python
+entry `CALL_SYMBOL` with r1..r5 and the fuel (`helper_call`); a `callx`, or a
+call at the limit, spills the registers and goes through the generic
+dispatcher. No host address is ever stored in an eBPF register: host pointers
+exist only inside the access that uses them.
 
 The IR is emitted as text rather than built with llvmlite.ir objects: the
 object model costs more Python time per instruction than LLVM spends
@@ -81,6 +84,8 @@ from bpfexec.vm.memory import OFFSET_MASK, REGION_SHIFT
 from bpfexec.vm.program import Program
 
 DISPATCH_SYMBOL = "bpfexec_jit_dispatch"  # i64 (ptr ctx, i64 pc): 0, or a trap is recorded
+# i64 (ptr ctx, i64 pc, i64 fuel, i64 r1, ..., i64 r5): r0; a trap sets the context's status
+CALL_SYMBOL = "bpfexec_jit_call"
 FUEL = NUM_REGISTERS  # the fuel counter is cached and spilled like a register
 # Fuel spent between two reads of the interrupt flag, at most: a bound on how late
 # native code notices an interrupt (about 0.1 ms of work at a billion instructions/s).
@@ -174,6 +179,12 @@ def _reachable(
         return reachable(entry, blocks, code)
     except ValueError as exc:
         raise Unsupported(str(exc)) from None
+
+
+def call_sites(program: Program) -> dict[int, int]:
+    """The `call` sites of `program` (pc -> slot, in pc order): each has a slot in a
+    run's `native_helpers` and `native_costs` tables."""
+    return {pc: slot for slot, pc in enumerate(sorted(program.helper_calls))}
 
 
 def _writes_frame_pointer(code: Sequence[Instruction]) -> bool:
@@ -277,6 +288,7 @@ def _prelude(cold: str) -> str:
 %ctx = type {CONTEXT_TYPE}
 
 declare i64 @{DISPATCH_SYMBOL}(ptr, i64) nounwind
+declare i64 @{CALL_SYMBOL}(ptr, i64, i64, i64, i64, i64, i64, i64) nounwind
 declare i16 @llvm.bswap.i16(i16)
 declare i32 @llvm.bswap.i32(i32)
 declare i64 @llvm.bswap.i64(i64)
@@ -458,6 +470,8 @@ class _FunctionCompiler:
         self.blocks = blocks
         self.frame_bytes = frame_bytes
         self.helper_pcs = helper_pcs
+        # Helper call sites by pc -> their slot in the run's native helper table.
+        self.call_sites = call_sites(program)
         self.lines: list[str] = []
         self.cold: list[str] = []  # trap exits, emitted after the body
         self.counter = 0
@@ -1096,9 +1110,96 @@ class _FunctionCompiler:
             raise Unsupported(f"pc {pc}: opcode {insn.opcode:#04x}")
 
     def helper_call(self, pc: int) -> None:
-        """Spill registers and fuel, let the Python dispatcher run the call, take r0 back."""
+        """A helper call: a native helper called directly, any other through Python.
+
+        Every `call` counts against `helper_calls_left` here; at the limit, the
+        generic dispatcher raises the interpreter's trap. Then the call site's slot
+        of the run's `native_helpers` table says how: a function pointer (a native
+        helper, `bpfexec.vm.native`) is called with the context as its
+        `bpfexec_call *` and r1..r5, after its cost is charged; 0 (or too little
+        fuel for the cost) calls `CALL_SYMBOL` with pc, fuel and r1..r5, which
+        runs the helper as the interpreter does. Either way a trap the helper
+        recorded is in the context's status, and the call unwinds. A `callx` goes
+        through the generic dispatcher.
+        """
         self.helper_pcs.add(pc)
         self.slots = {}  # the helper may write the frame through a pointer
+        site = self.call_sites.get(pc)
+        if site is None:
+            self.dispatch_call(pc)
+            return
+        fuel = self.get(FUEL)
+        args = ", ".join(f"i64 {self.get(n)}" for n in range(1, 6))
+        left_field = self.field("helper_calls_left")
+        left = self.value(f"load i64, ptr {left_field}")
+        counted, limit, native, python, merge = (self.new_label() for _ in range(5))
+        at_limit = self.value(f"icmp sle i64 {left}, 0")
+        self.emit(f"br i1 {at_limit}, label %{limit}, label %{counted}, !prof {COLD}")
+
+        self.start(limit)  # the dispatcher traps: past the limit, as the interpreter does
+        self.dispatch_call(pc)
+        self.emit(f"br label %{merge}")
+        limit_end, limit_r0, limit_fuel = self.label, self.get(0), self.get(FUEL)
+
+        self.start(counted)
+        self.emit(f"store i64 {self.value(f'sub i64 {left}, 1')}, ptr {left_field}")
+        table = self.value(f"load ptr, ptr {self.field('native_helpers')}")
+        slot = self.value(f"getelementptr ptr, ptr {table}, i64 {site}")
+        function = self.value(f"load ptr, ptr {slot}")
+        costs = self.value(f"load ptr, ptr {self.field('native_costs')}")
+        cost_slot = self.value(f"getelementptr i64, ptr {costs}, i64 {site}")
+        is_native = self.value(f"icmp ne ptr {function}, null")
+        cost = self.value(f"load i64, ptr {cost_slot}")
+        affordable = self.value(f"icmp sge i64 {fuel}, {cost}")
+        direct = self.value(f"and i1 {is_native}, {affordable}")
+        status_field = self.field("status")
+        self.emit(f"br i1 {direct}, label %{native}, label %{python}")
+
+        self.start(native)
+        native_fuel = self.value(f"sub i64 {fuel}, {cost}")
+        self.emit(f"store i64 {pc}, ptr {self.field('trap_pc')}")  # for a trap it records
+        native_r0 = self.value(f"call i64 {function}(ptr %ctx, {args})")
+        self.unwind_on_status(status_field, native_fuel)
+        native_end = self.label
+        self.emit(f"br label %{merge}")
+
+        self.start(python)
+        self.emit(f"store i64 {fuel}, ptr {self.field('fuel')}")
+        python_r0 = self.value(f"call i64 @{CALL_SYMBOL}(ptr %ctx, i64 {pc}, i64 {fuel}, {args})")
+        self.unwind_on_status(status_field, None)
+        python_fuel = self.value(f"load i64, ptr {self.field('fuel')}")
+        # A Python helper may take long (a remote one is a round trip): the next
+        # poll site reads the interrupt flag, as the interpreter's does.
+        poll_at = self.value(f"add i64 {python_fuel}, 1")
+        self.emit(f"store i64 {poll_at}, ptr {self.field('poll_at')}")
+        python_end = self.label
+        self.emit(f"br label %{merge}")
+
+        self.start(merge)
+        arms = ((native_r0, native_fuel, native_end), (python_r0, python_fuel, python_end),
+                (limit_r0, limit_fuel, limit_end))  # fmt: skip
+        r0 = ", ".join(f"[ {value}, %{label} ]" for value, _, label in arms)
+        fuels = ", ".join(f"[ {value}, %{label} ]" for _, value, label in arms)
+        self.set(0, self.value(f"phi i64 {r0}"))
+        self.set(FUEL, self.value(f"phi i64 {fuels}"))
+
+    def unwind_on_status(self, status_field: str, fuel: str | None) -> None:
+        """Unwind if the call just made recorded a trap (storing `fuel` first, if given)."""
+        status = self.value(f"load i64, ptr {status_field}")
+        failed = self.value(f"icmp ne i64 {status}, 0")
+        cont = self.new_label()
+        if fuel is None:
+            self.emit(f"br i1 {failed}, label %unwind, label %{cont}, !prof {COLD}")
+        else:
+            trapped = self.new_label()
+            self.emit(f"br i1 {failed}, label %{trapped}, label %{cont}, !prof {COLD}")
+            self.start(trapped)
+            self.emit(f"store i64 {fuel}, ptr {self.field('fuel')}")
+            self.emit("br label %unwind")
+        self.start(cont)
+
+    def dispatch_call(self, pc: int) -> None:
+        """Spill registers and fuel, let the generic dispatcher run the call, take r0 back."""
         uses, _ = uses_and_defs(self.code[pc])
         for n in sorted(uses):
             self.emit(f"store i64 {self.get(n)}, ptr {self.field('regs', str(n))}")

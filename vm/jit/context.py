@@ -46,6 +46,9 @@ class Access(IntEnum):
 
 class Context(ctypes.Structure):
     _fields_ = [
+        # First: a native helper gets this struct as its `bpfexec_call *`, whose
+        # first member is the api table (`bpfexec.vm.native`).
+        ("api", ctypes.c_void_p),
         # r0..r10: initial values in, r0..r5 out; spilled around helper calls.
         ("regs", ctypes.c_uint64 * NUM_REGISTERS),
         ("fuel", ctypes.c_int64),  # what is left of the budget
@@ -65,6 +68,13 @@ class Context(ctypes.Structure):
         ("region_base", ctypes.c_void_p * REGION_COUNT),  # host address of each region
         ("region_read_len", ctypes.c_uint64 * REGION_COUNT),  # 0 where unmapped
         ("region_write_len", ctypes.c_uint64 * REGION_COUNT),  # 0 where read-only
+        # Helper calls the run may still make (`Limits.max_helper_calls`): native code
+        # counts every `call` here, so both ways of calling a helper count alike.
+        ("helper_calls_left", ctypes.c_int64),
+        # Per helper call site (numbered in pc order): a native helper's function
+        # pointer, or 0 to call through Python; and that helper's extra fuel cost.
+        ("native_helpers", ctypes.c_void_p),
+        ("native_costs", ctypes.c_void_p),
     ]
 
 

@@ -26,6 +26,7 @@ IR construction (`bpfexec.vm.jit.compiler`) and no Machine set-up (`bpfexec.vm.m
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import sys
 import threading
@@ -36,14 +37,31 @@ from dataclasses import dataclass, field
 import llvmlite.binding as llvm
 
 from bpfexec.vm.errors import Trap, TrapKind
-from bpfexec.vm.interpreter import Block, Op, decode_op, interrupted, locate_trap, program_blocks
+from bpfexec.vm.helpers import HelperContext
+from bpfexec.vm.interpreter import (
+    Block,
+    Op,
+    _at,
+    decode_op,
+    interrupted,
+    locate_trap,
+    program_blocks,
+)
 from bpfexec.vm.isa import FRAME_POINTER
-from bpfexec.vm.jit.compiler import DISPATCH_SYMBOL, ENTRY_SYMBOL, Unsupported, build_module
+from bpfexec.vm.jit.compiler import (
+    CALL_SYMBOL,
+    DISPATCH_SYMBOL,
+    ENTRY_SYMBOL,
+    Unsupported,
+    build_module,
+    call_sites,
+)
 from bpfexec.vm.jit.context import REGION_COUNT, Access, Context, Status
 from bpfexec.vm.jit.limits import TierLimits, over_limit, tier_limits
 from bpfexec.vm.limits import Limits
 from bpfexec.vm.machine import Machine
 from bpfexec.vm.memory import OFFSET_MASK, REGION_SHIFT
+from bpfexec.vm.native import API_ADDRESS, CALLS, NativeHelper
 from bpfexec.vm.program import Program
 
 # Deeper call limits than this run on the interpreter: every eBPF frame is a native
@@ -60,6 +78,9 @@ QUICK = "jit.quick"
 
 _ENTRY_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 _DISPATCH_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
+_CALL_TYPE = ctypes.CFUNCTYPE(
+    ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, *([ctypes.c_uint64] * 5)
+)
 
 # llvmlite shares LLVM's global state between threads; one LLVM operation at a time
 # keeps it consistent: code generation in this process, and loading object code a
@@ -148,30 +169,48 @@ class CompiledProgram:
 
 @dataclass
 class _Run:
-    """What the dispatcher needs to find from a context's address."""
+    """What the dispatchers and a native helper's callbacks find from a context's
+    address (a `bpfexec.vm.native.CallSink`)."""
 
     machine: Machine
     ctx: Context
     helper_ops: dict[int, Op]
     error: BaseException | None = None
 
+    def helper_context(self) -> HelperContext:
+        context = self.machine.context
+        context.helper = self.machine.helpers.get(self.ctx.trap_pc)  # set before the call
+        return context
 
-# Running executions by the address of their context, for the dispatcher.
+    def trap(self, trap: Trap) -> None:
+        """A native helper's trap: recorded for the unwinding after it returns."""
+        if self.error is None:
+            self.error = _at(trap, self.ctx.trap_pc)
+            self.ctx.status = Status.PYTHON
+
+
+# Running executions by the address of their context, for the dispatchers. The same
+# address is the `bpfexec_call *` of native helpers: `bpfexec.vm.native.CALLS`.
 _RUNS: dict[int, _Run] = {}
 
 
 def _dispatch(ctx_address: int, pc: int) -> int:
-    """Run the helper call at `pc` for native code (called with the GIL re-acquired)."""
+    """Run the helper call at `pc` for native code (called with the GIL re-acquired)
+    as the interpreter's operation does, registers and helper call count synced: a
+    `callx`, or a `call` at the helper call limit."""
     run = _RUNS[ctx_address]
     try:
         machine, ctx = run.machine, run.ctx
         registers = machine.registers
         registers[:] = ctx.regs
         machine.fuel = ctx.fuel
+        max_calls = machine.limits.max_helper_calls
+        machine.helper_calls = max_calls - ctx.helper_calls_left
         try:
             run.helper_ops[pc](registers, machine)
         finally:
             ctx.fuel = machine.fuel  # a helper's cost is charged even when it then fails
+            ctx.helper_calls_left = max_calls - machine.helper_calls
             # A helper may take long (a remote one is a round trip): the next poll
             # site reads the interrupt flag, as the interpreter's does.
             ctx.poll_at = machine.fuel + 1
@@ -183,8 +222,31 @@ def _dispatch(ctx_address: int, pc: int) -> int:
         return Status.PYTHON
 
 
-# The C function pointer native code calls (a module global: it must stay alive).
+def _call(ctx_address: int, pc: int, fuel: int, r1: int, r2: int, r3: int, r4: int, r5: int) -> int:
+    """The helper call at `pc`, already counted, for native code: r0. Only what the
+    call needs crosses: the fuel left and r1..r5 in, r0 out, the fuel back only if
+    the helper charged some. A trap is recorded and the context's status set."""
+    run = _RUNS[ctx_address]
+    machine = run.machine
+    machine.fuel = fuel
+    try:
+        value = machine.helper_value(machine.helpers[pc], r1, r2, r3, r4, r5)
+    except Trap as trap:
+        run.error = _at(trap, pc)
+        run.ctx.status = Status.PYTHON
+        value = 0
+    except BaseException as exc:  # an exception must not cross the native frames
+        run.error = exc
+        run.ctx.status = Status.PYTHON
+        value = 0
+    if machine.fuel != fuel:
+        run.ctx.fuel = machine.fuel
+    return value
+
+
+# The C function pointers native code calls (module globals: they must stay alive).
 _DISPATCH = _DISPATCH_TYPE(_dispatch)
+_CALL = _CALL_TYPE(_call)
 
 
 def _prepare_llvm() -> None:
@@ -196,6 +258,7 @@ def _prepare_llvm() -> None:
         # and for no gain: they are cold. (A process-wide LLVM option.)
         llvm.set_option("bpfexec", "-enable-tail-merge=false")
         llvm.add_symbol(DISPATCH_SYMBOL, ctypes.cast(_DISPATCH, ctypes.c_void_p).value)
+        llvm.add_symbol(CALL_SYMBOL, ctypes.cast(_CALL, ctypes.c_void_p).value)
         _llvm_ready = True
 
 
@@ -445,6 +508,38 @@ def _map_regions(ctx: Context, machine: Machine) -> list[object]:
     return keep
 
 
+def _native_helper_tables(ctx: Context, machine: Machine) -> list[object]:
+    """Fill the context's per-call-site tables of native helpers and their costs;
+    return what must stay alive. Runs without native helpers share empty tables."""
+    sites = call_sites(machine.program)
+    natives = {
+        slot: helper
+        for pc, slot in sites.items()
+        if isinstance((helper := machine.helpers[pc]).fn, NativeHelper)
+    }
+    if not natives:
+        functions, costs = _empty_tables(len(sites))
+    else:
+        functions = (ctypes.c_void_p * max(1, len(sites)))()
+        costs = (ctypes.c_int64 * max(1, len(sites)))()
+        for slot, helper in natives.items():
+            assert isinstance(helper.fn, NativeHelper)
+            functions[slot] = helper.fn.address
+            costs[slot] = helper.cost
+    ctx.native_helpers = ctypes.addressof(functions)
+    ctx.native_costs = ctypes.addressof(costs)
+    return [functions, costs]
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_tables(
+    sites: int,
+) -> tuple[ctypes.Array[ctypes.c_void_p], ctypes.Array[ctypes.c_int64]]:
+    """All-zero tables for `sites` call sites: every call goes through Python. Shared
+    by every run of that size; native code only reads them."""
+    return (ctypes.c_void_p * max(1, sites))(), (ctypes.c_int64 * max(1, sites))()
+
+
 def run_native(compiled: CompiledProgram, machine: Machine) -> int:
     """Run `machine` on native code (see `runs_natively`); return r0 or raise Trap."""
     code = compiled.code_for(machine)
@@ -458,6 +553,10 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
     flag = ctypes.c_int64(0)
     ctx.interrupt = ctypes.addressof(flag)
     keep = _map_regions(ctx, machine)
+    keep.extend(_native_helper_tables(ctx, machine))
+    max_calls = machine.limits.max_helper_calls
+    ctx.helper_calls_left = max_calls - machine.helper_calls
+    ctx.api = API_ADDRESS
     address = ctypes.addressof(ctx)
     run = _Run(machine, ctx, code.helper_ops)
     interrupt = machine.interrupt
@@ -466,6 +565,7 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
         flag.value = 1
 
     _RUNS[address] = run
+    CALLS[address] = run
     interrupt.listeners.append(stop)
     try:
         if interrupt.reason is not None:  # requested before the listener was in place
@@ -473,8 +573,9 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
         status = code.entry(address, machine.entry)
     finally:
         interrupt.listeners.remove(stop)
-        del _RUNS[address]
+        del _RUNS[address], CALLS[address]
         machine.fuel = ctx.fuel
+        machine.helper_calls = max_calls - ctx.helper_calls_left
         del keep
     if status == Status.OK:
         machine.registers[0] = ctx.regs[0]
