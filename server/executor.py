@@ -65,7 +65,6 @@ from bpfexec.vm.helpers import HelperFn, HelperResolver
 from bpfexec.vm.interpreter import program_blocks
 from bpfexec.vm.loader import load
 from bpfexec.vm.machine import Argument
-from bpfexec.vm.native import NativeHelper
 
 if TYPE_CHECKING:
     from bpfexec.vm.jit.limits import TierLimits
@@ -436,9 +435,6 @@ def _counted(registry: HelperRegistry, metrics: Metrics) -> HelperRegistry:
     """A copy of `registry` whose helpers count their calls as `inprocess`."""
     counted = HelperRegistry()
     for helper in registry:
-        if isinstance(helper.fn, NativeHelper):  # called from native code, uncounted
-            counted.register(helper.fn, helper.number, helper.name, helper.cost)
-            continue
         inc = metrics.helper_counter(helper.name or f"#{helper.number}", "inprocess")
         counted.register(_Counted(helper.fn, inc), helper.number, helper.name, helper.cost)
     return counted
@@ -446,14 +442,23 @@ def _counted(registry: HelperRegistry, metrics: Metrics) -> HelperRegistry:
 
 class _Counted:
     """A helper function that counts its calls (a class, not a closure, so it has
-    no `__name__` the registry could mistake for the helper's name)."""
+    no `__name__` the registry could mistake for the helper's name). Native code
+    that calls the function it wraps directly (`__wrapped__`: a built-in helper's
+    native twin) reports its calls at the end of the run (`count_calls`)."""
 
     __slots__ = ("fn", "inc")
 
-    def __init__(self, fn: HelperFn, inc: Callable[[], None]) -> None:
+    def __init__(self, fn: HelperFn, inc: Callable[..., None]) -> None:
         self.fn = fn
         self.inc = inc
 
     def __call__(self, ctx: HelperContext, *registers: int) -> int:
-        self.inc()
+        self.inc(1)
         return self.fn(ctx, *registers)
+
+    @property
+    def __wrapped__(self) -> HelperFn:
+        return self.fn
+
+    def count_calls(self, n: int) -> None:
+        self.inc(n)

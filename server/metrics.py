@@ -146,8 +146,8 @@ class Metrics:
         self.execution_seconds.observe(seconds)
         self.fuel_used.observe(fuel_used)
 
-    def helper_counter(self, helper: str, location: str) -> Callable[[], None]:
-        """A cheap `inc()` for one helper, bound once so each call skips the label lookup."""
+    def helper_counter(self, helper: str, location: str) -> Callable[..., None]:
+        """A cheap `inc(n)` for one helper, bound once so each call skips the label lookup."""
         return self.helper_calls.labels(helper, location).inc
 
     def remote_helper_counter(self, helper: str) -> Callable[[], None]:

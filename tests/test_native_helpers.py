@@ -293,3 +293,94 @@ def test_a_server_serves_native_helpers(server, example):
         assert result.return_value == sum(math.isqrt(i * 7919) for i in range(500))
         result = client.execute(module, "checksum", [b"\x05\x06", 2])
         assert (result.return_value, list(result.log)) == (11, ["summed"])
+
+
+# The built-in memory and time helpers run as native twins on the JIT
+# (`bpfexec.vm.jit.builtins`): the same results, fuel and traps as in Python.
+
+BUILTIN_CALLS = {  # r1 = buffer 0 (64 bytes), r2 = buffer 1 (64 bytes); r7, r8, r3 below
+    "memcpy": "r6 = r1\nr1 = r2\nr2 = r6\nr2 += r7\nr1 += r8\ncall 0x10000\nexit\n",
+    "memcpy within one buffer": "r2 = r1\nr1 += r7\nr2 += r8\ncall 0x10000\nexit\n",
+    "memcmp": "r1 += r7\nr2 += r8\ncall 0x10001\nexit\n",
+    "memset": "r1 += r7\nr2 = r8\ncall 0x10002\nexit\n",
+    "strnlen": "r1 += r7\nr2 = r3\ncall 0x10003\nexit\n",
+}
+OFFSETS = st.one_of(st.integers(0, 64), st.sampled_from([65, -1, 1 << 32, -(1 << 33)]))
+LENGTHS = st.one_of(st.integers(0, 64), st.sampled_from([65, 128, 1 << 31, -1]))
+
+
+@st.composite
+def builtin_calls(draw) -> tuple[vm.Program, list[bytes], int]:
+    name = draw(st.sampled_from(sorted(BUILTIN_CALLS)))
+    a, b, n = draw(OFFSETS), draw(OFFSETS), draw(LENGTHS)
+    values = "".join(f"r{reg} = {value & (1 << 64) - 1:#x} ll\n" for reg, value in
+                     ((7, a), (8, b & 0xFF if name == "memset" else b), (3, n)))  # fmt: skip
+    source = values + BUILTIN_CALLS[name]
+    buffers = [draw(st.binary(min_size=64, max_size=64)) for _ in range(2)]
+    if draw(st.booleans()):  # strings: NULs here and there, or none
+        buffers = [bytes(x if x % 5 else 0 for x in buf) for buf in buffers]
+    fuel = draw(st.one_of(st.just(10**6), st.integers(8, 20)))  # the block before costs 8
+    return load(source.encode()), buffers, fuel
+
+
+@settings(max_examples=EXAMPLES * 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(builtin_calls(), st.sampled_from(TIERS))
+def test_builtin_twins_agree_with_python(call, tier):
+    from bpfexec.vm.builtin_helpers import standard_helpers
+
+    program, buffers, fuel = call
+    if tier == "quick":
+        compile_program(program, quick=True)
+    both(program, None, buffers, fuel=fuel, helpers=standard_helpers())
+
+
+class CountingWrapper:
+    """Wraps a helper function as the server's metrics do."""
+
+    def __init__(self, fn):
+        self.__wrapped__ = fn
+        self.calls = 0
+
+    def __call__(self, ctx, *registers):
+        self.calls += 1
+        return self.__wrapped__(ctx, *registers)
+
+    def count_calls(self, n):
+        self.calls += n
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_builtin_twins_run_without_python_and_report_their_calls(tier):
+    from bpfexec.vm import builtin_helpers
+
+    registry = HelperRegistry()
+    for fn, number in ((builtin_helpers.memset, 0x10002), (builtin_helpers.strnlen, 0x10003),
+                       (builtin_helpers.bpf_ktime_get_ns, 5)):  # fmt: skip
+        registry.register(CountingWrapper(fn), id=number, name=fn.__name__)
+    source = """
+        r6 = r1
+        r7 = 0
+    loop:
+        r1 = r6
+        r2 = 0x41
+        r3 = 15
+        call 0x10002
+        r1 = r6
+        r2 = 64
+        call 0x10003
+        call 5
+        r7 += 1
+        if r7 < 100 goto loop
+        r1 = r6
+        r2 = 64
+        call 0x10003
+        exit
+    """
+    program = load_asm(source, tier)
+    seen = python_calls_during(
+        lambda: vm.execute(program, args=[bytes(64)], helpers=registry, engine="jit")
+    )
+    result = vm.execute(program, args=[bytes(64)], helpers=registry, engine="jit")
+    assert result.return_value == 15 and result.buffers == (b"A" * 15 + bytes(49),)
+    assert seen == {"NativeHelper.__call__": 0, "_call": 0, "_dispatch": 0}
+    assert [helper.fn.calls for helper in registry] == [200, 202, 200]

@@ -12,8 +12,9 @@ interpreter. Nothing else in `vm` imports this package at import time.
 The package is split by concern: `context` (the C struct native code and
 Python share), `compiler` (eBPF to LLVM IR), `limits` (how big a module each
 tier takes), `runtime` (code generation, running, helper dispatch, traps),
-`worker` (compile worker processes and the server's fair compile queue). This
-module only chooses between native code and the interpreter for one run.
+`builtins` (native twins of the built-in memory and time helpers), `worker`
+(compile worker processes and the server's fair compile queue). This module
+only chooses between native code and the interpreter for one run.
 """
 
 from __future__ import annotations

@@ -1156,17 +1156,25 @@ class _FunctionCompiler:
         self.emit(f"br i1 {direct}, label %{native}, label %{python}")
 
         self.start(native)
-        native_fuel = self.value(f"sub i64 {fuel}, {cost}")
-        self.emit(f"store i64 {pc}, ptr {self.field('trap_pc')}")  # for a trap it records
+        # The pc and fuel in the context: for a trap the helper records, and for the
+        # built-in twins (`bpfexec.vm.jit.builtins`), which charge fuel there.
+        self.emit(f"store i64 {pc}, ptr {self.field('trap_pc')}")
+        fuel_field = self.field("fuel")
+        self.emit(f"store i64 {self.value(f'sub i64 {fuel}, {cost}')}, ptr {fuel_field}")
+        counts = self.value(f"load ptr, ptr {self.field('native_calls')}")
+        count_slot = self.value(f"getelementptr i64, ptr {counts}, i64 {site}")
+        count = self.value(f"load i64, ptr {count_slot}")
+        self.emit(f"store i64 {self.value(f'add i64 {count}, 1')}, ptr {count_slot}")
         native_r0 = self.value(f"call i64 {function}(ptr %ctx, {args})")
-        self.unwind_on_status(status_field, native_fuel)
+        self.unwind_on_status(status_field)
+        native_fuel = self.value(f"load i64, ptr {fuel_field}")
         native_end = self.label
         self.emit(f"br label %{merge}")
 
         self.start(python)
         self.emit(f"store i64 {fuel}, ptr {self.field('fuel')}")
         python_r0 = self.value(f"call i64 @{CALL_SYMBOL}(ptr %ctx, i64 {pc}, i64 {fuel}, {args})")
-        self.unwind_on_status(status_field, None)
+        self.unwind_on_status(status_field)
         python_fuel = self.value(f"load i64, ptr {self.field('fuel')}")
         # A Python helper may take long (a remote one is a round trip): the next
         # poll site reads the interrupt flag, as the interpreter's does.
@@ -1183,19 +1191,12 @@ class _FunctionCompiler:
         self.set(0, self.value(f"phi i64 {r0}"))
         self.set(FUEL, self.value(f"phi i64 {fuels}"))
 
-    def unwind_on_status(self, status_field: str, fuel: str | None) -> None:
-        """Unwind if the call just made recorded a trap (storing `fuel` first, if given)."""
+    def unwind_on_status(self, status_field: str) -> None:
+        """Unwind if the call just made recorded a trap (its fuel is in the context)."""
         status = self.value(f"load i64, ptr {status_field}")
         failed = self.value(f"icmp ne i64 {status}, 0")
         cont = self.new_label()
-        if fuel is None:
-            self.emit(f"br i1 {failed}, label %unwind, label %{cont}, !prof {COLD}")
-        else:
-            trapped = self.new_label()
-            self.emit(f"br i1 {failed}, label %{trapped}, label %{cont}, !prof {COLD}")
-            self.start(trapped)
-            self.emit(f"store i64 {fuel}, ptr {self.field('fuel')}")
-            self.emit("br label %unwind")
+        self.emit(f"br i1 {failed}, label %unwind, label %{cont}, !prof {COLD}")
         self.start(cont)
 
     def dispatch_call(self, pc: int) -> None:

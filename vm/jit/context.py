@@ -75,6 +75,8 @@ class Context(ctypes.Structure):
         # pointer, or 0 to call through Python; and that helper's extra fuel cost.
         ("native_helpers", ctypes.c_void_p),
         ("native_costs", ctypes.c_void_p),
+        # ...and how many times native code called it there (for the helpers' counters).
+        ("native_calls", ctypes.c_void_p),
     ]
 
 

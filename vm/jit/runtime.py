@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import llvmlite.binding as llvm
 
 from bpfexec.vm.errors import Trap, TrapKind
-from bpfexec.vm.helpers import HelperContext
+from bpfexec.vm.helpers import HelperContext, HelperFn
 from bpfexec.vm.interpreter import (
     Block,
     Op,
@@ -48,6 +48,7 @@ from bpfexec.vm.interpreter import (
     program_blocks,
 )
 from bpfexec.vm.isa import FRAME_POINTER
+from bpfexec.vm.jit.builtins import TWINS, twin_addresses
 from bpfexec.vm.jit.compiler import (
     CALL_SYMBOL,
     DISPATCH_SYMBOL,
@@ -412,15 +413,25 @@ def emit_object(text: str, quick: bool) -> bytes:
 def _load_object(code: bytes, quick: bool) -> tuple[object, Callable[[int, int], int]]:
     """Load object code into an engine of its own; the engine (keep it alive) and the
     entry. Relocation and symbol resolution are linear and take about a millisecond."""
+    engine, addresses = load_functions(code, [ENTRY_SYMBOL], quick)
+    return engine, _ENTRY_TYPE(addresses[ENTRY_SYMBOL])
+
+
+def load_functions(
+    code: bytes, symbols: list[str], quick: bool = False
+) -> tuple[object, dict[str, int]]:
+    """Load object code into an engine of its own: the engine (keep it alive) and the
+    address of each function in `symbols` (RuntimeError if one is missing)."""
     with _LLVM_LOCK:
         _prepare_llvm()
         engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _target_machine(quick))
         engine.add_object_file(llvm.ObjectFileRef.from_data(code))
         engine.finalize_object()
-        address = engine.get_function_address(ENTRY_SYMBOL)
-    if not address:
-        raise RuntimeError(f"the object code has no {ENTRY_SYMBOL}")
-    return engine, _ENTRY_TYPE(address)
+        addresses = {symbol: engine.get_function_address(symbol) for symbol in symbols}
+    missing = [symbol for symbol, address in addresses.items() if not address]
+    if missing:
+        raise RuntimeError(f"the object code has no {', '.join(missing)}")
+    return engine, addresses
 
 
 def _optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine, quick: bool) -> None:
@@ -509,26 +520,54 @@ def _map_regions(ctx: Context, machine: Machine) -> list[object]:
 
 
 def _native_helper_tables(ctx: Context, machine: Machine) -> list[object]:
-    """Fill the context's per-call-site tables of native helpers and their costs;
-    return what must stay alive. Runs without native helpers share empty tables."""
+    """Fill the context's per-call-site tables of native helpers, their costs and
+    call counts; return what must stay alive, the counts last. Runs without native
+    helpers share empty tables (and count nothing)."""
     sites = call_sites(machine.program)
     natives = {
-        slot: helper
+        slot: (address, helper.cost)
         for pc, slot in sites.items()
-        if isinstance((helper := machine.helpers[pc]).fn, NativeHelper)
+        if (address := native_address((helper := machine.helpers[pc]).fn))
     }
     if not natives:
         functions, costs = _empty_tables(len(sites))
+        calls = None
     else:
         functions = (ctypes.c_void_p * max(1, len(sites)))()
         costs = (ctypes.c_int64 * max(1, len(sites)))()
-        for slot, helper in natives.items():
-            assert isinstance(helper.fn, NativeHelper)
-            functions[slot] = helper.fn.address
-            costs[slot] = helper.cost
+        calls = (ctypes.c_int64 * max(1, len(sites)))()
+        for slot, (address, cost) in natives.items():
+            functions[slot] = address
+            costs[slot] = cost
+        ctx.native_calls = ctypes.addressof(calls)
     ctx.native_helpers = ctypes.addressof(functions)
     ctx.native_costs = ctypes.addressof(costs)
-    return [functions, costs]
+    return [functions, costs, calls]
+
+
+def _report_native_calls(machine: Machine, calls: ctypes.Array[ctypes.c_int64] | None) -> None:
+    """Tell each helper function that counts its calls (`count_calls(n)`, as the
+    server's counting wrapper has) how many times native code called it."""
+    if calls is None:
+        return
+    for pc, slot in call_sites(machine.program).items():
+        if calls[slot]:
+            count = getattr(machine.helpers[pc].fn, "count_calls", None)
+            if count is not None:
+                count(calls[slot])
+
+
+def native_address(fn: HelperFn) -> int:
+    """Where native code calls helper function `fn` directly: a native helper's
+    function, or a built-in helper's native twin (`bpfexec.vm.jit.builtins`); 0 if
+    it is called through Python. A wrapper (`__wrapped__`, as the server's counting
+    one) is looked through."""
+    fn = getattr(fn, "__wrapped__", fn)
+    if isinstance(fn, NativeHelper):
+        return fn.address
+    if fn in TWINS:
+        return twin_addresses()[fn]
+    return 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -553,7 +592,8 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
     flag = ctypes.c_int64(0)
     ctx.interrupt = ctypes.addressof(flag)
     keep = _map_regions(ctx, machine)
-    keep.extend(_native_helper_tables(ctx, machine))
+    tables = _native_helper_tables(ctx, machine)
+    keep.extend(tables)
     max_calls = machine.limits.max_helper_calls
     ctx.helper_calls_left = max_calls - machine.helper_calls
     ctx.api = API_ADDRESS
@@ -576,6 +616,7 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
         del _RUNS[address], CALLS[address]
         machine.fuel = ctx.fuel
         machine.helper_calls = max_calls - ctx.helper_calls_left
+        _report_native_calls(machine, tables[-1])  # type: ignore[arg-type]
         del keep
     if status == Status.OK:
         machine.registers[0] = ctx.regs[0]
