@@ -2,7 +2,8 @@
 
     registry.native("./libmath.so", "sqrti", id=200)   # HelperRegistry.native
 
-A native helper is `uint64_t fn(bpfexec_call *call, uint64_t r1, ..., r5)`,
+A native helper is `uint64_t fn(uint64_t r1, ..., uint64_t r5, bpfexec_call *call)`
+(`call` last, like uBPF's helper cookie, so a uBPF helper works unchanged),
 declared in `bpfexec_helper.h` (`bpfexec.include_dir()`). The JIT calls it
 directly from native code; the interpreter calls `NativeHelper.__call__`,
 which calls it through ctypes: both with the same `call`, whose `api` table
@@ -33,8 +34,8 @@ from bpfexec.vm.helpers import HelperContext, HelperRegistry
 ABI_VERSION = 1
 MASK64 = (1 << 64) - 1
 
-# uint64_t fn(bpfexec_call *call, uint64_t r1, ..., uint64_t r5)
-NATIVE_HELPER_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p, *([ctypes.c_uint64] * 5))
+# uint64_t fn(uint64_t r1, ..., uint64_t r5, bpfexec_call *call)
+NATIVE_HELPER_TYPE = ctypes.CFUNCTYPE(ctypes.c_uint64, *([ctypes.c_uint64] * 5), ctypes.c_void_p)
 _READ_TYPE = ctypes.CFUNCTYPE(
     ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64
 )
@@ -207,7 +208,7 @@ class NativeHelper:
         sink = _InterpreterSink(ctx)
         CALLS[address] = sink
         try:
-            value: int = self._function(address, r1, r2, r3, r4, r5)
+            value: int = self._function(r1, r2, r3, r4, r5, address)
         finally:
             del CALLS[address]
         if sink.pending is not None:

@@ -9,10 +9,14 @@
  *
  *     #include <bpfexec_helper.h>
  *
- *     uint64_t sqrti(bpfexec_call *call, uint64_t r1, uint64_t r2, uint64_t r3,
- *                    uint64_t r4, uint64_t r5);
+ *     uint64_t sqrti(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4,
+ *                    uint64_t r5, bpfexec_call *call);
  *
  * r1..r5 are the program's argument registers; the return value goes in r0.
+ * `call` comes last, as uBPF's helper cookie does: a helper that needs no VM
+ * memory may declare fewer parameters (`uint64_t sqrti(uint64_t x)`), so a
+ * helper written for uBPF works unchanged (on x86-64 and arm64, where every
+ * integer argument travels in a register).
  * A helper touches the program's memory only through the functions below,
  * by virtual address, bounds-checked exactly like the program's own accesses:
  * the program's addresses are never host addresses.
@@ -47,8 +51,8 @@ struct bpfexec_call {
   /* bpfexec's own state follows: never read or write it. */
 };
 
-typedef uint64_t bpfexec_helper_fn(bpfexec_call *call, uint64_t r1, uint64_t r2,
-                                   uint64_t r3, uint64_t r4, uint64_t r5);
+typedef uint64_t bpfexec_helper_fn(uint64_t r1, uint64_t r2, uint64_t r3, uint64_t r4,
+                                   uint64_t r5, bpfexec_call *call);
 
 /* Copy `size` bytes of the program's memory at virtual address `addr` to `dst`.
  * 0 on success. -1 if any byte is outside the program's readable memory: then

@@ -9,9 +9,8 @@
  */
 #include <bpfexec_helper.h>
 
-uint64_t sqrti(bpfexec_call *call, uint64_t x, uint64_t r2, uint64_t r3, uint64_t r4,
-               uint64_t r5) {
-  (void)call, (void)r2, (void)r3, (void)r4, (void)r5;
+// No VM memory needed: the plain signature of a uBPF helper, one parameter.
+uint64_t sqrti(uint64_t x) {
   // Bit by bit: no floating point, exact for all inputs.
   uint64_t root = 0;
   uint64_t bit = 1ull << 62;
@@ -32,8 +31,8 @@ uint64_t sqrti(bpfexec_call *call, uint64_t x, uint64_t r2, uint64_t r3, uint64_
 
 // Sums the program's buffer (r1, r2 bytes) through bpfexec_read, and logs the sum:
 // memory is reached by the program's virtual addresses, bounds-checked.
-uint64_t buffer_sum(bpfexec_call *call, uint64_t addr, uint64_t size, uint64_t r3,
-                    uint64_t r4, uint64_t r5) {
+uint64_t buffer_sum(uint64_t addr, uint64_t size, uint64_t r3, uint64_t r4, uint64_t r5,
+                    bpfexec_call *call) {
   (void)r3, (void)r4, (void)r5;
   unsigned char chunk[64];
   uint64_t sum = 0;

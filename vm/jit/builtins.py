@@ -124,7 +124,7 @@ define internal i64 @python(ptr %ctx, {ARGS}) noinline {{
 }}
 
 ; memcpy(dst = a, src = b, n = c) -> dst, overlapping ranges as memmove
-define i64 @bpfexec_builtin_memcpy(ptr %ctx, {ARGS}) {{
+define i64 @bpfexec_builtin_memcpy({ARGS}, ptr %ctx) {{
   %empty = icmp eq i64 %c, 0
   br i1 %empty, label %python, label %check
 check:
@@ -146,7 +146,7 @@ python:
 }}
 
 ; memset(dst = a, byte = b, n = c) -> dst
-define i64 @bpfexec_builtin_memset(ptr %ctx, {ARGS}) {{
+define i64 @bpfexec_builtin_memset({ARGS}, ptr %ctx) {{
   %empty = icmp eq i64 %c, 0
   br i1 %empty, label %python, label %check
 check:
@@ -166,7 +166,7 @@ python:
 }}
 
 ; memcmp(a, b, n = c) -> the difference of the first bytes that differ, or 0
-define i64 @bpfexec_builtin_memcmp(ptr %ctx, {ARGS}) {{
+define i64 @bpfexec_builtin_memcmp({ARGS}, ptr %ctx) {{
   %empty = icmp eq i64 %c, 0
   br i1 %empty, label %python, label %check
 check:
@@ -235,7 +235,7 @@ python:
 
 ; strnlen(s = a, maxlen = b): the scan never goes past the region, maxlen or what
 ; the fuel pays for; a NUL within, or maxlen bytes, is the fast case.
-define i64 @bpfexec_builtin_strnlen(ptr %ctx, {ARGS}) {{
+define i64 @bpfexec_builtin_strnlen({ARGS}, ptr %ctx) {{
   %host = alloca ptr
   %empty = icmp eq i64 %b, 0
   br i1 %empty, label %python, label %check
@@ -279,7 +279,7 @@ python:
 declare i64 @llvm.umin.i64(i64, i64)
 
 ; bpf_ktime_get_ns(): CLOCK_MONOTONIC in nanoseconds, as time.monotonic_ns()
-define i64 @bpfexec_builtin_ktime_get_ns(ptr %ctx, {ARGS}) {{
+define i64 @bpfexec_builtin_ktime_get_ns({ARGS}, ptr %ctx) {{
   %ts = alloca {{ i64, i64 }}
   %ok = call i32 @{_CLOCK_GETTIME}(i32 {CLOCK_MONOTONIC}, ptr %ts)
   %sp = getelementptr {{ i64, i64 }}, ptr %ts, i32 0, i32 0

@@ -1115,8 +1115,8 @@ class _FunctionCompiler:
         Every `call` counts against `helper_calls_left` here; at the limit, the
         generic dispatcher raises the interpreter's trap. Then the call site's slot
         of the run's `native_helpers` table says how: a function pointer (a native
-        helper, `bpfexec.vm.native`) is called with the context as its
-        `bpfexec_call *` and r1..r5, after its cost is charged; 0 (or too little
+        helper, `bpfexec.vm.native`) is called with r1..r5 and the context as its
+        `bpfexec_call *`, after its cost is charged; 0 (or too little
         fuel for the cost) calls `CALL_SYMBOL` with pc, fuel and r1..r5, which
         runs the helper as the interpreter does. Either way a trap the helper
         recorded is in the context's status, and the call unwinds. A `callx` goes
@@ -1165,7 +1165,7 @@ class _FunctionCompiler:
         count_slot = self.value(f"getelementptr i64, ptr {counts}, i64 {site}")
         count = self.value(f"load i64, ptr {count_slot}")
         self.emit(f"store i64 {self.value(f'add i64 {count}, 1')}, ptr {count_slot}")
-        native_r0 = self.value(f"call i64 {function}(ptr %ctx, {args})")
+        native_r0 = self.value(f"call i64 {function}({args}, ptr %ctx)")
         self.unwind_on_status(status_field)
         native_fuel = self.value(f"load i64, ptr {fuel_field}")
         native_end = self.label
