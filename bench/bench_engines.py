@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import bpfexec
 from bpfexec import vm
 from bpfexec.vm import isa
 from bpfexec.vm.loader import load
@@ -88,18 +89,39 @@ CASES = [
 ]
 
 
-def build(work: Path, mcpu: str) -> tuple[dict[str, vm.Program], dict[str, ctypes.CDLL]]:
+def _c_compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def compile_ebpf(source: Path, obj: Path, mcpu: str) -> Path:
+    """clang -O2 -target bpf -mcpu=MCPU: a program's eBPF build (obj, returned)."""
     clang = shutil.which("clang")
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if clang is None or cc is None:
+    if clang is None:
+        sys.exit("needs clang (for eBPF)")
+    ebpf = [clang, "-O2", "-target", "bpf", f"-mcpu={mcpu}", "-ffreestanding"]
+    subprocess.run([*ebpf, "-c", str(source), "-o", str(obj)], check=True)
+    return obj
+
+
+def compile_shared(source: Path, lib: Path) -> Path:
+    """cc -O2 -shared -fPIC: a program's native build (lib, returned)."""
+    cc = _c_compiler()
+    if cc is None:
+        sys.exit("needs a system C compiler (cc)")
+    include = f"-I{bpfexec.include_dir()}"  # bpfexec_helper.h, for native helpers
+    subprocess.run(
+        [cc, "-O2", "-shared", "-fPIC", include, str(source), "-o", str(lib)], check=True
+    )
+    return lib
+
+
+def build(work: Path, mcpu: str) -> tuple[dict[str, vm.Program], dict[str, ctypes.CDLL]]:
+    if shutil.which("clang") is None or _c_compiler() is None:
         sys.exit("needs clang (for eBPF) and a system C compiler (cc)")
     programs, libraries = {}, {}
     for source in sorted(PROGRAMS.glob("*.c")):
-        obj = work / f"{source.stem}.o"
-        lib = work / f"lib{source.stem}.so"
-        ebpf = [clang, "-O2", "-target", "bpf", f"-mcpu={mcpu}", "-ffreestanding"]
-        subprocess.run([*ebpf, "-c", str(source), "-o", str(obj)], check=True)
-        subprocess.run([cc, "-O2", "-shared", "-fPIC", str(source), "-o", str(lib)], check=True)
+        obj = compile_ebpf(source, work / f"{source.stem}.o", mcpu)
+        lib = compile_shared(source, work / f"lib{source.stem}.so")
         programs[source.stem] = load(obj.read_bytes(), name=source.name)
         libraries[source.stem] = ctypes.CDLL(str(lib))
     return programs, libraries
@@ -172,17 +194,23 @@ def bench_cases(programs, libraries, repeat: int, quick: bool) -> None:
 # uBPF's x86-64 JIT beside ours (--ubpf-lib): the same bytecode behind an entry stub.
 
 
-def build_ubpf_runner(work: Path, lib_dir: Path) -> Path:
-    """Compile bench/ubpf_runner.c against a uBPF build (libubpf.a, ubpf.h)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def build_ubpf_runner(work: Path, lib_dir: Path, helpers: Path | None = None) -> Path:
+    """Compile bench/ubpf_runner.c against a uBPF build (libubpf.a, ubpf.h).
+
+    With `helpers` (bench/helpers/sqrti.c), the runner is linked with it and built
+    in its helpers mode (UBPF_RUNNER_HELPERS), as `ubpf_helper_runner`.
+    """
+    cc = _c_compiler()
     libs = [d / "libubpf.a" for d in (lib_dir, lib_dir / "lib") if (d / "libubpf.a").is_file()]
     includes = [d for d in (lib_dir, lib_dir / "include") if (d / "ubpf.h").is_file()]
     if cc is None or not libs or not includes:
         sys.exit(f"--ubpf-lib {lib_dir}: needs a C compiler, libubpf.a and ubpf.h there")
-    runner = work / "ubpf_runner"
-    source = Path(__file__).parent / "ubpf_runner.c"
+    runner = work / ("ubpf_runner" if helpers is None else "ubpf_helper_runner")
+    sources = [str(Path(__file__).parent / "ubpf_runner.c")]
+    if helpers is not None:
+        sources = ["-DUBPF_RUNNER_HELPERS", f"-I{bpfexec.include_dir()}", *sources, str(helpers)]
     subprocess.run(
-        [cc, "-O2", f"-I{includes[0]}", str(source), str(libs[0]), "-o", str(runner)], check=True
+        [cc, "-O2", f"-I{includes[0]}", *sources, str(libs[0]), "-o", str(runner)], check=True
     )
     return runner
 

@@ -16,6 +16,12 @@
 // Prints one line: r0=0x... best_ns=... median_ns=... runs=N.
 // Only uBPF's public API (ubpf.h) is used. Build:
 //     cc -O2 -I DIR bench/ubpf_runner.c DIR/libubpf.a -o ubpf_runner
+//
+// Helpers mode, for bench/helper_baselines.py: built with -DUBPF_RUNNER_HELPERS and
+// linked with bench/helpers/sqrti.c, the runner gives the program the helpers of
+// bench/programs/helper_calls.c, 200 (sqrti) and 201 (nop), as plain C functions:
+//     cc -O2 -DUBPF_RUNNER_HELPERS -I DIR bench/ubpf_runner.c bench/helpers/sqrti.c
+//         DIR/libubpf.a -o ubpf_helper_runner
 
 #include <inttypes.h>
 #include <stdint.h>
@@ -89,6 +95,44 @@ static int relocate_rodata(unsigned char *code, size_t size, uint64_t base,
   return patched;
 }
 
+#ifdef UBPF_RUNNER_HELPERS
+uint64_t sqrti(uint64_t x);  // bench/helpers/sqrti.c
+uint64_t nop(uint64_t x);
+
+static const struct {
+  uint32_t number;  // the program's helper number
+  const char *name;
+  uint64_t (*fn)(uint64_t x);
+} helpers[] = {{200, "sqrti", sqrti}, {201, "nop", nop}};
+
+// uBPF's helper table has UBPF_MAX_EXT_FUNCS (64) slots, too few for helper numbers
+// 200 and 201: helpers[i] is registered in slot i, and every helper call (opcode 0x85,
+// src 0) is renumbered to its slot. uBPF calls the slot's function directly with r1..r5.
+static void register_helpers(struct ubpf_vm *vm, unsigned char *code, size_t size) {
+  size_t count = sizeof helpers / sizeof helpers[0];
+  for (size_t pc = 0; pc < size / 8; pc++) {
+    unsigned char *slot = code + 8 * pc;
+    if (slot[0] != 0x85 || (slot[1] >> 4) != 0) {
+      continue;
+    }
+    size_t i = 0;
+    while (i < count && helpers[i].number != get32(slot + 4)) {
+      i++;
+    }
+    if (i == count) {
+      fail("the program calls a helper the runner does not have", NULL);
+    }
+    put32(slot + 4, (uint32_t)i);
+  }
+  for (size_t i = 0; i < count; i++) {
+    if (ubpf_register(vm, (unsigned)i, helpers[i].name,
+                      as_external_function_t((void *)helpers[i].fn)) != 0) {
+      fail("ubpf_register failed", helpers[i].name);
+    }
+  }
+}
+#endif
+
 static uint64_t now_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -122,6 +166,9 @@ int main(int argc, char **argv) {
   if (vm == NULL) {
     fail("ubpf_create failed", NULL);
   }
+#ifdef UBPF_RUNNER_HELPERS
+  register_helpers(vm, code, code_size);
+#endif
   char *error = NULL;
   if (ubpf_load(vm, code, (uint32_t)code_size, &error) != 0) {
     fail("ubpf_load", error);
