@@ -252,7 +252,7 @@ async def _answer(
     """Run the helper (awaiting it if it is async) and wrap its value or exception."""
     try:
         value = table[call.helper](call, *call.args)
-        if inspect.isawaitable(value):
+        if type(value) is not int and inspect.isawaitable(value):  # an int is the usual answer
             value = await value
     except (ProtocolError, grpc.RpcError):
         raise

@@ -438,9 +438,9 @@ def _read_to_end(responses: Iterator[pb.ExecuteStreamResponse]) -> None:
 
 
 def _drain(outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None]) -> Iterator[Any]:
-    """The request stream: whatever the helpers queue, until None."""
-    while (message := outbox.get()) is not None:
-        yield message
+    """The request stream: whatever the helpers queue, until None (a C-level
+    iterator: gRPC's sending thread resumes no Python frame per message)."""
+    return iter(outbox.get, None)
 
 
 def _module_id(module: str | Module) -> str:

@@ -4,16 +4,24 @@
 
 - the execution's worker thread calls a remote helper like any other
   (`Helper.fn(ctx, r1..r5)`); the call hands a `HelperCall` to the event loop
-  and blocks that worker thread (never the loop) on a future until the client
-  answers, the per-call timeout expires, or the stream goes away;
-- the event loop feeds in what the client sends: `answer()` resolves the
-  future, `read()`/`write()`/`log()` touch the program's memory and log while
-  the worker is parked inside the call, so nothing races the program itself.
+  and blocks that worker thread (never the loop) until the client answers,
+  the per-call timeout expires, or the stream goes away;
+- the event loop feeds in what the client sends: `answer()` settles the call,
+  `read()`/`write()`/`log()` touch the program's memory and log while the
+  worker is parked inside the call, so nothing races the program itself.
 
 A lock guards "which call is pending" so a memory access cannot slip in after
 the worker gave up on its call. Nothing here knows gRPC: the servicer turns
 messages into these calls and `HelperCall`s into messages, so this protocol
 logic is tested without a network.
+
+A round trip crosses threads twice (worker to loop, loop to worker), and each
+crossing is a wake-up of a sleeping thread that then needs the GIL. Both are
+kept to one wake-up each (docs/remote-helpers.md, "Cost"): the worker parks
+on a bare lock right after scheduling its call, so the loop never wakes up
+only to wait for the GIL the worker still holds; and the loop releases the
+worker once it has armed the read of the client's next message and is about
+to sleep (`call_soon`), not while it still has Python to run.
 
 What one stream may cost the server is bounded:
 
@@ -35,10 +43,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from _thread import allocate_lock
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -83,18 +90,44 @@ class ShadowedHelper(ServiceError):
 
 
 class _Pending:
-    """The one helper call a stream is waiting for."""
+    """The one helper call a stream is waiting for.
 
-    __slots__ = ("call_id", "context", "fault", "future", "helper")
+    The worker thread waits on `done`, a bare lock held from the start (a
+    `concurrent.futures.Future` costs a Condition and an RLock per call).
+    `settle` records the outcome, then `wake` releases the worker; both run
+    under the session's lock, except a deferred `wake` (see `answer`).
+    """
+
+    __slots__ = ("call_id", "context", "done", "error", "fault", "helper", "settled", "value")
 
     def __init__(self, call_id: int, helper: Helper, context: HelperContext) -> None:
         self.call_id = call_id
         self.helper = helper
         self.context = context
-        self.future: Future[int] = Future()
+        self.done = allocate_lock()
+        self.done.acquire()
+        self.settled = False
+        self.value = 0
+        self.error: Trap | None = None
         # The last memory access of this call that faulted: if the client then
         # fails the call, the run ends with this trap, as it would in-process.
         self.fault: Trap | None = None
+
+    def settle(self, value: int = 0, error: Trap | None = None) -> bool:
+        """Record the outcome unless there is one already; whether this one counts."""
+        if self.settled:
+            return False
+        self.settled, self.value, self.error = True, value, error
+        return True
+
+    def wake(self) -> None:
+        """Let the worker go on (once, after `settle`)."""
+        self.done.release()
+
+    def outcome(self) -> int:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class RemoteHelpers:
@@ -156,44 +189,51 @@ class RemoteHelpers:
             pending = _Pending(self._last_id, helper, context)
             self._pending = pending
         start = time.perf_counter()
+        # The last thing before parking: the loop wakes up to a free GIL.
         self._loop.call_soon_threadsafe(self._send, HelperCall(pending.call_id, key, registers))
         try:
-            try:
-                return pending.future.result(self._timeout)
-            except FutureTimeout:
+            if not pending.done.acquire(True, self._timeout):
                 with self._lock:
-                    if not pending.future.done():  # else the answer won the race: use it
+                    if pending.settle(error=self._expired_trap(pending)):  # else the answer won
                         self._expired.add(pending.call_id)
-                        self._pending = None
-                        raise Trap(
-                            TrapKind.HELPER_ERROR,
-                            f"remote helper {helper} did not answer call {pending.call_id} "
-                            f"within {self._timeout:g} s (the server's remote_helper_timeout)",
-                        ) from None
-                return pending.future.result()
+                        if self._pending is pending:
+                            self._pending = None
+            return pending.outcome()
         finally:
-            with self._lock:
-                if self._pending is pending:
-                    self._pending = None
             self._seconds.observe(time.perf_counter() - start)
+
+    def _expired_trap(self, pending: _Pending) -> Trap:
+        return Trap(
+            TrapKind.HELPER_ERROR,
+            f"remote helper {pending.helper} did not answer call {pending.call_id} "
+            f"within {self._timeout:g} s (the server's remote_helper_timeout)",
+        )
 
     # The event loop: what the client sends
 
     def answer(self, call_id: int, value: int | None, error: str | None) -> None:
-        """The client's HelperResult: a value for r0, or an error that ends the run."""
+        """The client's HelperResult: a value for r0, or an error that ends the run.
+
+        The outcome is settled at once (a second answer is a violation from
+        now on), but the worker is woken by a callback queued on the loop: the
+        reader first goes back to the stream and arms the read of the next
+        message, so the woken worker finds the GIL free instead of waking up
+        to wait for it.
+        """
         with self._lock:
             pending = self._current("HelperResult", call_id)
             if pending is None:
                 return  # the call timed out; its late answer changes nothing
             self._pending = None  # a second answer for the same call is a violation
             if error is None:
-                pending.future.set_result(value or 0)
+                settled = pending.settle(value or 0)
             elif pending.fault is not None:
-                pending.future.set_exception(pending.fault)
+                settled = pending.settle(error=pending.fault)
             else:
-                pending.future.set_exception(
-                    Trap(TrapKind.HELPER_ERROR, f"remote helper {pending.helper} failed: {error}")
-                )
+                failed = f"remote helper {pending.helper} failed: {error}"
+                settled = pending.settle(error=Trap(TrapKind.HELPER_ERROR, failed))
+        if settled:
+            self._loop.call_soon(pending.wake)
 
     def read(self, call_id: int, address: int, size: int, until_nul: bool = False) -> bytes:
         """Read memory for the pending call; a fault raises Trap (the run goes on).
@@ -260,10 +300,10 @@ class RemoteHelpers:
             if self._closed is None:
                 self._closed = (kind, why)
             pending, self._pending = self._pending, None
-            if pending is not None and not pending.future.done():
-                pending.future.set_exception(
-                    Trap(kind, f"remote helper {pending.helper} cannot be answered: {why}")
-                )
+            if pending is not None and pending.settle(
+                error=Trap(kind, f"remote helper {pending.helper} cannot be answered: {why}")
+            ):
+                pending.wake()
 
     def _current(self, what: str, call_id: int) -> _Pending | None:
         """The pending call `call_id` names; None if it timed out. Caller holds the lock."""

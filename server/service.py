@@ -198,10 +198,10 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         generator alone, so helper calls (queued from the worker thread) and
         memory answers (queued by the reader task) never interleave a write.
         """
-        try:
-            first = await anext(aiter(requests), None)
-        except MalformedMessage as exc:
-            await _abort(context, exc)
+        # Bytes that did not parse arrive as `_Malformed` (see `_lenient`).
+        first: pb.ExecuteStreamRequest | _Malformed | None = await anext(aiter(requests), None)
+        if isinstance(first, _Malformed):
+            await _abort(context, first.error)
         if first is None or first.WhichOneof("message") != "start":
             await _abort(context, ProtocolViolation(
                 "the first message of ExecuteStream must be `start` (the execution and the "
@@ -291,6 +291,8 @@ async def _serve_client(
     """
     try:
         async for message in requests:
+            if isinstance(message, _Malformed):  # bytes that did not parse (`_lenient`)
+                raise message.error
             kind = message.WhichOneof("message")
             if kind == "helper_result":
                 result = message.helper_result
@@ -524,17 +526,11 @@ def _checked_unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _checked_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        async for message in requests:
-            if isinstance(message, _Malformed):
-                raise message.error  # the servicer ends the stream with INVALID_ARGUMENT
-            yield message
-
-    async def stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        async for response in behaviour(checked(requests), context):
-            yield response
-
-    return stream
+    """A bidi method as it is: it checks for `_Malformed` requests itself
+    (`ExecuteStream` ends the stream with INVALID_ARGUMENT). A wrapping
+    generator here would add two hops to every message of every stream, in
+    and out, on the path of each remote helper round trip."""
+    return behaviour
 
 
 _HANDLERS = {
