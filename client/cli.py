@@ -98,6 +98,16 @@ def _registry(specs: Sequence[str]) -> Any:
     return registry
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive count")
+    return value
+
+
 def print_result(result: dict[str, Any], as_json: bool) -> int:
     """Print a result (the dict form shared by local and remote runs); return the exit status."""
     if as_json:
@@ -122,6 +132,10 @@ def print_result(result: dict[str, Any], as_json: bool) -> int:
             if trap.get("location"):
                 where += f", {trap['location']}"
             print(f"trap: {trap['kind']} at {where}: {trap['message']}")
+        for name, contents in result.get("maps", {}).items():
+            print(f"map {name} ({contents['type']}, {len(contents['entries'])} entries):")
+            for entry in contents["entries"]:
+                print(f"  {entry['key']}: {entry['value']}")
     return EXIT_TRAP if result["trap"] else EXIT_OK
 
 
@@ -135,6 +149,8 @@ def _check_mode(args: argparse.Namespace) -> None:
             ("--helpers", args.helpers),
             ("--native-helpers", args.native_helpers),
             ("--trace", args.trace),
+            ("--repeat", args.repeat != 1),
+            ("--dump-maps", args.dump_maps),
             ("--engine", args.engine is not None),
         ) if given]  # fmt: skip
         local += [_flag(name) for name in _limit_names() if getattr(args, name, None) is not None]
@@ -193,22 +209,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return print_result(remote, args.json)
     from bpfexec.vm.machine import execute
+    from bpfexec.vm.maps import MapSet
 
     limits = _local_limits(args)
     program = _load(args.file, limits)
     _warn_unset_arguments(program, args.function, len(run_args))
     trace = (lambda line: print(line, file=sys.stderr)) if args.trace else None
-    result = execute(
-        program,
-        args.function,
-        run_args,
-        fuel=args.fuel,
-        helpers=_standard_helpers(args.helpers, args.native_helpers),
-        limits=limits,
-        engine=args.engine or "interpreter",
-        trace=trace,
-    )
-    return print_result(result.to_dict(), args.json)
+    helpers = _standard_helpers(args.helpers, args.native_helpers)
+    maps = MapSet(program.maps)  # shared by the --repeat runs, as BPF_PROG_TEST_RUN's
+    for _ in range(args.repeat):
+        result = execute(
+            program,
+            args.function,
+            run_args,
+            fuel=args.fuel,
+            helpers=helpers,
+            limits=limits,
+            engine=args.engine or "interpreter",
+            trace=trace,
+            maps=maps,
+        )
+    shown = result.to_dict()
+    if args.dump_maps:
+        shown["maps"] = maps.dump()
+    return print_result(shown, args.json)
 
 
 def _warn_unset_arguments(program: Any, function: str | None, given: int) -> None:
@@ -357,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a C function of a shared library as a helper (repeatable; docs/native-helpers.md)",
     )
     run.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    run.add_argument(
+        "--repeat", type=_positive, default=1, metavar="N",
+        help="run N times with the same maps; print the last run",
+    )  # fmt: skip
+    run.add_argument(
+        "--dump-maps", action="store_true", help="add the maps' contents to the result"
+    )
     run.add_argument("--trace", action="store_true", help="trace every instruction on stderr")
     run.add_argument("--server", metavar="HOST:PORT", help="run on a bpfexec server")
     run.add_argument(

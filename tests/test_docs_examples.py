@@ -2,7 +2,8 @@
 written, so that the docs cannot drift from the code.
 
 - Python blocks run in a subprocess, in a scratch directory that holds the files
-  the docs name: a block whose first line is `# NAME.py` is also the file NAME.py
+  the docs name (and `tests/`, linked, for the fixtures an example runs): a block
+  whose first line is `# NAME.py` is also the file NAME.py
   (the README's `myhelpers.py`), a C block whose first line is
   `// NAME.c — COMMAND` is NAME.c, and NAME.o is built by COMMAND (clang; without
   clang, a committed object of the same program stands in).
@@ -273,10 +274,12 @@ def servers(workspace: Path) -> Iterator[Servers]:
 
 
 def scratch(workspace: Path, tmp_path: Path) -> Path:
-    """A fresh copy of the workspace for one example."""
+    """A fresh copy of the workspace for one example, and the repository's `tests/`
+    (read-only by convention), whose fixtures some examples run."""
     for path in workspace.iterdir():
         if path.suffix in {".py", ".c", ".o"}:
             shutil.copy(path, tmp_path / path.name)
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
     return tmp_path
 
 

@@ -369,11 +369,11 @@ def test_truncated_code_section() -> None:
 REJECTED_SOURCES = {
     "maps section": (
         'struct { int type; } m __attribute__((section("maps")));\nuint64_t f(void) { return 0; }',
-        "maps section 'maps' is not supported",
+        "map 'm': unknown type 0 is not supported",
     ),
     "BTF maps section": (
         'struct { int type; } m __attribute__((section(".maps")));\nuint64_t f(void) { return 0; }',
-        "maps section '.maps' is not supported",
+        "section '.maps' needs the object's BTF to read its map definitions (compile with -g)",
     ),
     "extern variable": (
         "extern uint64_t ext;\nuint64_t f(void) { return ext; }",

@@ -10,7 +10,10 @@ The object is read in two phases:
 2. *Linking*: all executable sections are laid out one after another in a
    single code space, the read-only and writable data images are built, and
    relocations are applied (addresses of data on `lddw`, local calls, helper
-   calls by name, pointers inside data).
+   calls by name, pointers inside data). Map definitions (`.maps`, read from
+   the object's BTF by `bpfexec.vm.btf`, or the legacy `maps` section) become
+   `Program.maps`, and an `lddw` of a map symbol loads the map's handle
+   (`bpfexec.vm.maps`).
 
 What it must not do: parse ELF structures by hand (pyelftools does), verify
 instructions (`bpfexec.vm.verifier` does, called by `bpfexec.vm.loader`), or know anything
@@ -32,9 +35,18 @@ from elftools.elf.relocation import RelocationHandler, RelocationSection
 from elftools.elf.sections import Section, SymbolTableSection
 
 from bpfexec.vm import isa
+from bpfexec.vm.btf import (
+    BtfError,
+    MapSpec,
+    fixup_datasec,
+    legacy_map_specs,
+    map_specs,
+    parse_btf,
+)
 from bpfexec.vm.errors import LimitError, LoadError
 from bpfexec.vm.limits import Limits
 from bpfexec.vm.loader import ELF_MAGIC
+from bpfexec.vm.maps import check_definitions, map_handle
 from bpfexec.vm.memory import DATA_BASE, RODATA_BASE
 from bpfexec.vm.program import Function, HelperRef, Program
 
@@ -76,6 +88,7 @@ class _Symbol:
     special: str  # "" or the pseudo-section it lives in (SHN_ABS, SHN_COMMON...)
     is_function: bool
     is_global: bool
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,7 @@ class _Object:
     relocations: dict[int, list[_Relocation]]  # target section index -> relocations
     lines: tuple[_LineRange, ...]
     section_names: dict[int, str]  # every section, for messages
+    btf: bytes | None = None  # the .BTF section: types, for the map definitions of .maps
 
 
 def is_elf(data: bytes) -> bool:
@@ -145,6 +159,9 @@ def _read_object(data: bytes, name: str) -> _Object:
         for index in range(elf.num_sections()):
             progress.what = f"the name of section #{index}"
             section_names[index] = elf.get_section(index).name
+        progress.what = "the .BTF section"
+        btf_section = elf.get_section_by_name(".BTF")
+        btf = None if btf_section is None else btf_section.data()
     except LoadError:
         raise
     # The parser is fed untrusted bytes and fails in many ways (its own errors,
@@ -155,7 +172,7 @@ def _read_object(data: bytes, name: str) -> _Object:
             f"{name}: corrupt or truncated ELF file: cannot read {progress.what} ({_one_line(exc)})"
         ) from None
     code = {s.index for s in sections.values() if s.kind == CODE}
-    return _Object(sections, symbols, relocations, _read_lines(elf, code), section_names)
+    return _Object(sections, symbols, relocations, _read_lines(elf, code), section_names, btf)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -208,11 +225,6 @@ def _read_sections(
         raw.append(section)
         kind = _section_kind(section.name, section["sh_flags"])
         progress.what = f"section #{index} {section.name!r}"
-        if kind == MAPS:
-            raise LoadError(
-                f"{name}: maps section {section.name!r} is not supported "
-                "(kernel BPF maps have no equivalent here; use global variables)"
-            )
         if kind == OTHER:
             continue
         size = section["sh_size"]
@@ -281,6 +293,7 @@ def _read_symbols(table: SymbolTableSection, raw: list[Section]) -> list[_Symbol
                 special=special,
                 is_function=kind == "STT_FUNC",
                 is_global=symbol["st_info"]["bind"] in ("STB_GLOBAL", "STB_WEAK"),
+                size=symbol["st_size"],
             )
         )
     return symbols
@@ -383,6 +396,7 @@ class _Linker:
         self.rodata = self._layout((RODATA,))
         self.data = self._layout((DATA, BSS))
         self.helper_calls: dict[int, HelperRef] = {}
+        self.maps, self.map_index = self._maps()
 
     def link(self) -> Program:
         for section in self.code_sections:
@@ -402,8 +416,43 @@ class _Linker:
             data=bytes(self.data),
             helper_calls=dict(sorted(self.helper_calls.items())),
             lines=self._lines(),
+            maps=tuple(self.maps),
+            # A libbpf-style object (maps, a license) calls helpers by the kernel's numbers.
+            kernel_helpers=bool(self.maps) or "license" in self.obj.section_names.values(),
             name=self.name,
         )
+
+    # -- maps -----------------------------------------------------------------------
+
+    def _maps(self) -> tuple[list[MapSpec], dict[tuple[int, int], int]]:
+        """The map definitions, in handle order, and (section, offset) -> handle index."""
+        specs: list[MapSpec] = []
+        index: dict[tuple[int, int], int] = {}
+        for section in sorted(self.obj.sections.values(), key=lambda s: s.index):
+            if section.kind != MAPS:
+                continue
+            try:
+                if section.name == ".maps":
+                    if self.obj.btf is None:
+                        raise LoadError(
+                            f"{self.name}: section '.maps' needs the object's BTF to read its "
+                            "map definitions (compile with -g)"
+                        )
+                    symbols = {s.name: s.value for s in self.obj.symbols
+                               if s.section == section.index}  # fmt: skip
+                    btf = fixup_datasec(parse_btf(self.obj.btf), ".maps", section.size, symbols)
+                    found = map_specs(btf, ".maps")
+                else:  # the legacy `maps` section: struct bpf_map_def records
+                    records = [(s.name, s.value, s.size) for s in self.obj.symbols
+                               if s.section == section.index and not s.is_function]  # fmt: skip
+                    found = legacy_map_specs(section.data, records)
+            except BtfError as exc:
+                raise LoadError(f"{self.name}: {section.name}: {exc}") from None
+            for spec in found:
+                index[(section.index, spec.offset)] = len(specs)
+                specs.append(spec)
+        check_definitions(specs, self.name, self.limits.max_map_bytes)
+        return specs, index
 
     # -- layout ---------------------------------------------------------------------
 
@@ -439,6 +488,15 @@ class _Linker:
             where = symbol.special or "undefined (extern variables are not supported)"
             raise LoadError(f"{self.name}: {site} refers to symbol {symbol.name!r}, {where}")
         section = self.obj.sections.get(symbol.section)
+        if section is not None and section.kind == MAPS:
+            found = self.map_index.get((section.index, symbol.value))
+            if found is None or addend:
+                target = f"{symbol.name!r}" + (f" + {addend}" if addend else "")
+                raise LoadError(
+                    f"{self.name}: {site} refers to {target} in {section.name!r}, "
+                    "which is not a map definition"
+                )
+            return map_handle(found)
         if section is not None and section.kind == CODE:
             raise LoadError(
                 f"{self.name}: {site} takes the address of {symbol.name!r} in "
@@ -591,7 +649,9 @@ class _Linker:
             base = self.base_pc[section.index]
             for start, end in zip(ordered, [*ordered[1:], count], strict=True):
                 fn_name, exported = starts[start]
-                functions.append(Function(fn_name, base + start, end - start, exported))
+                functions.append(
+                    Function(fn_name, base + start, end - start, exported, section.name)
+                )
         return tuple(functions)
 
     def _lines(self) -> dict[int, str]:

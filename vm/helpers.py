@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bpfexec.vm.errors import Trap, TrapKind
+from bpfexec.vm.maps import MapSet
 from bpfexec.vm.memory import Memory
 from bpfexec.vm.program import HelperRef
 
@@ -178,6 +179,7 @@ class HelperContext:
         "_memory",
         "_meter",
         "helper",
+        "maps",
     )
 
     def __init__(self, memory: Memory, log: list[str], max_lines: int, max_bytes: int) -> None:
@@ -188,6 +190,7 @@ class HelperContext:
         self._log_bytes = 0
         self._meter: weakref.ref[FuelMeter] | None = None
         self.helper: Helper | None = None  # the helper being called, for messages
+        self.maps: MapSet | None = None  # the execution's BPF maps (`bpfexec.vm.maps`)
 
     def bind(self, meter: FuelMeter) -> None:
         """Charge `meter.fuel` (the Machine's) from now on. A weak reference: the

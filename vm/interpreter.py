@@ -15,6 +15,7 @@ already checked every instruction it sees).
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -325,6 +326,12 @@ _ATOMIC_FNS: dict[int, Callable[[int, int], int]] = {
 }
 
 
+# Atomic instructions of interpreted runs read, modify and write under this lock:
+# map values are memory that executions on other threads share. (Native code
+# uses the processor's atomic instructions; the two are not atomic with each other.)
+ATOMIC_LOCK = threading.Lock()
+
+
 def _atomic_op(insn: Instruction, pc: int) -> Op:
     d, s, off, code = insn.dst, insn.src, insn.offset, insn.imm
     size = isa.SIZE_BYTES[insn.size]
@@ -346,9 +353,10 @@ def _atomic_op(insn: Instruction, pc: int) -> Op:
 
         def cmpxchg(r: list[int], m: Machine) -> None:
             buf, offset = locate(r, m)
-            old = unpack(buf, offset)[0]
-            if old == r[0] & mask:
-                pack(buf, offset, r[s] & mask)
+            with ATOMIC_LOCK:
+                old = unpack(buf, offset)[0]
+                if old == r[0] & mask:
+                    pack(buf, offset, r[s] & mask)
             r[0] = old
 
         return cmpxchg
@@ -358,8 +366,9 @@ def _atomic_op(insn: Instruction, pc: int) -> Op:
 
     def atomic(r: list[int], m: Machine) -> None:
         buf, offset = locate(r, m)
-        old = unpack(buf, offset)[0]
-        pack(buf, offset, fn(old, r[s] & mask) & mask)
+        with ATOMIC_LOCK:
+            old = unpack(buf, offset)[0]
+            pack(buf, offset, fn(old, r[s] & mask) & mask)
         if fetch:
             r[s] = old
 

@@ -31,6 +31,7 @@ class Limits:
     max_log_lines: int = _limit(1000, "log lines kept per run (later ones are dropped)")
     max_log_bytes: int = _limit(64 << 10, "log bytes kept per run (later lines are dropped)")
     max_helper_calls: int = _limit(1_000_000, "helper calls per run (beyond: HELPER_ERROR)")
+    max_map_bytes: int = _limit(64 << 20, "bytes of BPF map values a module may declare")
 
     def __post_init__(self) -> None:
         for knob in fields(self):

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bpfexec.vm.errors import HelperSite, LimitError, LinkError, RequestError, Trap, TrapKind
-from bpfexec.vm.helpers import Helper, HelperContext, HelperResolver
+from bpfexec.vm.helpers import Helper, HelperChain, HelperContext, HelperResolver
 from bpfexec.vm.isa import FRAME_POINTER, MASK64, NUM_REGISTERS
 from bpfexec.vm.limits import Limits
+from bpfexec.vm.maps import MapSet
 from bpfexec.vm.memory import STACK_BASE, Memory, buffer_base
 from bpfexec.vm.program import Program
 
@@ -180,8 +181,10 @@ def prepare(
     limits: Limits | None = None,
     interrupt: Interrupt | None = None,
     trace: TraceFn | None = None,
+    maps: MapSet | None = None,
 ) -> Machine:
-    """Check the request and build a fresh Machine for it."""
+    """Check the request and build a fresh Machine for it: with fresh maps, or with
+    `maps` (a `MapSet` of the program's maps, shared with other executions)."""
     limits = limits or Limits()
     fn = program.function(function)
     if len(args) > 5:
@@ -206,10 +209,21 @@ def prepare(
             registers[i] = arg & MASK64
         else:
             raise RequestError(f"argument {i}: expected int or bytes, got {type(arg).__name__}")
+    if program.kernel_helpers:
+        from bpfexec.vm.linux_helpers import linux_helpers
+
+        helpers = linux_helpers() if helpers is None else HelperChain(linux_helpers(), helpers)
     bound = link(program, helpers)
-    memory = Memory(program.rodata, limits.stack_size, program.data, buffers)
+    if maps is None:
+        maps = MapSet(program.maps)
+    elif len(maps.maps) != len(program.maps):
+        raise RequestError(f"{len(maps.maps)} maps given, the program has {len(program.maps)}")
+    values = [bpf_map.values for bpf_map in maps.maps]
+    memory = Memory(program.rodata, limits.stack_size, program.data, buffers, values)
     registers[FRAME_POINTER] = STACK_BASE + limits.stack_size
     log: list[str] = []
+    context = HelperContext(memory, log, limits.max_log_lines, limits.max_log_bytes)
+    context.maps = maps
     return Machine(
         program=program,
         entry=fn.pc,
@@ -219,7 +233,7 @@ def prepare(
         budget=budget,
         helpers=bound,
         resolver=helpers,
-        context=HelperContext(memory, log, limits.max_log_lines, limits.max_log_bytes),
+        context=context,
         limits=limits,
         interrupt=interrupt or Interrupt(),
         log=log,
@@ -283,6 +297,7 @@ def execute(
     engine: str | Engine = "interpreter",
     interrupt: Interrupt | None = None,
     trace: TraceFn | None = None,
+    maps: MapSet | None = None,
 ) -> Result:
     """Run `function` of `program` with `args` (ints in r1..r5, bytes as buffers).
 
@@ -298,5 +313,6 @@ def execute(
         limits=limits,
         interrupt=interrupt,
         trace=trace,
+        maps=maps,
     )
     return run(machine, get_engine(engine) if isinstance(engine, str) else engine)

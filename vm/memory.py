@@ -9,9 +9,11 @@ through it (the JIT mirrors `Memory.regions` in a native table).
 | 0x1_0000_0000             | read-only data (.rodata*)           | read       |
 | 0x2_0000_0000             | stack, one frame per call depth     | read/write |
 | 0x3_0000_0000             | writable globals (.data*, .bss*)    | read/write |
-| 0x4_0000_0000 + (n << 32) | argument buffer n                   | read/write |
+| 0x4_0000_0000 + (n << 32) | argument buffer n (n < 5)           | read/write |
+| 0x9_0000_0000 + (n << 32) | the values of BPF map n (n < 64)    | read/write |
 
-Address 0 (region 0) is never mapped.
+Address 0 (region 0) is never mapped: map handles (`bpfexec.vm.maps`) live there,
+so a program that dereferences one faults.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class Region(IntEnum):
 
 
 MAX_BUFFERS = 5  # argument buffers 0..4, one per argument register r1..r5
+MAP0 = Region.BUFFER0 + MAX_BUFFERS  # map n's values are region MAP0 + n
+MAX_MAPS = 64  # maps of one program
+REGION_COUNT = MAP0 + MAX_MAPS  # every region number a Memory can map
 
 
 def region_base(region: int) -> int:
@@ -49,7 +54,13 @@ def buffer_base(n: int) -> int:
     return region_base(Region.BUFFER0 + n)
 
 
+def map_base(n: int) -> int:
+    return region_base(MAP0 + n)
+
+
 def region_name(region: int) -> str:
+    if region >= MAP0:
+        return f"map {region - MAP0}"
     if region >= Region.BUFFER0:
         return f"buffer {region - Region.BUFFER0}"
     try:
@@ -74,10 +85,13 @@ class Memory:
         stack_size: int,
         data: bytes,
         buffers: list[bytearray] | tuple[bytearray, ...] = (),
+        maps: list[bytearray] | tuple[bytearray, ...] = (),
     ) -> None:
         if len(buffers) > MAX_BUFFERS:
             raise ValueError(f"at most {MAX_BUFFERS} argument buffers, got {len(buffers)}")
-        count = Region.BUFFER0 + MAX_BUFFERS
+        if len(maps) > MAX_MAPS:
+            raise ValueError(f"at most {MAX_MAPS} maps, got {len(maps)}")
+        count = REGION_COUNT
         self.regions: list[bytes | bytearray | None] = [None] * count
         self.writable = [False] * count
         self.regions[Region.RODATA] = bytes(rodata)
@@ -88,6 +102,9 @@ class Memory:
         for n, buf in enumerate(buffers):
             self.regions[Region.BUFFER0 + n] = buf
             self.writable[Region.BUFFER0 + n] = True
+        for n, values in enumerate(maps):
+            self.regions[MAP0 + n] = values
+            self.writable[MAP0 + n] = True
 
     def fault(self, address: int, size: int, access: str) -> Trap:
         region = address >> REGION_SHIFT

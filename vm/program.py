@@ -24,6 +24,9 @@ class Function:
     pc: int
     size: int
     exported: bool = True  # a global symbol: an entry point clients may call
+    # The ELF section it came from (`SEC("xdp")`), which names it too; not part of
+    # what the function is (an assembly listing of it has no sections).
+    section: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class Program:
     data: bytes = b""  # initial image of the writable globals region (.data*, .bss*)
     helper_calls: Mapping[int, HelperRef] = field(default_factory=dict)  # pc -> helper
     lines: Mapping[int, str] = field(default_factory=dict)  # pc -> "file:line"
+    # BPF maps it declares (`bpfexec.vm.maps`), in handle order; and whether its
+    # numbered helpers are the kernel's (`bpfexec.vm.linux_helpers`).
+    maps: tuple[Any, ...] = ()
+    kernel_helpers: bool = False
     name: str = "<program>"  # where it came from, for messages
     id: str = ""  # content hash of the bytes it was loaded from
     # Engine artifacts derived from the program (pre-decoded blocks, native code),
@@ -70,6 +77,9 @@ class Program:
                 return self.functions[0]
         for fn in self.functions:
             if fn.name == name:
+                return fn
+        for fn in self.functions:  # a libbpf-style program is also named by its section
+            if fn.section == name and fn.exported:
                 return fn
         available = ", ".join(fn.name for fn in self.functions if fn.exported) or "none"
         raise RequestError(f"no function {name!r} in {self.name} (available: {available})")

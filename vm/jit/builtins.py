@@ -31,8 +31,7 @@ import llvmlite.binding as llvm
 from bpfexec.vm import builtin_helpers
 from bpfexec.vm.helpers import BYTES_PER_FUEL, HelperFn
 from bpfexec.vm.jit.compiler import CALL_SYMBOL, CONTEXT_TYPE, _field
-from bpfexec.vm.jit.context import REGION_COUNT
-from bpfexec.vm.memory import OFFSET_MASK, REGION_SHIFT
+from bpfexec.vm.memory import OFFSET_MASK, REGION_COUNT, REGION_SHIFT
 
 # The Python functions that have a native twin, and the twin's symbol.
 TWINS: dict[HelperFn, str] = {

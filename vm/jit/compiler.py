@@ -76,11 +76,11 @@ from typing import Any
 from bpfexec.vm import isa
 from bpfexec.vm.interpreter import CALL, EXIT, FALL, JUMP, Block
 from bpfexec.vm.isa import MASK32, NUM_REGISTERS, Instruction
-from bpfexec.vm.jit.context import FIELD_INDEX, REGION_COUNT, Access, Context, Status
+from bpfexec.vm.jit.context import FIELD_INDEX, Access, Context, Status
 from bpfexec.vm.jit.induction import Linear, Stride, strided_accesses
 from bpfexec.vm.jit.unroll import Loop, unrollable_loops
 from bpfexec.vm.liveness import Signature, reachable, signatures, successors, uses_and_defs
-from bpfexec.vm.memory import OFFSET_MASK, REGION_SHIFT
+from bpfexec.vm.memory import OFFSET_MASK, REGION_COUNT, REGION_SHIFT
 from bpfexec.vm.program import Program
 
 DISPATCH_SYMBOL = "bpfexec_jit_dispatch"  # i64 (ptr ctx, i64 pc): 0, or a trap is recorded

@@ -15,10 +15,7 @@ import ctypes
 from enum import IntEnum
 
 from bpfexec.vm.isa import NUM_REGISTERS
-from bpfexec.vm.memory import MAX_BUFFERS, Region
-
-# Slots of the region table: every region number `Memory` can map.
-REGION_COUNT = Region.BUFFER0 + MAX_BUFFERS
+from bpfexec.vm.memory import REGION_COUNT  # slots of the region table
 
 
 class Status(IntEnum):

@@ -57,11 +57,11 @@ from bpfexec.vm.jit.compiler import (
     build_module,
     call_sites,
 )
-from bpfexec.vm.jit.context import REGION_COUNT, Access, Context, Status
+from bpfexec.vm.jit.context import Access, Context, Status
 from bpfexec.vm.jit.limits import TierLimits, over_limit, tier_limits
 from bpfexec.vm.limits import Limits
 from bpfexec.vm.machine import Machine
-from bpfexec.vm.memory import OFFSET_MASK, REGION_SHIFT
+from bpfexec.vm.memory import OFFSET_MASK, REGION_COUNT, REGION_SHIFT
 from bpfexec.vm.native import API_ADDRESS, CALLS, NativeHelper
 from bpfexec.vm.program import Program
 
