@@ -168,6 +168,14 @@ class HelperChain:
         return None
 
 
+@dataclass(frozen=True)
+class Event:
+    """A ring buffer record, as submitted (`bpf_ringbuf_output`, `_submit`)."""
+
+    map: str
+    data: bytes
+
+
 class HelperContext:
     """What a helper may touch of the running program: its memory and its log."""
 
@@ -178,8 +186,10 @@ class HelperContext:
         "_log_bytes",
         "_memory",
         "_meter",
+        "events",
         "helper",
         "maps",
+        "on_event",
     )
 
     def __init__(self, memory: Memory, log: list[str], max_lines: int, max_bytes: int) -> None:
@@ -191,6 +201,18 @@ class HelperContext:
         self._meter: weakref.ref[FuelMeter] | None = None
         self.helper: Helper | None = None  # the helper being called, for messages
         self.maps: MapSet | None = None  # the execution's BPF maps (`bpfexec.vm.maps`)
+        # Ring buffer records submitted so far (None: the program has no ring buffer),
+        # and who hears of each as it is submitted (a stream sends it on).
+        self.events: list[Event] | None = None
+        self.on_event: Callable[[Event], None] | None = None
+
+    def emit(self, event: Event) -> None:
+        """Record a submitted ring buffer record (a ring buffer helper calls this)."""
+        if self.events is None:
+            self.events = []
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
 
     def bind(self, meter: FuelMeter) -> None:
         """Charge `meter.fuel` (the Machine's) from now on. A weak reference: the

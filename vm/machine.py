@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bpfexec.vm.errors import HelperSite, LimitError, LinkError, RequestError, Trap, TrapKind
-from bpfexec.vm.helpers import Helper, HelperChain, HelperContext, HelperResolver
+from bpfexec.vm.helpers import Event, Helper, HelperChain, HelperContext, HelperResolver
 from bpfexec.vm.isa import FRAME_POINTER, MASK64, NUM_REGISTERS
 from bpfexec.vm.limits import Limits
-from bpfexec.vm.maps import MapSet
+from bpfexec.vm.maps import BPF_MAP_TYPE_RINGBUF, MapSet
 from bpfexec.vm.memory import STACK_BASE, Memory, buffer_base
 from bpfexec.vm.program import Program
 
@@ -69,9 +69,12 @@ class Result:
     log: tuple[str, ...] = ()
     buffers: tuple[bytes, ...] = ()
     duration_ns: int = 0
+    # Ring buffer records submitted during the run, in order, as (map name, data);
+    # None when the program has no ring buffer (the JSON then has no "events").
+    events: tuple[Event, ...] | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        shown: dict[str, object] = {
             "return_value": None if self.trap else self.return_value,  # a trap returns nothing
             "fuel_used": self.fuel_used,
             "trap": self.trap.to_dict() if self.trap else None,
@@ -79,6 +82,9 @@ class Result:
             "buffers": [buf.hex() for buf in self.buffers],
             "duration_ns": self.duration_ns,
         }
+        if self.events is not None:
+            shown["events"] = [{"map": e.map, "data": e.data.hex()} for e in self.events]
+        return shown
 
 
 @dataclass
@@ -224,6 +230,8 @@ def prepare(
     log: list[str] = []
     context = HelperContext(memory, log, limits.max_log_lines, limits.max_log_bytes)
     context.maps = maps
+    if any(spec.type == BPF_MAP_TYPE_RINGBUF for spec in program.maps):
+        context.events = []
     return Machine(
         program=program,
         entry=fn.pc,
@@ -283,6 +291,7 @@ def run(machine: Machine, engine: Engine) -> Result:
             for n in range(machine.buffer_count)
         ),
         duration_ns=duration,
+        events=None if machine.context.events is None else tuple(machine.context.events),
     )
 
 

@@ -38,6 +38,7 @@ ENOENT, E2BIG, EEXIST, EINVAL = 2, 7, 17, 22
 BPF_ANY, BPF_NOEXIST, BPF_EXIST, BPF_F_LOCK = 0, 1, 2, 4
 MAP_HANDLE_BASE = 0x4D41_5000  # map n's handle is MAP_HANDLE_BASE + n (region 0: unmapped)
 MAX_VALUE_BYTES = 1 << 32  # one region
+BPF_MAP_TYPE_RINGBUF = 27
 
 
 class MapDefinition(Protocol):
