@@ -216,7 +216,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _warn_unset_arguments(program, args.function, len(run_args))
     trace = (lambda line: print(line, file=sys.stderr)) if args.trace else None
     helpers = _standard_helpers(args.helpers, args.native_helpers)
-    maps = MapSet(program.maps)  # shared by the --repeat runs, as BPF_PROG_TEST_RUN's
+    # Shared by the --repeat runs, as BPF_PROG_TEST_RUN's.
+    maps = MapSet(program.maps, init=program.map_init)
     for _ in range(args.repeat):
         result = execute(
             program,

@@ -373,8 +373,10 @@ C_SOURCES = Path(__file__).parent / "fixtures" / "c"
 BENCH_PROGRAMS = Path(__file__).parent.parent / "bench" / "programs"
 ROUND_TRIPS = [
     *(("fixture", source.stem) for source in sorted(C_SOURCES.glob("*.c"))),
-    *(("bench", source.stem) for source in sorted(BENCH_PROGRAMS.glob("*.c"))),
-]
+    # Not the map programs: a listing has no map definitions to load back.
+    *(("bench", source.stem) for source in sorted(BENCH_PROGRAMS.glob("*.c"))
+      if not source.stem.startswith("maps_")),
+]  # fmt: skip
 
 
 def listed_program(compile_c, tmp_path: Path, kind: str, name: str) -> Program:

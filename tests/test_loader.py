@@ -386,7 +386,8 @@ REJECTED_SOURCES = {
     ),
     "function pointer in data": (
         "uint64_t f(uint64_t x) { return x; }\nuint64_t (*fp)(uint64_t) = f;",
-        "takes the address of 'f' in '.text' (function pointers are not supported)",
+        "takes the address of 'f' in '.text' (function pointers are callbacks of the kernel's "
+        "helpers, in objects with maps or a license)",
     ),
     "no code": ("const int x = 1;", "no code"),
 }

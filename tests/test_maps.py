@@ -121,7 +121,7 @@ def test_lru_evicts_the_least_recently_used():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        (Spec(27, 0, 0, 4096), "type ringbuf (27) is not supported"),
+        (Spec(30, 0, 4, 4), "type bloom_filter (30) is not supported"),
         (Spec(99, 4, 4, 1), "unknown type 99 is not supported"),
         (Spec(2, 8, 4, 1), "an array's key_size must be 4"),
         (Spec(1, 4, 4, 0), "max_entries must be positive"),

@@ -43,6 +43,14 @@ from bpfexec.vm.btf import (
     map_specs,
     parse_btf,
 )
+from bpfexec.vm.callbacks import (
+    BPF_TAIL_CALL,
+    MAX_CALLBACKS,
+    PROG_ARRAY,
+    function_handle,
+    link_callback_helpers,
+    program_id,
+)
 from bpfexec.vm.errors import LimitError, LoadError
 from bpfexec.vm.limits import Limits
 from bpfexec.vm.loader import ELF_MAGIC
@@ -397,6 +405,10 @@ class _Linker:
         self.data = self._layout((DATA, BSS))
         self.helper_calls: dict[int, HelperRef] = {}
         self.maps, self.map_index = self._maps()
+        # A libbpf-style object (maps, a license) calls helpers by the kernel's numbers.
+        self.kernel_helpers = bool(self.maps) or "license" in obj.section_names.values()
+        self.callbacks: list[int] = []  # entry pcs of the functions whose address is taken
+        self.map_init: list[tuple[int, int, int]] = []  # (map, index, id): `values = {...}`
 
     def link(self) -> Program:
         for section in self.code_sections:
@@ -406,21 +418,51 @@ class _Linker:
             if section.kind in (RODATA, DATA, BSS):
                 for reloc in self.obj.relocations.get(section.index, ()):
                     self._relocate_data(section, reloc)
+            elif section.kind == MAPS:
+                for reloc in self.obj.relocations.get(section.index, ()):
+                    self._relocate_map_values(section, reloc)
+        functions = list(self._functions())
+        if self.kernel_helpers:
+            key_room = max((-(-spec.key_size // 8) * 8 for spec in self.maps), default=0)
+            link_callback_helpers(
+                self.instructions, functions, self.helper_calls, self.callbacks, key_room,
+                self.name,
+            )  # fmt: skip
         for pc, insn in enumerate(self.instructions):
             if isa.is_helper_call(insn):
                 self.helper_calls.setdefault(pc, HelperRef(number=insn.imm & isa.MASK32))
+        if self.kernel_helpers:
+            self._check_tail_calls(functions)
         return Program(
             instructions=tuple(self.instructions),
-            functions=self._functions(),
+            functions=tuple(functions),
             rodata=bytes(self.rodata),
             data=bytes(self.data),
             helper_calls=dict(sorted(self.helper_calls.items())),
             lines=self._lines(),
             maps=tuple(self.maps),
-            # A libbpf-style object (maps, a license) calls helpers by the kernel's numbers.
-            kernel_helpers=bool(self.maps) or "license" in self.obj.section_names.values(),
+            map_init=tuple(self.map_init),
+            kernel_helpers=self.kernel_helpers,
             name=self.name,
         )
+
+    def _check_tail_calls(self, functions: list[Function]) -> None:
+        """A tail call restarts the run at its target (`bpfexec.vm.callbacks`), which
+        is the kernel's behaviour only where no function called the caller."""
+        called = {
+            pc + 1 + insn.imm: pc
+            for pc, insn in enumerate(self.instructions)
+            if insn.opcode == isa.OP_CALL and insn.src == isa.CALL_LOCAL
+        }
+        for pc, ref in self.helper_calls.items():
+            if ref.number != BPF_TAIL_CALL:
+                continue
+            fn = next(f for f in functions if f.pc <= pc < f.pc + f.size)
+            if fn.pc in called:
+                raise LoadError(
+                    f"{self.name}: bpf_tail_call at pc {pc} in {fn.name!r}, which is called at "
+                    f"pc {called[fn.pc]}: tail calls from called functions are not supported"
+                )
 
     # -- maps -----------------------------------------------------------------------
 
@@ -498,10 +540,7 @@ class _Linker:
                 )
             return map_handle(found)
         if section is not None and section.kind == CODE:
-            raise LoadError(
-                f"{self.name}: {site} takes the address of {symbol.name!r} in "
-                f"{section.name!r} (function pointers are not supported)"
-            )
+            return self._callback(section, symbol, addend, site)
         if section is None or section.kind not in _IMAGE_BASE:
             raise LoadError(
                 f"{self.name}: {site} refers to {symbol.name!r} in unsupported section "
@@ -510,6 +549,65 @@ class _Linker:
             )
         base = _IMAGE_BASE[section.kind] + self.image_offset[section.index]
         return (base + symbol.value + addend) & isa.MASK64
+
+    def _callback(self, section: _Section, symbol: _Symbol, addend: int, site: str) -> int:
+        """The handle of a function whose address is taken: a callback of bpf_loop or
+        bpf_for_each_map_elem, in a libbpf-style object (`bpfexec.vm.callbacks`)."""
+        offset = symbol.value + addend
+        if not self.kernel_helpers:
+            raise LoadError(
+                f"{self.name}: {site} takes the address of {symbol.name!r} in "
+                f"{section.name!r} (function pointers are callbacks of the kernel's helpers, "
+                "in objects with maps or a license)"
+            )
+        if offset % isa.INSTRUCTION_SIZE or not 0 <= offset < section.size:
+            raise LoadError(
+                f"{self.name}: {site} takes the address {symbol.name!r} + {addend}, which is "
+                f"not an instruction of {section.name!r}"
+            )
+        pc = self.base_pc[section.index] + offset // isa.INSTRUCTION_SIZE
+        if pc not in self.callbacks:
+            if len(self.callbacks) >= MAX_CALLBACKS:
+                raise LoadError(f"{self.name}: {site}: more than {MAX_CALLBACKS} callbacks")
+            self.callbacks.append(pc)
+        return function_handle(self.callbacks.index(pc))
+
+    def _relocate_map_values(self, section: _Section, reloc: _Relocation) -> None:
+        """`values = { [i] = &x }` of a program array (x a function) or a map of maps
+        (x a map): element i holds x's id."""
+        where = f"relocation at offset {reloc.offset:#x} of {section.name!r}"
+        if reloc.type != R_BPF_64_ABS64:
+            raise self._unknown(reloc, section)
+        for n, spec in enumerate(self.maps):
+            start = spec.offset + (spec.values_offset or 0)
+            if (
+                spec.values_offset is None
+                or not spec.offset <= reloc.offset < spec.offset + spec.size
+            ):
+                continue
+            index, misaligned = divmod(reloc.offset - start, 8)
+            if misaligned or index < 0 or index >= spec.max_entries:
+                raise LoadError(f"{self.name}: {where} is not an element of {spec.name!r}'s values")
+            target = reloc.symbol
+            target_section = self.obj.sections.get(target.section or -1)
+            if (
+                spec.type == PROG_ARRAY
+                and target_section is not None
+                and target_section.kind == CODE
+            ):
+                assert target_section is not None
+                pc = self.base_pc[target_section.index] + target.value // isa.INSTRUCTION_SIZE
+                self.map_init.append((n, index, program_id(pc)))
+            elif spec.type != PROG_ARRAY and target_section is section:
+                inner = self.map_index.get((section.index, target.value))
+                if inner is None:
+                    raise LoadError(f"{self.name}: {where}: {target.name!r} is not a map")
+                self.map_init.append((n, index, inner + 1))
+            else:
+                what = "a program" if spec.type == PROG_ARRAY else "a map"
+                raise LoadError(f"{self.name}: {where}: {target.name!r} is not {what}")
+            return
+        raise LoadError(f"{self.name}: {where} is not in the values of a map definition")
 
     def _section_name(self, index: int) -> str:
         """Name of a section, including the ones reading skipped (debug, license...)."""

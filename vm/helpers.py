@@ -190,6 +190,7 @@ class HelperContext:
         "helper",
         "maps",
         "on_event",
+        "tail_calls",
     )
 
     def __init__(self, memory: Memory, log: list[str], max_lines: int, max_bytes: int) -> None:
@@ -205,6 +206,7 @@ class HelperContext:
         # and who hears of each as it is submitted (a stream sends it on).
         self.events: list[Event] | None = None
         self.on_event: Callable[[Event], None] | None = None
+        self.tail_calls = 0  # made so far (`bpfexec.vm.callbacks.MAX_TAIL_CALLS`)
 
     def emit(self, event: Event) -> None:
         """Record a submitted ring buffer record (a ring buffer helper calls this)."""

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from bpfexec.vm.callbacks import TailCall
 from bpfexec.vm.errors import HelperSite, LimitError, LinkError, RequestError, Trap, TrapKind
 from bpfexec.vm.helpers import Event, Helper, HelperChain, HelperContext, HelperResolver
 from bpfexec.vm.isa import FRAME_POINTER, MASK64, NUM_REGISTERS
@@ -109,6 +110,14 @@ class Machine:
 
     def __post_init__(self) -> None:
         self.context.bind(self)  # helpers charge fuel for their memory work (bpfexec.vm.helpers)
+
+    def restart(self, entry: int, r1: int) -> None:
+        """Start over at `entry` with r1 and a fresh stack (a tail call), keeping the
+        fuel left, the helper calls made, memory and maps."""
+        self.entry = entry
+        self.registers[:] = [0] * NUM_REGISTERS
+        self.registers[1] = r1
+        self.registers[FRAME_POINTER] = STACK_BASE + self.limits.stack_size
 
     def call_helper(self, helper: Helper, pc: int) -> None:
         """Call `helper` with r1..r5, leave the result in r0; any failure is a trap."""
@@ -221,7 +230,7 @@ def prepare(
         helpers = linux_helpers() if helpers is None else HelperChain(linux_helpers(), helpers)
     bound = link(program, helpers)
     if maps is None:
-        maps = MapSet(program.maps)
+        maps = MapSet(program.maps, init=program.map_init)
     elif len(maps.maps) != len(program.maps):
         raise RequestError(f"{len(maps.maps)} maps given, the program has {len(program.maps)}")
     values = [bpf_map.values for bpf_map in maps.maps]
@@ -276,10 +285,22 @@ def run(machine: Machine, engine: Engine) -> Result:
     start = time.perf_counter_ns()
     trap: Trap | None = None
     value = 0
-    try:
-        value = engine.run(machine)
-    except Trap as caught:
-        trap = caught
+    while True:
+        try:
+            value = engine.run(machine)
+        except TailCall as call:  # bpf_tail_call: run the target instead, from its entry
+            target = machine.program.function_at(call.entry)
+            if target is not None and target.pc == call.entry:
+                machine.restart(call.entry, call.context)
+                continue
+            # A program array seeded by a client may hold any id: only entries run.
+            trap = Trap(
+                TrapKind.HELPER_ERROR,
+                f"bpf_tail_call: program id {call.entry + 1} is no function of the program",
+            ).at(call.pc, call.instruction, call.function, call.location)
+        except Trap as caught:
+            trap = caught
+        break
     duration = time.perf_counter_ns() - start
     return Result(
         return_value=value & MASK64,

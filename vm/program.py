@@ -60,6 +60,9 @@ class Program:
     # BPF maps it declares (`bpfexec.vm.maps`), in handle order; and whether its
     # numbered helpers are the kernel's (`bpfexec.vm.linux_helpers`).
     maps: tuple[Any, ...] = ()
+    # Initial elements of program arrays and maps of maps, (map, index, id), from
+    # libbpf's declarative `values = { [i] = &x }` (`bpfexec.vm.callbacks`).
+    map_init: tuple[tuple[int, int, int], ...] = ()
     kernel_helpers: bool = False
     name: str = "<program>"  # where it came from, for messages
     id: str = ""  # content hash of the bytes it was loaded from
