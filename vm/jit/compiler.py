@@ -40,8 +40,10 @@ counts itself against the run's limit, then calls a native helper through the
 function pointer in the run's table of call sites, or the runtime's Python
 entry `CALL_SYMBOL` with r1..r5 and the fuel (`helper_call`); a `callx`, or a
 call at the limit, spills the registers and goes through the generic
-dispatcher. No host address is ever stored in an eBPF register: host pointers
-exist only inside the access that uses them.
+dispatcher. A `bpf_map_lookup_elem` call on an array map may run inline, as
+arithmetic, where the run marks its site (`inline_lookup`, `bpfexec.vm.jit.maps`).
+No host address is ever stored in an eBPF register: host pointers exist only
+inside the access that uses them.
 
 The IR is emitted as text rather than built with llvmlite.ir objects: the
 object model costs more Python time per instruction than LLVM spends
@@ -78,6 +80,7 @@ from bpfexec.vm.interpreter import CALL, EXIT, FALL, JUMP, Block
 from bpfexec.vm.isa import MASK32, NUM_REGISTERS, Instruction
 from bpfexec.vm.jit.context import FIELD_INDEX, Access, Context, Status
 from bpfexec.vm.jit.induction import Linear, Stride, strided_accesses
+from bpfexec.vm.jit.maps import INLINE_MARK, InlineArray, inline_arrays, lookup_sites
 from bpfexec.vm.jit.unroll import Loop, unrollable_loops
 from bpfexec.vm.liveness import Signature, reachable, signatures, successors, uses_and_defs
 from bpfexec.vm.memory import OFFSET_MASK, REGION_COUNT, REGION_SHIFT
@@ -139,6 +142,10 @@ class ModuleIR:
     # Unchecked accesses reach down to r10 - frame_low: every frame needs that much
     # stack below its r10 for the module to be safe to run (0: nothing unchecked).
     frame_low: int
+    # `bpf_map_lookup_elem` call sites that look these arrays up inline when the run's
+    # table marks them (`bpfexec.vm.jit.maps`); empty: none.
+    inline_lookups: frozenset[int] = frozenset()
+    inline_arrays: tuple[InlineArray, ...] = ()
 
 
 def _ir_type(ctype: type[Any]) -> str:
@@ -247,11 +254,14 @@ def build_module(
     jumps = {pc: successors(blocks[pc], code) for pcs in bodies.values() for pc in pcs}  # type: ignore[arg-type]
     signature = signatures(bodies, blocks, code, jumps)
     helper_pcs: set[int] = set()
+    arrays = inline_arrays(program)
+    lookups = lookup_sites(program)
     parts = [_prelude(cold)]
     parts += [f"%res.{entry} = type {_result_type(signature[entry])}" for entry in sorted(bodies)]
     frame_low = 0
     for entry in sorted(bodies):
         fn = _FunctionCompiler(program, blocks, frame_bytes, helper_pcs, signature, optimized)
+        fn.arrays, fn.lookups = arrays, lookups
         loops = unrollable_loops(bodies[entry], blocks, code, jumps) if optimized else {}
         strides = {
             head: strided_accesses(loop, blocks, code, jumps) for head, loop in loops.items()
@@ -261,8 +271,9 @@ def build_module(
         total += fn.copied
     parts.append(_entry(entries, signature, blocks, cold))
     return ModuleIR(
-        "\n".join(parts), frozenset(entries), len(bodies), total, frozenset(helper_pcs), frame_low
-    )
+        "\n".join(parts), frozenset(entries), len(bodies), total, frozenset(helper_pcs),
+        frame_low, lookups & helper_pcs, arrays,
+    )  # fmt: skip
 
 
 def _predecessors(lines: Sequence[str]) -> dict[str, set[str]]:
@@ -472,6 +483,12 @@ class _FunctionCompiler:
         self.helper_pcs = helper_pcs
         # Helper call sites by pc -> their slot in the run's native helper table.
         self.call_sites = call_sites(program)
+        # Array maps looked up inline at the `bpf_map_lookup_elem` sites `lookups`
+        # (`inline_lookup`), and each inline lookup's first label -> the label of the
+        # check of the run's mark it must be entered from (`check_entries`).
+        self.arrays: tuple[InlineArray, ...] = ()
+        self.lookups: frozenset[int] = frozenset()
+        self.marked: dict[str, str] = {}
         self.lines: list[str] = []
         self.cold: list[str] = []  # trap exits, emitted after the body
         self.counter = 0
@@ -860,6 +877,10 @@ class _FunctionCompiler:
         rules: list[tuple[str, Callable[[str], bool], str]] = [
             (label, owned_by(unit), f"from {unit} only") for label, unit in self.handed.items()
         ]
+        rules += [  # an inline lookup runs only where the run marked its call site
+            (label, check.__eq__, f"from the check of the mark in {check} only")
+            for label, check in self.marked.items()
+        ]
         for loop in loops.values():
             first = f"u0.pc{loop.head}" if strides.get(loop.head) else f"u1.pc{loop.head}"
             rules.append((first, self.group_checks.__contains__, "past a fuel check only"))
@@ -1120,9 +1141,11 @@ class _FunctionCompiler:
         fuel for the cost) calls `CALL_SYMBOL` with pc, fuel and r1..r5, which
         runs the helper as the interpreter does. Either way a trap the helper
         recorded is in the context's status, and the call unwinds. A `callx` goes
-        through the generic dispatcher.
+        through the generic dispatcher. A `bpf_map_lookup_elem` site of a program with
+        array maps may look them up inline (`inline_lookup`), when the run marks it so.
         """
         self.helper_pcs.add(pc)
+        stored = self.slots  # what the frame held before the call, for an inline lookup
         self.slots = {}  # the helper may write the frame through a pointer
         site = self.call_sites.get(pc)
         if site is None:
@@ -1146,13 +1169,23 @@ class _FunctionCompiler:
         table = self.value(f"load ptr, ptr {self.field('native_helpers')}")
         slot = self.value(f"getelementptr ptr, ptr {table}, i64 {site}")
         function = self.value(f"load ptr, ptr {slot}")
+        status_field = self.field("status")
+        inlined: list[tuple[str, str, str]] = []
+        if self.arrays and pc in self.lookups:
+            mark = self.value(f"ptrtoint ptr {function} to i64")
+            marked = self.value(f"icmp eq i64 {mark}, {INLINE_MARK}")
+            inline, generic = self.new_label(), self.new_label()
+            self.emit(f"br i1 {marked}, label %{inline}, label %{generic}")
+            self.marked[inline] = self.label
+            self.start(inline)
+            inlined = self.inline_lookup(pc, site, fuel, stored, python, merge)
+            self.start(generic)
         costs = self.value(f"load ptr, ptr {self.field('native_costs')}")
         cost_slot = self.value(f"getelementptr i64, ptr {costs}, i64 {site}")
         is_native = self.value(f"icmp ne ptr {function}, null")
         cost = self.value(f"load i64, ptr {cost_slot}")
         affordable = self.value(f"icmp sge i64 {fuel}, {cost}")
         direct = self.value(f"and i1 {is_native}, {affordable}")
-        status_field = self.field("status")
         self.emit(f"br i1 {direct}, label %{native}, label %{python}")
 
         self.start(native)
@@ -1185,11 +1218,75 @@ class _FunctionCompiler:
 
         self.start(merge)
         arms = ((native_r0, native_fuel, native_end), (python_r0, python_fuel, python_end),
-                (limit_r0, limit_fuel, limit_end))  # fmt: skip
+                (limit_r0, limit_fuel, limit_end), *inlined)  # fmt: skip
         r0 = ", ".join(f"[ {value}, %{label} ]" for value, _, label in arms)
         fuels = ", ".join(f"[ {value}, %{label} ]" for _, value, label in arms)
         self.set(0, self.value(f"phi i64 {r0}"))
         self.set(FUEL, self.value(f"phi i64 {fuels}"))
+
+    def inline_lookup(
+        self, pc: int, site: int, fuel: str, stored: dict[int, Slot], fallback: str, merge: str
+    ) -> list[tuple[str, str, str]]:
+        """`bpf_map_lookup_elem(r1, r2)` without calling it, for r1 the handle of one of
+        the arrays of `self.arrays`; any other r1 goes to `fallback` (the Python call,
+        already counted). Each array's arm reads the u32 key at r2 through the usual
+        checked access (the interpreter's fault, at this pc, when it is out of bounds;
+        a frame slot still holding what was `stored` there before the call is forwarded)
+        and counts the call as a native call site does (`native_calls`); r0 is
+        `index < max_entries ? base + index * slot : 0`, the address the helper
+        returns. The arms' (r0, fuel, label), for the phi at `merge`; `fuel` is what
+        is left at the call (a lookup costs nothing more).
+
+        The arms branch, so what they learn of registers and translations is dropped
+        after each: none of it dominates the code after the call. docs/jit.md,
+        "Inline array lookups", argues why this is the helper, exactly.
+        """
+        self.cache[FUEL] = fuel  # not the limit arm's: a fault in the key records it
+        before, dirty = self.state(), set(self.dirty)
+        handle = self.get(1)
+        arrays: Sequence[InlineArray] = self.arrays
+        known = handle.lstrip("-").isdigit()  # a constant (from lddw): decided here
+        if known:
+            arrays = [a for a in arrays if _signed(a.handle) == int(handle)]
+        arms = []
+        for array in arrays:
+            if not known:
+                hit, miss = self.new_label(), self.new_label()
+                same = self.value(f"icmp eq i64 {handle}, {_signed(array.handle)}")
+                self.emit(f"br i1 {same}, label %{hit}, label %{miss}")
+                self.start(hit)
+            counts = self.value(f"load ptr, ptr {self.field('native_calls')}")
+            count_slot = self.value(f"getelementptr i64, ptr {counts}, i64 {site}")
+            count = self.value(f"load i64, ptr {count_slot}")
+            self.emit(f"store i64 {self.value(f'add i64 {count}, 1')}, ptr {count_slot}")
+            index = self.read_key(pc, stored)
+            inside = self.value(f"icmp ult i64 {index}, {array.max_entries}")
+            offset = self.value(f"mul i64 {index}, {array.slot}")
+            address = self.value(f"add i64 {offset}, {_signed(array.base)}")
+            arms.append((self.value(f"select i1 {inside}, i64 {address}, i64 0"), fuel, self.label))
+            self.emit(f"br label %{merge}")
+            self.cache, self.roots, self.translations, self.slots = before
+            before, self.dirty = self.state(), set(dirty)
+            if not known:
+                self.start(miss)
+        if not known or not arrays:
+            self.emit(f"br label %{fallback}")
+        return arms
+
+    def read_key(self, pc: int, stored: dict[int, Slot]) -> str:
+        """The u32 at r2, zero-extended: as `load` reads it, frame slots included."""
+        slot = self.frame_slot(2, 0, 4, pc)
+        value, size, _ = stored.get(slot, ("", 0, None)) if slot is not None else ("", 0, None)
+        if size >= 4:  # the low bytes of what was stored (little-endian)
+            return self.value(f"zext i32 {self.narrow(value, 'i32')} to i64")
+
+        def load(host: str, qualifier: str) -> str:
+            key = self.value(f"load {qualifier}i32, ptr {host}, align 1")
+            return self.value(f"zext i32 {key} to i64")
+
+        key = self.access(2, 0, 4, Access.READ, pc, load, "i64")
+        assert key is not None
+        return key
 
     def unwind_on_status(self, status_field: str) -> None:
         """Unwind if the call just made recorded a trap (its fuel is in the context)."""

@@ -59,6 +59,7 @@ from bpfexec.vm.jit.compiler import (
 )
 from bpfexec.vm.jit.context import Access, Context, Status
 from bpfexec.vm.jit.limits import TierLimits, over_limit, tier_limits
+from bpfexec.vm.jit.maps import INLINE_MARK, InlineArray, maps_match, site_inlines
 from bpfexec.vm.limits import Limits
 from bpfexec.vm.machine import Machine
 from bpfexec.vm.memory import OFFSET_MASK, REGION_COUNT, REGION_SHIFT
@@ -113,6 +114,10 @@ class NativeCode:
     blocks: int  # eBPF blocks translated
     engine: object = field(repr=False)  # owns the machine code: keep it alive
     object_bytes: int = 0  # size of the object code loaded
+    # `bpf_map_lookup_elem` sites that look up these arrays inline when a run marks
+    # them (`_native_helper_tables`, `bpfexec.vm.jit.maps`)
+    inline_lookups: frozenset[int] = frozenset()
+    inline_arrays: tuple[InlineArray, ...] = ()
 
 
 @dataclass
@@ -379,6 +384,8 @@ def _native_code(
         blocks=module.blocks,
         engine=engine,
         object_bytes=len(code),
+        inline_lookups=module.inline_lookups,
+        inline_arrays=module.inline_arrays,
     )
 
 
@@ -519,16 +526,24 @@ def _map_regions(ctx: Context, machine: Machine) -> list[object]:
     return keep
 
 
-def _native_helper_tables(ctx: Context, machine: Machine) -> list[object]:
+def _native_helper_tables(ctx: Context, machine: Machine, code: NativeCode) -> list[object]:
     """Fill the context's per-call-site tables of native helpers, their costs and
     call counts; return what must stay alive, the counts last. Runs without native
-    helpers share empty tables (and count nothing)."""
+    helpers or inline lookups share empty tables (and count nothing).
+
+    A site whose lookup `code` may run inline is marked `INLINE_MARK` when this run's
+    helper there is the Linux lookup and its maps are the ones compiled for
+    (`bpfexec.vm.jit.maps`); unmarked, it calls the helper as any other site."""
     sites = call_sites(machine.program)
     natives = {
         slot: (address, helper.cost)
         for pc, slot in sites.items()
         if (address := native_address((helper := machine.helpers[pc]).fn))
     }
+    if code.inline_lookups and maps_match(machine, code.inline_arrays):
+        for pc in code.inline_lookups:
+            if site_inlines(machine, pc):
+                natives[sites[pc]] = (INLINE_MARK, 0)
     if not natives:
         functions, costs = _empty_tables(len(sites))
         calls = None
@@ -592,7 +607,7 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
     flag = ctypes.c_int64(0)
     ctx.interrupt = ctypes.addressof(flag)
     keep = _map_regions(ctx, machine)
-    tables = _native_helper_tables(ctx, machine)
+    tables = _native_helper_tables(ctx, machine, code)
     keep.extend(tables)
     max_calls = machine.limits.max_helper_calls
     ctx.helper_calls_left = max_calls - machine.helper_calls
