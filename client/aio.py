@@ -14,7 +14,7 @@ the event loop, one call at a time per execution, as the protocol requires.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -23,24 +23,29 @@ import grpc
 from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
 from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 from bpfexec.client.client import (
+    BPF_ANY,
     DEFAULT_MAX_MESSAGE_BYTES,
     MASK64,
     Arg,
+    Entries,
     HelperKey,
     Helpers,
     PathLike,
     bearer_metadata,
     called_helper,
+    can_reload,
     channel_credentials,
     describe,
     execute_request,
     helper_table,
+    module_id_of,
     open_channel,
     result_message,
     start_message,
+    update_state_request,
 )
 from bpfexec.client.errors import MemoryFault, NotFound, ProtocolError, from_rpc_error
-from bpfexec.client.types import Helper, Module, Result
+from bpfexec.client.types import Event, Helper, Module, Result, State
 
 __all__ = ["AsyncClient", "AsyncHelperCall"]
 
@@ -99,8 +104,7 @@ class AsyncClient:
         return [Module.from_pb(module) for module in response.modules]
 
     async def delete_module(self, module: str | Module) -> None:
-        module_id = module.id if isinstance(module, Module) else module
-        await self._call(self._stub.DeleteModule, pb.DeleteModuleRequest(id=module_id))
+        await self._call(self._stub.DeleteModule, pb.DeleteModuleRequest(id=module_id_of(module)))
 
     async def list_helpers(self) -> list[Helper]:
         response = await self._call(self._stub.ListHelpers, pb.ListHelpersRequest())
@@ -114,29 +118,34 @@ class AsyncClient:
         fuel: int | None = None,
         timeout: float | None = None,
         helpers: Helpers | None = None,
+        *,
+        state: str | None = None,
+        dump_maps: bool = False,
     ) -> Result:
         """Run a function; see `Client.execute`. Helper fns may be `async def`."""
-        request = execute_request(module, function, args, fuel)
+        request = execute_request(module, function, args, fuel, state, dump_maps)
         timeout = self.timeout if timeout is None else timeout
         table = helper_table(helpers) if helpers is not None else None
         try:
-            response = await self._execute_once(request, timeout, table)
-        except NotFound:
-            if not isinstance(module, Module) or not module.code:
+            response, events = await self._execute_once(request, timeout, table)
+        except NotFound as exc:
+            if not can_reload(module, exc):
                 raise
-            await self.load(module.code, module.name)
-            response = await self._execute_once(request, timeout, table)
-        return Result.from_pb(response)
+            await self.load(module.code, module.name)  # type: ignore[union-attr]
+            response, events = await self._execute_once(request, timeout, table)
+        return Result.from_pb(response, dump_maps=dump_maps, streamed=events)
 
     async def _execute_once(
         self,
         request: pb.ExecuteRequest,
         timeout: float | None,
         table: dict[HelperKey, Callable[..., Any]] | None,
-    ) -> pb.ExecuteResponse:
+    ) -> tuple[pb.ExecuteResponse, list[Event]]:
+        """The response, and the events a stream sent before it."""
         if table is None:
             response: pb.ExecuteResponse = await self._call(self._stub.Execute, request, timeout)
-            return response
+            return response, []
+        events: list[Event] = []
         stream = self._stub.ExecuteStream(timeout=timeout, metadata=self._metadata)
         try:
             await stream.write(start_message(request, table))
@@ -149,7 +158,10 @@ class AsyncClient:
                     await stream.done_writing()  # half-close: nothing more to send
                     await _read_to_end(stream)
                     outcome: pb.ExecuteResponse = message.result
-                    return outcome
+                    return outcome, events
+                if kind == "event":
+                    events.append(Event(message.event.map, message.event.data))
+                    continue
                 if kind != "helper_call":
                     raise ProtocolError(f"unexpected {kind} from the server outside a helper call")
                 call = AsyncHelperCall(message.helper_call, stream)
@@ -165,6 +177,44 @@ class AsyncClient:
             # itself, and a cancel racing the server's status would make it CANCELLED.
             if not stream.done():
                 stream.cancel()
+
+    # Named states: see `Client.list_states` and the methods after it.
+
+    async def list_states(self, module: str | Module | None = None) -> list[State]:
+        request = pb.ListStatesRequest(module_id=module_id_of(module) if module else "")
+        response = await self._call(self._stub.ListStates, request)
+        return [State.from_pb(state) for state in response.states]
+
+    async def get_state(self, module: str | Module, state: str, map: str | None = None) -> State:
+        request = pb.GetStateRequest(module_id=module_id_of(module), state=state, map=map or "")
+        response = await self._call(self._stub.GetState, request)
+        return State.from_pb(response.state, response.maps)
+
+    async def update_state(
+        self, module: str | Module, state: str, map: str, entries: Entries, flags: int = BPF_ANY
+    ) -> list[int]:
+        pairs = list(entries.items()) if isinstance(entries, Mapping) else list(entries)
+        request = update_state_request(module, state, map, pairs, flags)
+        try:
+            response = await self._call(self._stub.UpdateStateEntries, request)
+        except NotFound as exc:
+            if not can_reload(module, exc):
+                raise
+            await self.load(module.code, module.name)  # type: ignore[union-attr]
+            response = await self._call(self._stub.UpdateStateEntries, request)
+        return list(response.results)
+
+    async def delete_state_entries(
+        self, module: str | Module, state: str, map: str, keys: Iterable[bytes]
+    ) -> list[int]:
+        request = pb.DeleteStateEntriesRequest(
+            module_id=module_id_of(module), state=state, map=map, keys=[bytes(k) for k in keys]
+        )
+        return list((await self._call(self._stub.DeleteStateEntries, request)).results)
+
+    async def delete_state(self, module: str | Module, state: str) -> None:
+        request = pb.DeleteStateRequest(module_id=module_id_of(module), state=state)
+        await self._call(self._stub.DeleteState, request)
 
     async def _call(self, method: Any, request: object, timeout: float | None = None) -> Any:
         try:

@@ -1,8 +1,9 @@
 """The `bpfexec` command line.
 
-Subcommands: `run` (locally, or on a server with `--server`), `disasm`, `asm`,
-`conformance-plugin`, and the server-side ones registered by
-`bpfexec.client.cli_remote` (`serve`, `health`).
+Subcommands: `run` (locally, or on a server with `--server`, optionally on a
+named state with `--state`), `disasm`, `asm`, `conformance-plugin`, and the
+server-side ones registered by `bpfexec.client.cli_remote` (`serve`, `health`,
+`state`).
 
 Exit status: 0 on success, 3 when the program trapped (the result is still
 printed), 2 on bad input or usage, with one line on stderr and no traceback.
@@ -150,7 +151,6 @@ def _check_mode(args: argparse.Namespace) -> None:
             ("--native-helpers", args.native_helpers),
             ("--trace", args.trace),
             ("--repeat", args.repeat != 1),
-            ("--dump-maps", args.dump_maps),
             ("--engine", args.engine is not None),
         ) if given]  # fmt: skip
         local += [_flag(name) for name in _limit_names() if getattr(args, name, None) is not None]
@@ -161,6 +161,11 @@ def _check_mode(args: argparse.Namespace) -> None:
                 "server has its own helpers, engine and limits; offer helpers with "
                 "--remote-helpers)"
             )
+    elif args.state is not None:
+        raise UsageError(
+            "--state needs --server (named states live on a server; locally, --repeat N "
+            "runs N times on the same maps)"
+        )
     elif args.remote_helpers:
         raise UsageError("--remote-helpers needs --server (locally, use --helpers)")
     elif any(getattr(args, flag, None) for flag in _CONNECTION_FLAGS):
@@ -205,6 +210,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             run_args,
             args.fuel,
             remote_helpers=args.remote_helpers,
+            state=args.state,
+            dump_maps=args.dump_maps,
             **connection_options(args),
         )
         return print_result(remote, args.json)
@@ -392,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trace", action="store_true", help="trace every instruction on stderr")
     run.add_argument("--server", metavar="HOST:PORT", help="run on a bpfexec server")
     run.add_argument(
+        "--state", metavar="NAME",
+        help="with --server: run on the maps of this named state, kept by the server "
+        "between runs (docs/states.md)",
+    )  # fmt: skip
+    run.add_argument(
         "--remote-helpers",
         action="append",
         default=[],
@@ -419,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_connection_arguments,
             add_health_parser,
             add_serve_parser,
+            add_state_parser,
         )
     except ImportError:
         pass
@@ -426,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_connection_arguments(run)  # with --server
         add_serve_parser(sub)
         add_health_parser(sub)
+        add_state_parser(sub)
     return parser
 
 

@@ -8,8 +8,11 @@
 - `add_connection_arguments(parser)`: `--token` (or `BPFEXEC_TOKEN`, which
   keeps the secret out of the process list), `--tls`, `--tls-ca`,
   `--tls-cert`, `--tls-key`, shared by `health` and `run --server`.
-- `run_remote(...)`: what `bpfexec run FILE --server HOST:PORT` does; it
-  returns the same dict as a local run so `bpfexec.client.cli` prints both alike.
+- `run_remote(...)`: what `bpfexec run FILE --server HOST:PORT [--state NAME]`
+  does; it returns the same dict as a local run so `bpfexec.client.cli` prints
+  both alike.
+- `bpfexec state list|show|delete --server HOST:PORT [--module FILE|ID]`: the
+  caller's named states on a server (docs/states.md).
 
 `bpfexec.client.cli` owns the parser and registers these subcommands. The server is
 imported only by `serve`, so the client side stays light.
@@ -19,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bpfexec.client.client import Client, PathLike, bearer_metadata, channel_credentials
 from bpfexec.client.errors import InvalidArgument
+from bpfexec.client.types import State
 
 EXIT_OK = 0
 EXIT_UNHEALTHY = 1
@@ -172,6 +178,8 @@ def run_remote(
     *,
     timeout: float | None = None,
     remote_helpers: Sequence[str] = (),
+    state: str | None = None,
+    dump_maps: bool = False,
     token: str | None = None,
     tls: bool | PathLike = False,
     tls_cert: PathLike | None = None,
@@ -181,7 +189,8 @@ def run_remote(
 
     `remote_helpers` are `MODULE:ATTR` specs of `bpfexec.vm.HelperRegistry`s whose
     helpers this process answers over an ExecuteStream (by number and name);
-    `token` and the TLS arguments are those of `Client`.
+    `state` names the server's state to run on, `dump_maps` adds the maps after
+    the run; `token` and the TLS arguments are those of `Client`.
     Raises `bpfexec.client.errors.BpfexecError` subclasses with the server's message.
     """
     helpers = _remote_registry(remote_helpers) if remote_helpers else None
@@ -189,7 +198,92 @@ def run_remote(
         server, timeout=timeout, token=token, tls=tls, tls_cert=tls_cert, tls_key=tls_key
     ) as client:
         module = client.load(code, name)
-        return client.execute(module, function, args, fuel, helpers=helpers).to_dict()
+        result = client.execute(
+            module, function, args, fuel, helpers=helpers, state=state, dump_maps=dump_maps
+        )
+        return result.to_dict()
+
+
+def add_state_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`bpfexec state list|show|delete`: the named states of a server (docs/states.md)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "state", help="list, show or delete the named states of a bpfexec server"
+    )
+    actions = parser.add_subparsers(dest="action", required=True, parser_class=type(parser))
+    listing = actions.add_parser("list", help="the caller's states (NAME MODULE BYTES MAPS)")
+    show = actions.add_parser("show", help="a state's maps and their entries")
+    delete = actions.add_parser("delete", help="forget a state and its maps")
+    for action in (show, delete):
+        action.add_argument("name", help="the state's name")
+    for action in (listing, show, delete):
+        action.add_argument(
+            "--module",
+            metavar="FILE|ID",
+            required=action is not listing,
+            help="the state's module: its file (uploaded to learn its id) or its sha256: id"
+            + (" (list: only this module's states)" if action is listing else ""),
+        )
+        action.add_argument("--server", required=True, metavar="HOST:PORT", help="the server")
+        action.add_argument("--json", action="store_true", help="print JSON")
+        action.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+        add_connection_arguments(action)
+        action.set_defaults(handler=state_command)
+    show.add_argument("--map", help="only this map")
+    return parser
+
+
+def state_command(namespace: argparse.Namespace) -> int:
+    """Raises `bpfexec.client.errors.BpfexecError` with the server's message (the CLI
+    prints it as one line)."""
+    with Client(
+        namespace.server, timeout=namespace.timeout, **connection_options(namespace)
+    ) as client:
+        module = _module_id(client, namespace.module) if namespace.module else None
+        if namespace.action == "list":
+            states = client.list_states(module)
+            if namespace.json:
+                print(json.dumps([_state_dict(state) for state in states]))
+            for state in states if not namespace.json else ():
+                maps = ",".join(state.map_names) or "-"
+                print(f"{state.name}\t{state.module_id}\t{state.map_bytes}\t{maps}")
+        elif namespace.action == "show":
+            assert module is not None  # --module is required
+            state = client.get_state(module, namespace.name, namespace.map)
+            if namespace.json:
+                print(json.dumps(_state_dict(state)))
+            for name, dump in state.maps.items() if not namespace.json else ():
+                print(f"map {name} ({dump.type}, {len(dump.entries)} entries):")
+                for key, value in dump.entries:
+                    print(f"  {key.hex()}: {value.hex()}")
+        else:
+            assert module is not None
+            client.delete_state(module, namespace.name)
+    return EXIT_OK
+
+
+def _module_id(client: Client, module: str) -> str:
+    """A module id as given, or the id of the file `module` names (uploaded once)."""
+    if module.startswith("sha256:"):
+        return module
+    try:
+        code = Path(module).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(
+            f"--module {module}: cannot read it ({exc.strerror or exc}); give a file or a "
+            "sha256: module id",
+            _INVALID,
+        ) from None
+    return client.load(code, Path(module).name).id
+
+
+def _state_dict(state: State) -> dict[str, Any]:
+    return {
+        "name": state.name,
+        "module_id": state.module_id,
+        "map_bytes": state.map_bytes,
+        "map_names": list(state.map_names),
+        "maps": {name: dump.to_dict() for name, dump in state.maps.items()},
+    }
 
 
 def _remote_registry(specs: Sequence[str]) -> Any:

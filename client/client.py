@@ -34,9 +34,9 @@ from bpfexec.client.errors import (
     ProtocolError,
     from_rpc_error,
 )
-from bpfexec.client.types import Helper, Module, Result
+from bpfexec.client.types import Event, Helper, Module, Result, State
 
-__all__ = ["Client", "HelperCall", "channel_credentials"]
+__all__ = ["BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "Client", "HelperCall", "channel_credentials"]
 
 MASK64 = (1 << 64) - 1
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # the server's default; gRPC's own is only 4 MiB
@@ -50,6 +50,9 @@ HelperKey = int | str
 Helpers = Mapping[HelperKey, Callable[..., Any]] | Iterable[Any]
 PathLike = str | os.PathLike[str]
 Metadata = tuple[tuple[str, str], ...]
+# What `update_state` takes: {key: value} or (key, value) pairs, as bytes.
+Entries = Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]]
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2  # update flags, as the kernel's
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT  # checked here, reported like the server would
 
 
@@ -120,7 +123,7 @@ class Client:
 
     def delete_module(self, module: str | Module) -> None:
         """Drop a module from the server's cache; NotFound if it was not cached."""
-        self._call(self._stub.DeleteModule, pb.DeleteModuleRequest(id=_module_id(module)))
+        self._call(self._stub.DeleteModule, pb.DeleteModuleRequest(id=module_id_of(module)))
 
     def list_helpers(self) -> list[Helper]:
         """The helpers the server answers in-process."""
@@ -135,6 +138,9 @@ class Client:
         fuel: int | None = None,
         timeout: float | None = None,
         helpers: Helpers | None = None,
+        *,
+        state: str | None = None,
+        dump_maps: bool = False,
     ) -> Result:
         """Run `function` (default: the first exported one) of a module.
 
@@ -155,28 +161,35 @@ class Client:
         An exception raised by `fn` ends the run with a HELPER_ERROR trap
         carrying its message. A helper the server answers in-process cannot be
         offered (InvalidArgument).
+
+        `state` names a state on the server whose maps the program runs on
+        (created on first use, shared with every execution naming it;
+        docs/states.md); `dump_maps` returns the maps after the run in
+        `Result.maps`. Ring buffer records are in `Result.events`.
         """
-        request = execute_request(module, function, args, fuel)
+        request = execute_request(module, function, args, fuel, state, dump_maps)
         timeout = self.timeout if timeout is None else timeout
         table = helper_table(helpers) if helpers is not None else None
         try:
-            response = self._execute_once(request, timeout, table)
-        except NotFound:
-            if not isinstance(module, Module) or not module.code:
+            response, events = self._execute_once(request, timeout, table)
+        except NotFound as exc:
+            if not can_reload(module, exc):
                 raise
-            self.load(module.code, module.name)
-            response = self._execute_once(request, timeout, table)
-        return Result.from_pb(response)
+            self.load(module.code, module.name)  # type: ignore[union-attr]
+            response, events = self._execute_once(request, timeout, table)
+        return Result.from_pb(response, dump_maps=dump_maps, streamed=events)
 
     def _execute_once(
         self,
         request: pb.ExecuteRequest,
         timeout: float | None,
         table: dict[HelperKey, Callable[..., Any]] | None,
-    ) -> pb.ExecuteResponse:
+    ) -> tuple[pb.ExecuteResponse, list[Event]]:
+        """The response, and the events a stream sent before it."""
         if table is None:
             response: pb.ExecuteResponse = self._call(self._stub.Execute, request, timeout)
-            return response
+            return response, []
+        events: list[Event] = []
         outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None] = queue.SimpleQueue()
         outbox.put(start_message(request, table))
         responses = self._stub.ExecuteStream(
@@ -189,7 +202,10 @@ class Client:
                     outbox.put(None)  # half-close: nothing more to send
                     _read_to_end(responses)
                     result: pb.ExecuteResponse = message.result
-                    return result
+                    return result, events
+                if kind == "event":
+                    events.append(Event(message.event.map, message.event.data))
+                    continue
                 if kind != "helper_call":
                     raise ProtocolError(f"unexpected {kind} from the server outside a helper call")
                 call = HelperCall(message.helper_call, outbox, responses)
@@ -203,6 +219,62 @@ class Client:
             # itself, and a cancel racing the server's status would make it CANCELLED.
             if responses.is_active():
                 responses.cancel()
+
+    # Named states (docs/states.md): the caller's own, per module.
+
+    def list_states(self, module: str | Module | None = None) -> list[State]:
+        """The caller's states on the server (of `module` only, if given)."""
+        request = pb.ListStatesRequest(module_id=module_id_of(module) if module else "")
+        response = self._call(self._stub.ListStates, request)
+        return [State.from_pb(state) for state in response.states]
+
+    def get_state(self, module: str | Module, state: str, map: str | None = None) -> State:
+        """A state with the contents of its maps (or of `map` alone); NotFound if either
+        does not exist."""
+        request = pb.GetStateRequest(module_id=module_id_of(module), state=state, map=map or "")
+        response = self._call(self._stub.GetState, request)
+        return State.from_pb(response.state, response.maps)
+
+    def update_state(
+        self,
+        module: str | Module,
+        state: str,
+        map: str,
+        entries: Entries,
+        flags: int = BPF_ANY,
+    ) -> list[int]:
+        """Set entries of a state's map, as `bpf_map_update_elem(map, key, value, flags)`;
+        each entry's result: 0 or the kernel's negative errno (-EEXIST, -ENOENT, -E2BIG).
+
+        A state that does not exist yet is created for the module (seeding: its
+        first execution then starts from these entries). Keys and values must
+        have the map's sizes (InvalidArgument otherwise, and nothing changes).
+        """
+        pairs = list(entries.items()) if isinstance(entries, Mapping) else list(entries)
+        request = update_state_request(module, state, map, pairs, flags)
+        try:
+            response = self._call(self._stub.UpdateStateEntries, request)
+        except NotFound as exc:
+            if not can_reload(module, exc):
+                raise
+            self.load(module.code, module.name)  # type: ignore[union-attr]
+            response = self._call(self._stub.UpdateStateEntries, request)
+        return list(response.results)
+
+    def delete_state_entries(
+        self, module: str | Module, state: str, map: str, keys: Iterable[bytes]
+    ) -> list[int]:
+        """Delete keys of a state's map, as `bpf_map_delete_elem`; each key's result
+        (0, -ENOENT for a missing key, -EINVAL for an array)."""
+        request = pb.DeleteStateEntriesRequest(
+            module_id=module_id_of(module), state=state, map=map, keys=[bytes(k) for k in keys]
+        )
+        return list(self._call(self._stub.DeleteStateEntries, request).results)
+
+    def delete_state(self, module: str | Module, state: str) -> None:
+        """Forget a state and its maps; NotFound if it does not exist."""
+        request = pb.DeleteStateRequest(module_id=module_id_of(module), state=state)
+        self._call(self._stub.DeleteState, request)
 
     def _call(self, method: Callable[..., T], request: object, timeout: float | None = None) -> T:
         try:
@@ -366,14 +438,41 @@ def helper_table(helpers: Helpers) -> dict[HelperKey, Callable[..., Any]]:
 
 
 def execute_request(
-    module: str | Module, function: str | None, args: Sequence[Arg], fuel: int | None
+    module: str | Module,
+    function: str | None,
+    args: Sequence[Arg],
+    fuel: int | None,
+    state: str | None = None,
+    dump_maps: bool = False,
 ) -> pb.ExecuteRequest:
     return pb.ExecuteRequest(
-        module_id=_module_id(module),
+        module_id=module_id_of(module),
         function=function or "",
         args=[_argument(i, arg) for i, arg in enumerate(args, start=1)],
         fuel=fuel or 0,
+        state=state or "",
+        dump_maps=dump_maps,
     )
+
+
+def update_state_request(
+    module: str | Module, state: str, map: str, entries: Sequence[tuple[bytes, bytes]], flags: int
+) -> pb.UpdateStateEntriesRequest:
+    if isinstance(flags, bool) or not 0 <= flags <= MASK64:
+        raise InvalidArgument(f"flags {flags!r}: expected BPF_ANY, NOEXIST or EXIST", _INVALID)
+    return pb.UpdateStateEntriesRequest(
+        module_id=module_id_of(module),
+        state=state,
+        map=map,
+        entries=[pb.MapEntry(key=bytes(k), value=bytes(v)) for k, v in entries],
+        flags=flags,
+    )
+
+
+def can_reload(module: str | Module, error: NotFound) -> bool:
+    """Whether `error` says the server lacks a module this client can upload again."""
+    reloadable = isinstance(module, Module) and bool(module.code)
+    return reloadable and error.reason in ("MODULE_NOT_FOUND", "")
 
 
 def start_message(
@@ -443,7 +542,7 @@ def _drain(outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None]) -> Iterato
     return iter(outbox.get, None)
 
 
-def _module_id(module: str | Module) -> str:
+def module_id_of(module: str | Module) -> str:
     return module.id if isinstance(module, Module) else module
 
 

@@ -7,6 +7,7 @@ every field is documented.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
@@ -114,8 +115,73 @@ class Trap:
 
 
 @dataclass(frozen=True)
+class MapDump:
+    """A map and its entries, as (key, value) byte pairs (arrays: non-zero elements)."""
+
+    type: str  # hash, array, lru_hash, percpu_hash, percpu_array
+    key_size: int
+    value_size: int
+    max_entries: int
+    entries: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def from_pb(cls, message: pb.MapDump) -> MapDump:
+        return cls(
+            type=message.type,
+            key_size=message.key_size,
+            value_size=message.value_size,
+            max_entries=message.max_entries,
+            entries=tuple((entry.key, entry.value) for entry in message.entries),
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """The `--dump-maps` JSON shape of a map (keys and values in hex)."""
+        return {
+            "type": self.type,
+            "key_size": self.key_size,
+            "value_size": self.value_size,
+            "max_entries": self.max_entries,
+            "entries": [{"key": key.hex(), "value": value.hex()} for key, value in self.entries],
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    """A record the program submitted to a ring buffer: the map's name and the bytes."""
+
+    map: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class State:
+    """A named state on the server: the maps one module's executions share under a name.
+
+    `maps` holds contents only when read with `get_state`; `list_states` leaves it empty.
+    """
+
+    name: str
+    module_id: str
+    map_bytes: int
+    map_names: tuple[str, ...]
+    maps: Mapping[str, MapDump] = field(default_factory=dict)
+
+    @classmethod
+    def from_pb(cls, message: pb.State, maps: Mapping[str, pb.MapDump] | None = None) -> State:
+        return cls(
+            name=message.name,
+            module_id=message.module_id,
+            map_bytes=message.map_bytes,
+            map_names=tuple(message.maps),
+            maps=_ordered_maps(maps or {}, message.maps),
+        )
+
+
+@dataclass(frozen=True)
 class Result:
-    """What an execution did: r0, fuel used, the trap if any, log lines, final buffers."""
+    """What an execution did: r0, fuel used, the trap if any, log lines, final buffers;
+    the maps after the run if they were asked for (`dump_maps=True`), and the ring
+    buffer records if the program has a ring buffer (else None)."""
 
     return_value: int
     fuel_used: int
@@ -123,9 +189,20 @@ class Result:
     log: tuple[str, ...]
     buffers: tuple[bytes, ...]
     duration_ns: int = 0
+    maps: Mapping[str, MapDump] | None = None
+    events: tuple[Event, ...] | None = None
 
     @classmethod
-    def from_pb(cls, message: pb.ExecuteResponse) -> Result:
+    def from_pb(
+        cls,
+        message: pb.ExecuteResponse,
+        *,
+        dump_maps: bool = False,
+        streamed: Sequence[Event] = (),
+    ) -> Result:
+        """`dump_maps`: the request asked for the maps; `streamed`: the events an
+        ExecuteStream sent before its result (which then does not repeat them)."""
+        events = tuple(streamed) + tuple(Event(e.map, e.data) for e in message.events)
         return cls(
             return_value=message.return_value,
             fuel_used=message.fuel_used,
@@ -133,11 +210,13 @@ class Result:
             log=tuple(message.log),
             buffers=tuple(message.buffers),
             duration_ns=message.duration_ns,
+            maps=_ordered_maps(message.maps, ()) if dump_maps else None,
+            events=events if events or message.ring_buffer else None,
         )
 
     def to_dict(self) -> dict[str, object]:
         """The JSON shape of `bpfexec run` (buffers in hex), the same for local and remote runs."""
-        return {
+        shown: dict[str, object] = {
             "return_value": None if self.trap else self.return_value,  # a trap returns nothing
             "fuel_used": self.fuel_used,
             "trap": None if self.trap is None else {
@@ -152,3 +231,16 @@ class Result:
             "buffers": [buf.hex() for buf in self.buffers],
             "duration_ns": self.duration_ns,
         }  # fmt: skip
+        if self.events is not None:
+            shown["events"] = [{"map": e.map, "data": e.data.hex()} for e in self.events]
+        if self.maps is not None:
+            shown["maps"] = {name: dump.to_dict() for name, dump in self.maps.items()}
+        return shown
+
+
+def _ordered_maps(maps: Mapping[str, pb.MapDump], order: Sequence[str]) -> dict[str, MapDump]:
+    """Maps by name in `order` (the program's, when known), the rest by name: a
+    protobuf map field has no order of its own."""
+    names = [name for name in order if name in maps]
+    names += sorted(name for name in maps if name not in names)
+    return {name: MapDump.from_pb(maps[name]) for name in names}

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -35,6 +36,8 @@ from bpfexec.server.registry import build_registry
 from bpfexec.server.request_log import RequestLogInterceptor
 from bpfexec.server.service import ExecutorServicer, add_to_server
 from bpfexec.server.settings import Settings
+from bpfexec.server.state_files import StateFiles
+from bpfexec.server.states import StateRegistry
 from bpfexec.server.store import ModuleStore
 
 log = logging.getLogger(__name__)
@@ -79,8 +82,9 @@ class RunningServer:
             self.metrics_http.server_close()
 
 
-async def start(settings: Settings) -> RunningServer:
-    """Build and start the gRPC server (and the metrics HTTP server) for `settings`."""
+async def start(settings: Settings, worker: int | None = None) -> RunningServer:
+    """Build and start the gRPC server (and the metrics HTTP server) for `settings`;
+    `worker` is the index of this process under `--workers N` (its own named states)."""
     metrics = Metrics()
     authenticator = (
         Authenticator.from_file(settings.auth_tokens_file, settings.auth_reload_interval)
@@ -114,10 +118,20 @@ async def start(settings: Settings) -> RunningServer:
             settings.jit_optimized_max_function_instructions,
             settings.jit_optimized_max_instructions,
         ),
+        states=StateRegistry(
+            metrics=metrics,
+            max_state_bytes=settings.max_state_bytes,
+            max_states_bytes=settings.max_states_bytes,
+            max_states=settings.max_states,
+            files=StateFiles(state_directory(settings.store, worker)) if settings.store else None,
+        ),
     )
     if service.store is not None:
         restored = await asyncio.to_thread(service.restore)
-        log.info("module store %s: %d modules restored", settings.store, restored)
+        states = await asyncio.to_thread(service.restore_states)
+        log.info(
+            "store %s: %d modules and %d named states restored", settings.store, restored, states
+        )
     tenant_of = authenticator.tenant_of if authenticator is not None else None
     # Order matters: the metrics interceptor caches handlers by method, so it
     # must come after (inside) the one that may refuse a call. The request
@@ -195,10 +209,17 @@ async def start(settings: Settings) -> RunningServer:
     )
 
 
-async def serve(settings: Settings) -> None:
+def state_directory(store: str, worker: int | None = None) -> Path:
+    """Where the named states of `--store DIR` live: `DIR/states`, or with `--workers N`
+    `DIR/states/worker-<n>` (each worker process has states of its own)."""
+    states = Path(store) / "states"
+    return states if worker is None else states / f"worker-{worker}"
+
+
+async def serve(settings: Settings, worker: int | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the tokens."""
     sys.setswitchinterval(SWITCH_INTERVAL)
-    running = await start(settings)
+    running = await start(settings, worker)
     log.info(
         "serving %s on %s with the %s engine (metrics: %s)",
         SERVICE_NAME,

@@ -30,6 +30,12 @@ the caller's `tenant`, and a module another tenant uploaded is, to this
 caller, a module that does not exist (unless `shared_modules`). With a
 `ModuleStore`, every accepted module is written to disk before the upload
 returns, and a module missing from the cache is read back from the store.
+
+An execution naming a state runs on that state's maps (`bpfexec.server.states`,
+created on first use) and its change is written to the store, if any, before
+it returns; deleting a module deletes the caller's states of it. The state
+methods (`list_states`, `get_state`, `update_entries`, `delete_entries`,
+`delete_state`) check the caller's tenant the same way.
 """
 
 from __future__ import annotations
@@ -41,10 +47,21 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from bpfexec.server.cache import CachedModule, ModuleCache
 from bpfexec.server.metrics import Metrics
+from bpfexec.server.states import (
+    MapContents,
+    State,
+    StateKey,
+    StateNotFound,
+    StateRegistry,
+    check_state_name,
+    map_contents,
+    new_map_set,
+)
 from bpfexec.server.store import ModuleStore
 from bpfexec.vm import (
     Helper,
@@ -61,10 +78,11 @@ from bpfexec.vm import (
     TrapKind,
     execute,
 )
-from bpfexec.vm.helpers import HelperFn, HelperResolver
+from bpfexec.vm.helpers import Event, HelperFn, HelperResolver
 from bpfexec.vm.interpreter import program_blocks
 from bpfexec.vm.loader import load
-from bpfexec.vm.machine import Argument
+from bpfexec.vm.machine import Argument, get_engine, prepare, run
+from bpfexec.vm.maps import MapSet
 
 if TYPE_CHECKING:
     from bpfexec.vm.jit.limits import TierLimits
@@ -120,8 +138,30 @@ class DeadlineExceeded(ServiceError):
         )
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One execution as the pool thread runs it."""
+
+    program: Program
+    function: str | None
+    args: Sequence[Argument]
+    fuel: int
+    resolver: HelperResolver
+    interrupt: Interrupt
+    state: State | None  # the named state whose maps it runs on; None: fresh maps
+    dump_maps: bool
+
+
+@dataclass(frozen=True)
+class Execution:
+    """What an execution did (`result`) and, if asked for, its maps after the run."""
+
+    result: Result
+    maps: dict[str, MapContents] | None = None
+
+
 class ExecutionService:
-    """Modules and executions of one server."""
+    """Modules, executions and named states of one server."""
 
     def __init__(
         self,
@@ -142,8 +182,10 @@ class ExecutionService:
         # (instructions per function, instructions in all) of the quick and optimized tiers
         jit_quick_limits: tuple[int, int] = (65536, 131072),
         jit_optimized_limits: tuple[int, int] = (4096, 16384),
+        states: StateRegistry | None = None,
     ) -> None:
         self.limits = limits
+        self.states = states if states is not None else StateRegistry(metrics=metrics)
         self.remote_helper_timeout = remote_helper_timeout  # seconds per remote helper call
         self.engine = engine
         self.max_concurrent = max_concurrent
@@ -275,6 +317,7 @@ class ExecutionService:
     async def delete(self, module_id: str, tenant: str = "") -> None:
         """Forget a module for `tenant`; it is gone once no tenant that uploaded it remains."""
         module = await self.get(module_id, tenant)
+        await asyncio.to_thread(self.states.delete_module, module.id, tenant)
         module.tenants.discard(tenant)
         if self.shared_modules or not module.tenants:
             self.cache.delete(module_id, self._namespace(tenant))
@@ -324,6 +367,64 @@ class ExecutionService:
         """Whether a call site's helper reference is answered in-process."""
         return ref in self._registry
 
+    # Named states (`bpfexec.server.states`): every method is for the caller's tenant.
+
+    def list_states(self, tenant: str = "", module_id: str = "") -> list[State]:
+        return self.states.states(tenant, module_id)
+
+    async def get_state(
+        self, module_id: str, name: str, map_name: str = "", tenant: str = ""
+    ) -> tuple[State, dict[str, MapContents]]:
+        """A state and its maps' contents (every map, or `map_name`'s)."""
+        state = self.states.get(StateKey(tenant, module_id, name))
+        return state, await asyncio.to_thread(self.states.read, state, map_name or None)
+
+    async def update_entries(
+        self,
+        module_id: str,
+        name: str,
+        map_name: str,
+        entries: Sequence[tuple[bytes, bytes]],
+        flags: int,
+        tenant: str = "",
+    ) -> tuple[list[int], bool]:
+        """Set entries of a state's map (each one's errno result); a state that does not
+        exist is created for the module first (seeding). (results, whether created)."""
+        key = StateKey(tenant, module_id, name)
+        check_state_name(name)
+        try:
+            state, created = self.states.get(key), False
+        except StateNotFound:
+            module = await self.get(module_id, tenant)
+            state, created = self.states.open(StateKey(tenant, module.id, name), module.program)
+        results = await asyncio.to_thread(self.states.update, state, map_name, entries, flags)
+        return results, created
+
+    async def delete_entries(
+        self, module_id: str, name: str, map_name: str, keys: Sequence[bytes], tenant: str = ""
+    ) -> list[int]:
+        state = self.states.get(StateKey(tenant, module_id, name))
+        return await asyncio.to_thread(self.states.delete_entries, state, map_name, keys)
+
+    async def delete_state(self, module_id: str, name: str, tenant: str = "") -> None:
+        await asyncio.to_thread(self.states.delete, StateKey(tenant, module_id, name))
+
+    def restore_states(self) -> int:
+        """Load the stored states whose module the store still has for their tenant
+        (after `restore`: the modules are cached by then)."""
+
+        def definitions(key: StateKey) -> Sequence[object] | None:
+            if self.store is None:
+                return None
+            module = self.cache.get(key.module_id, self._namespace(key.tenant))
+            if module is None:
+                module = self._restore(key.module_id, key.tenant)
+            if module is None or not self._visible(module, key.tenant):
+                return None
+            return module.program.maps
+
+        return self.states.restore(definitions)
+
     # Executions
 
     async def execute(
@@ -336,21 +437,31 @@ class ExecutionService:
         timeout: float | None = None,
         helpers: HelperResolver | None = None,
         tenant: str = "",
-    ) -> Result:
+        state: str | None = None,
+        dump_maps: bool = False,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> Execution:
         """Run `function` of a cached module on the pool.
 
         `timeout` (seconds, usually the rest of the client's deadline) stops the
         program and raises DeadlineExceeded. `helpers` adds helpers after the
-        in-process ones (the caller's own, over a stream). Request problems raise
-        vm's RequestError/LimitError/LinkError, ModuleNotFound or Overloaded;
-        what the program does, traps included, is the Result.
+        in-process ones (the caller's own, over a stream). `state` names the
+        tenant's state whose maps the run uses (created if new; its change is
+        stored before this returns); `dump_maps` returns the maps after the run;
+        `on_event` hears of each ring buffer record as it is submitted, on the
+        executing thread. Request problems raise vm's RequestError/LimitError/
+        LinkError, ModuleNotFound, Overloaded or a StateError; what the program
+        does, traps included, is the Execution's result.
         """
         module = await self.get(module_id, tenant)
         budget = self.limits.fuel(fuel)  # a LimitError before taking a slot
+        if state is not None:
+            check_state_name(state)
         if not self._slots.acquire(blocking=False):
             self.metrics.rejected.inc()
             raise Overloaded(self.max_concurrent)
-        if helpers is None and not module.calls_helpers:
+        plain = state is None and not dump_maps and on_event is None
+        if plain and helpers is None and not module.calls_helpers:
             # A program that calls no helper is pure computation, bounded by its
             # fuel. Try a short slice right here: most runs finish within it,
             # and doing so costs less than the two thread switches of the pool.
@@ -369,12 +480,22 @@ class ExecutionService:
             if budget <= INLINE_FUEL or not out_of_fuel:
                 self._slots.release()
                 self._record(quick, time.perf_counter() - start)
-                return quick
+                return Execution(quick)
         program = module.program
+        try:
+            shared = (
+                self.states.open(StateKey(tenant, module.id, state), program)[0]
+                if state is not None
+                else None
+            )
+        except BaseException:
+            self._slots.release()
+            raise
         resolver = self._helpers if helpers is None else HelperChain(self._helpers, helpers)
         interrupt = Interrupt()
+        run_one = _Run(program, function, args, budget, resolver, interrupt, shared, dump_maps)
         try:
-            job = self._pool.submit(self._run, program, function, args, budget, resolver, interrupt)
+            job = self._pool.submit(self._run, run_one, on_event)
         except BaseException:
             self._slots.release()
             raise
@@ -385,37 +506,43 @@ class ExecutionService:
         if timeout is not None:  # a loop timer, not Interrupt.after: no thread per request
             deadline = loop.call_later(timeout, interrupt.request, TrapKind.DEADLINE_EXCEEDED)
         try:
-            result = await asyncio.wrap_future(job)
+            done = await asyncio.wrap_future(job)
         except asyncio.CancelledError:
             interrupt.request(TrapKind.CANCELLED)
             raise
         finally:
             if deadline is not None:
                 deadline.cancel()
-        if result.trap is not None and result.trap.kind is TrapKind.DEADLINE_EXCEEDED:
-            raise DeadlineExceeded(result)
-        return result
+        if done.result.trap is not None and done.result.trap.kind is TrapKind.DEADLINE_EXCEEDED:
+            raise DeadlineExceeded(done.result)
+        return done
 
-    def _run(
-        self,
-        program: Program,
-        function: str | None,
-        args: Sequence[Argument],
-        fuel: int,
-        resolver: HelperResolver,
-        interrupt: Interrupt,
-    ) -> Result:
+    def _run(self, job: _Run, on_event: Callable[[Event], None] | None) -> Execution:
         self.metrics.in_flight.inc()
         start = time.perf_counter()
+        program = job.program
+        if job.state is not None:
+            maps: MapSet | None = job.state.maps
+        else:
+            maps = new_map_set(program) if job.dump_maps else None
         try:
-            result = execute(
-                program, function, args, fuel=fuel, helpers=resolver, limits=self.limits,
-                engine=self._engine_for(program), interrupt=interrupt,
+            machine = prepare(
+                program, job.function, job.args, fuel=job.fuel, helpers=job.resolver,
+                limits=self.limits, interrupt=job.interrupt, maps=maps,
             )  # fmt: skip
+            machine.context.on_event = on_event
+            result = run(machine, get_engine(self._engine_for(program)))
         finally:
             self.metrics.in_flight.dec()
         self._record(result, time.perf_counter() - start)
-        return result
+        dumped = None
+        if job.dump_maps:
+            run_maps = machine.context.maps
+            dumped = {m.spec.name: map_contents(m) for m in run_maps.maps} if run_maps else {}
+        if job.state is not None:
+            self.metrics.state_executions.inc()
+            self.states.changed(job.state)  # on disk before the answer, with a store
+        return Execution(result, dumped)
 
     def _record(self, result: Result, seconds: float) -> None:
         outcome = result.trap.kind.value if result.trap else "OK"

@@ -125,6 +125,37 @@ class Metrics:
             "Module files of the store whose content did not match their hash (discarded).",
             registry=r,
         )
+        self.states = Gauge(
+            "bpfexec_states", "Named states kept (docs/states.md).",
+            multiprocess_mode=GAUGE_MODE, registry=r,
+        )  # fmt: skip
+        self.state_map_bytes = Gauge(
+            "bpfexec_state_map_bytes",
+            "Memory the maps of the named states take (their values, preallocated as the "
+            "kernel does): what --max-states-bytes bounds.",
+            multiprocess_mode=GAUGE_MODE, registry=r,
+        )  # fmt: skip
+        self.state_executions = Counter(
+            "bpfexec_state_executions", "Executions that ran on a named state's maps.",
+            registry=r,
+        )  # fmt: skip
+        self.map_operations = Counter(
+            "bpfexec_map_operations",
+            "Map entries read, updated or deleted through the state RPCs, by operation "
+            "(`read`, `update`, `delete`); a program's own map helper calls are not counted here.",
+            ["operation"], registry=r,
+        )  # fmt: skip
+        self.state_refused = Counter(
+            "bpfexec_states_refused",
+            "Named states not created because a limit was reached (max_state_bytes, "
+            "max_states_bytes, max_states).",
+            registry=r,
+        )  # fmt: skip
+        self.state_save_seconds = Histogram(
+            "bpfexec_state_save_seconds",
+            "Time to write one named state to the store (serialize, write, fsync, rename).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.auth_failures = Counter(
             "bpfexec_auth_failures", "RPCs refused as UNAUTHENTICATED.", registry=r
         )

@@ -31,6 +31,7 @@ from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 from bpfexec.server.cache import CachedModule
 from bpfexec.server.executor import (
     DeadlineExceeded,
+    Execution,
     ExecutionService,
     ModuleNotFound,
     Overloaded,
@@ -46,6 +47,15 @@ from bpfexec.server.remote import (
     RemoteHelpers,
     ShadowedHelper,
 )
+from bpfexec.server.states import (
+    InvalidEntry,
+    MapContents,
+    MapNotFound,
+    State,
+    StateLimit,
+    StateNotFound,
+    StateNotSaved,
+)
 from bpfexec.vm import (
     Helper,
     HelperRef,
@@ -56,6 +66,7 @@ from bpfexec.vm import (
     Result,
     Trap,
 )
+from bpfexec.vm.helpers import Event
 from bpfexec.vm.machine import Argument
 
 log = logging.getLogger(__name__)
@@ -113,7 +124,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 )
 
     def _check_start(self, start: pb.ExecuteStart) -> None:
-        self._check_names(module_id=start.request.module_id, function=start.request.function)
+        self._check_execute(start.request)
         offered = len(start.helper_numbers) + len(start.helper_names)
         if offered > self.max_offered_helpers:
             raise RequestError(
@@ -174,18 +185,25 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExecuteResponse:
         try:
-            self._check_names(module_id=request.module_id, function=request.function)
-            result = await self._service.execute(
+            self._check_execute(request)
+            done = await self._service.execute(
                 request.module_id,
                 request.function or None,
                 arguments(request.args),
                 request.fuel or None,
                 timeout=context.time_remaining(),
                 tenant=self._tenant(context),
+                state=request.state or None,
+                dump_maps=request.dump_maps,
             )
         except Exception as exc:
             await _abort(context, exc)
-        return response(result)
+        return response(done)
+
+    def _check_execute(self, request: pb.ExecuteRequest) -> None:
+        self._check_names(
+            module_id=request.module_id, function=request.function, state_name=request.state
+        )
 
     async def ExecuteStream(
         self,
@@ -227,6 +245,14 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             args = arguments(start.request.args)
         except Exception as exc:
             await _abort(context, exc)
+        loop = asyncio.get_running_loop()
+
+        def on_event(event: Event) -> None:  # on the executing thread, in submission order
+            message = pb.ExecuteStreamResponse(event=pb.Event(map=event.map, data=event.data))
+            loop.call_soon_threadsafe(
+                outbox.put_nowait, message, len(event.data) + MESSAGE_OVERHEAD
+            )
+
         run = asyncio.ensure_future(
             self._service.execute(
                 start.request.module_id,
@@ -236,6 +262,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 timeout=context.time_remaining(),
                 helpers=session,
                 tenant=self._tenant(context),
+                state=start.request.state or None,
+                dump_maps=start.request.dump_maps,
+                on_event=on_event,
             )
         )
         run.add_done_callback(lambda _: outbox.put_nowait(None))
@@ -254,13 +283,85 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             # The result is the call's outcome from here on: a client that goes away
             # once it has it (before the status) does not make the call CANCELLED.
             context.set_code(grpc.StatusCode.OK)
-            yield pb.ExecuteStreamResponse(result=response(result))
+            # The events went out as `event` messages: the result does not repeat them.
+            yield pb.ExecuteStreamResponse(result=response(result, with_events=False))
         finally:
             # However the stream ends (result sent, client gone, violation),
             # a worker parked in a helper call wakes up and the program stops.
             session.cancel()
             run.cancel()
             reader.cancel()
+
+    async def ListStates(
+        self, request: pb.ListStatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListStatesResponse:
+        try:
+            self._check_names(module_id=request.module_id)
+            found = self._service.list_states(self._tenant(context), request.module_id)
+        except Exception as exc:
+            await _abort(context, exc)
+        return pb.ListStatesResponse(states=[_state(state) for state in found])
+
+    async def GetState(
+        self, request: pb.GetStateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStateResponse:
+        try:
+            self._check_state(request)
+            state, contents = await self._service.get_state(
+                request.module_id, request.state, request.map, self._tenant(context)
+            )
+        except Exception as exc:
+            await _abort(context, exc)
+        return pb.GetStateResponse(state=_state(state), maps=_dumps(contents))
+
+    async def UpdateStateEntries(
+        self, request: pb.UpdateStateEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateStateEntriesResponse:
+        try:
+            self._check_state(request)
+            results, created = await self._service.update_entries(
+                request.module_id,
+                request.state,
+                request.map,
+                [(entry.key, entry.value) for entry in request.entries],
+                request.flags,
+                self._tenant(context),
+            )
+        except Exception as exc:
+            await _abort(context, exc)
+        return pb.UpdateStateEntriesResponse(results=results, created=created)
+
+    async def DeleteStateEntries(
+        self, request: pb.DeleteStateEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteStateEntriesResponse:
+        try:
+            self._check_state(request)
+            results = await self._service.delete_entries(
+                request.module_id, request.state, request.map, request.keys, self._tenant(context)
+            )
+        except Exception as exc:
+            await _abort(context, exc)
+        return pb.DeleteStateEntriesResponse(results=results)
+
+    async def DeleteState(
+        self, request: pb.DeleteStateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteStateResponse:
+        try:
+            self._check_state(request)
+            await self._service.delete_state(
+                request.module_id, request.state, self._tenant(context)
+            )
+        except Exception as exc:
+            await _abort(context, exc)
+        return pb.DeleteStateResponse()
+
+    def _check_state(self, request: Any) -> None:
+        """The names of a state request: module id, state and (if it has one) map."""
+        self._check_names(
+            module_id=request.module_id,
+            state_name=request.state,
+            map_name=getattr(request, "map", ""),
+        )
 
     def _module(self, module: CachedModule) -> pb.Module:
         program = module.program
@@ -373,7 +474,11 @@ def arguments(args: Sequence[pb.Argument]) -> list[Argument]:
     return converted
 
 
-def response(result: Result) -> pb.ExecuteResponse:
+def response(done: Execution | Result, *, with_events: bool = True) -> pb.ExecuteResponse:
+    """The ExecuteResponse of an execution (its maps if they were dumped; its events
+    unless they were streamed)."""
+    result = done.result if isinstance(done, Execution) else done
+    maps = done.maps if isinstance(done, Execution) else None
     return pb.ExecuteResponse(
         return_value=result.return_value,
         fuel_used=result.fuel_used,
@@ -381,6 +486,33 @@ def response(result: Result) -> pb.ExecuteResponse:
         log=result.log,
         buffers=result.buffers,
         duration_ns=result.duration_ns,
+        maps=_dumps(maps) if maps is not None else None,
+        events=[pb.Event(map=e.map, data=e.data) for e in result.events or ()]
+        if with_events
+        else None,
+        ring_buffer=result.events is not None,
+    )
+
+
+def _dumps(contents: dict[str, MapContents]) -> dict[str, pb.MapDump]:
+    return {
+        name: pb.MapDump(
+            type=found.type,
+            key_size=found.key_size,
+            value_size=found.value_size,
+            max_entries=found.max_entries,
+            entries=[pb.MapEntry(key=key, value=value) for key, value in found.entries],
+        )
+        for name, found in contents.items()
+    }
+
+
+def _state(state: State) -> pb.State:
+    return pb.State(
+        name=state.key.name,
+        module_id=state.key.module_id,
+        map_bytes=state.map_bytes,
+        maps=state.map_names,
     )
 
 
@@ -416,6 +548,11 @@ def _helper(helper: Helper) -> pb.Helper:
 # subclasses (LimitError is a RequestError) come before their bases.
 _STATUS: list[tuple[type[Exception], grpc.StatusCode, str]] = [
     (ModuleNotFound, grpc.StatusCode.NOT_FOUND, "MODULE_NOT_FOUND"),
+    (StateNotFound, grpc.StatusCode.NOT_FOUND, "STATE_NOT_FOUND"),
+    (MapNotFound, grpc.StatusCode.NOT_FOUND, "MAP_NOT_FOUND"),
+    (StateLimit, grpc.StatusCode.RESOURCE_EXHAUSTED, "STATE_LIMIT"),
+    (StateNotSaved, grpc.StatusCode.INTERNAL, "STATE_NOT_SAVED"),
+    (InvalidEntry, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MAP_ENTRY"),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_EXECUTIONS"),
     (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_REQUESTS"),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),

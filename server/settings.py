@@ -127,7 +127,23 @@ class Settings:
         1, "server processes sharing the port (SO_REUSEPORT); metrics are summed across them"
     )
     max_message_bytes: int = _knob(64 << 20, "largest gRPC message accepted or sent, in bytes")
-    store: str = _knob("", "directory keeping every accepted module on disk (empty: memory only)")
+    store: str = _knob(
+        "",
+        "directory keeping every accepted module and named state on disk (empty: memory only)",
+    )
+    max_state_bytes: int = _knob(
+        64 << 20,
+        "map memory of one named state, in bytes (the values of its module's maps); a state "
+        "that would take more is not created (RESOURCE_EXHAUSTED)",
+    )
+    max_states_bytes: int = _knob(
+        512 << 20,
+        "map memory of all named states together, per server process, in bytes; beyond, "
+        "creating a state is refused (RESOURCE_EXHAUSTED)",
+    )
+    max_states: int = _knob(
+        4096, "named states kept at once, per server process; beyond, creating one is refused"
+    )
     auth_tokens_file: str = _knob(
         "", "file of accepted bearer tokens, one per line, optionally TENANT:TOKEN (empty: no auth)"
     )
@@ -157,6 +173,9 @@ class Settings:
             "max_name_bytes",
             "max_memory_read_bytes",
             "max_stream_outbox_bytes",
+            "max_state_bytes",
+            "max_states_bytes",
+            "max_states",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -200,31 +200,40 @@ class ModuleStore:
             log.error("module store: could not set %s aside: %s", path.name, exc)
 
     def _write(self, name: str, data: bytes) -> None:
-        """Atomically replace `name` by `data`: temporary file, fsync, rename, fsync the dir."""
-        fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.directory / name)
-        except BaseException:
-            _unlink(Path(temporary))
-            raise
-        self._sync_directory()
+        write_atomically(self.directory, name, data)
 
     def _sync_directory(self) -> None:
-        """Make renames and unlinks durable (where the platform lets a directory be fsynced)."""
-        try:
-            fd = os.open(self.directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        sync_directory(self.directory)
+
+
+def write_atomically(directory: Path, name: str, data: bytes) -> None:
+    """Atomically replace `directory/name` by `data`: temporary file, fsync, rename,
+    fsync the directory (also what `bpfexec.server.state_files` writes with)."""
+    fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, directory / name)
+    except BaseException:
+        _unlink(Path(temporary))
+        raise
+    sync_directory(directory)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make renames and unlinks durable (where the platform lets a directory be fsynced)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _metadata_json(

@@ -7,7 +7,10 @@ port with SO_REUSEPORT: the kernel hands each new connection to one of them.
 This is the pattern of grpcio's multiprocessing example. Workers are started
 with the "spawn" method, so no gRPC state crosses a fork. Any worker may answer
 any request: a client whose module is not cached by the worker it reached gets
-NOT_FOUND and uploads it again, as with replicas.
+NOT_FOUND and uploads it again, as with replicas. Named states
+(`bpfexec.server.states`) are per worker process too: a state is the one of
+the worker a connection reached (with `--store`, each worker keeps its own in
+`DIR/states/worker-<n>/`); docs/states.md says what that means for clients.
 
 Metrics: before starting the workers the parent points prometheus_client's
 multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`) at a fresh directory, where the
@@ -79,7 +82,9 @@ def serve_workers(settings: Settings) -> int:
             level = logging.getLogger().getEffectiveLevel()
             workers = [
                 context.Process(
-                    target=_run_worker, args=(worker_settings, level), name=f"bpfexec-worker-{n}"
+                    target=_run_worker,
+                    args=(worker_settings, level, n),
+                    name=f"bpfexec-worker-{n}",
                 )
                 for n in range(settings.workers)
             ]
@@ -119,14 +124,14 @@ def serve_workers(settings: Settings) -> int:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _run_worker(settings: Settings, level: int = logging.INFO) -> None:
-    """The body of one worker process: a complete server until SIGTERM or SIGINT."""
+def _run_worker(settings: Settings, level: int = logging.INFO, index: int = 0) -> None:
+    """The body of worker `index`: a complete server until SIGTERM or SIGINT."""
     from bpfexec.server.app import serve
     from bpfexec.server.registry import HelperConfigError
 
     configure_logging(settings.log_format, level, text_format=LOG_FORMAT)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, worker=index))
     except (ValueError, HelperConfigError, OSError) as exc:
         log.error("cannot serve: %s", exc)
         sys.exit(EXIT_WORKER_CONFIG)

@@ -24,13 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62pfexec/v1/executor.proto\x12\nbpfexec.v1\"/\n\x11LoadModuleRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x99\x01\n\x06Module\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\'\n\tfunctions\x18\x04 \x03(\x0b\x32\x14.bpfexec.v1.Function\x12#\n\x07helpers\x18\x05 \x03(\x0b\x32\x12.bpfexec.v1.Helper\x12\x19\n\x11instruction_count\x18\x06 \x01(\x04\"D\n\x08\x46unction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02pc\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x65xported\x18\x04 \x01(\x08\"q\n\x06Helper\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nhas_number\x18\x03 \x01(\x08\x12\x12\n\nin_process\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x0c\n\x04\x63ost\x18\x06 \x01(\x04\"\x1e\n\x10GetModuleRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12ListModulesRequest\":\n\x13ListModulesResponse\x12#\n\x07modules\x18\x01 \x03(\x0b\x32\x12.bpfexec.v1.Module\"!\n\x13\x44\x65leteModuleRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteModuleResponse\"\x14\n\x12ListHelpersRequest\":\n\x13ListHelpersResponse\x12#\n\x07helpers\x18\x01 \x03(\x0b\x32\x12.bpfexec.v1.Helper\"5\n\x08\x41rgument\x12\x0f\n\x05value\x18\x01 \x01(\x04H\x00\x12\x10\n\x06\x62uffer\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"g\n\x0e\x45xecuteRequest\x12\x11\n\tmodule_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\"\n\x04\x61rgs\x18\x03 \x03(\x0b\x32\x14.bpfexec.v1.Argument\x12\x0c\n\x04\x66uel\x18\x04 \x01(\x04\"\x8d\x01\n\x0f\x45xecuteResponse\x12\x14\n\x0creturn_value\x18\x01 \x01(\x04\x12\x11\n\tfuel_used\x18\x02 \x01(\x04\x12\x1e\n\x04trap\x18\x03 \x01(\x0b\x32\x10.bpfexec.v1.Trap\x12\x0b\n\x03log\x18\x04 \x03(\t\x12\x0f\n\x07\x62uffers\x18\x05 \x03(\x0c\x12\x13\n\x0b\x64uration_ns\x18\x06 \x01(\x04\"j\n\x04Trap\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02pc\x18\x02 \x01(\x04\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x10\n\x08location\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x10\n\x08\x66unction\x18\x06 \x01(\t\"\x85\x02\n\x14\x45xecuteStreamRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.bpfexec.v1.ExecuteStartH\x00\x12\x31\n\rhelper_result\x18\x02 \x01(\x0b\x32\x18.bpfexec.v1.HelperResultH\x00\x12-\n\x0bmemory_read\x18\x03 \x01(\x0b\x32\x16.bpfexec.v1.MemoryReadH\x00\x12/\n\x0cmemory_write\x18\x04 \x01(\x0b\x32\x17.bpfexec.v1.MemoryWriteH\x00\x12$\n\x03log\x18\x05 \x01(\x0b\x32\x15.bpfexec.v1.HelperLogH\x00\x42\t\n\x07message\"\xfa\x01\n\x15\x45xecuteStreamResponse\x12-\n\x0bhelper_call\x18\x01 \x01(\x0b\x32\x16.bpfexec.v1.HelperCallH\x00\x12:\n\x12memory_read_result\x18\x02 \x01(\x0b\x32\x1c.bpfexec.v1.MemoryReadResultH\x00\x12<\n\x13memory_write_result\x18\x03 \x01(\x0b\x32\x1d.bpfexec.v1.MemoryWriteResultH\x00\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1b.bpfexec.v1.ExecuteResponseH\x00\x42\t\n\x07message\"i\n\x0c\x45xecuteStart\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.bpfexec.v1.ExecuteRequest\x12\x16\n\x0ehelper_numbers\x18\x02 \x03(\r\x12\x14\n\x0chelper_names\x18\x03 \x03(\t\"W\n\nHelperCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x10\n\x06number\x18\x02 \x01(\rH\x00\x12\x0e\n\x04name\x18\x03 \x01(\tH\x00\x12\x0c\n\x04\x61rgs\x18\x04 \x03(\x04\x42\x08\n\x06helper\"L\n\x0cHelperResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0f\n\x05value\x18\x02 \x01(\x04H\x00\x12\x0f\n\x05\x65rror\x18\x03 \x01(\tH\x00\x42\t\n\x07outcome\"O\n\nMemoryRead\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x11\n\tuntil_nul\x18\x04 \x01(\x08\"*\n\tHelperLog\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"=\n\x0bMemoryWrite\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"O\n\x10MemoryReadResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05\x65rror\x18\x03 \x01(\tH\x00\x42\t\n\x07outcome\"3\n\x11MemoryWriteResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t2\x9b\x04\n\x08\x45xecutor\x12?\n\nLoadModule\x12\x1d.bpfexec.v1.LoadModuleRequest\x1a\x12.bpfexec.v1.Module\x12=\n\tGetModule\x12\x1c.bpfexec.v1.GetModuleRequest\x1a\x12.bpfexec.v1.Module\x12N\n\x0bListModules\x12\x1e.bpfexec.v1.ListModulesRequest\x1a\x1f.bpfexec.v1.ListModulesResponse\x12Q\n\x0c\x44\x65leteModule\x12\x1f.bpfexec.v1.DeleteModuleRequest\x1a .bpfexec.v1.DeleteModuleResponse\x12N\n\x0bListHelpers\x12\x1e.bpfexec.v1.ListHelpersRequest\x1a\x1f.bpfexec.v1.ListHelpersResponse\x12\x42\n\x07\x45xecute\x12\x1a.bpfexec.v1.ExecuteRequest\x1a\x1b.bpfexec.v1.ExecuteResponse\x12X\n\rExecuteStream\x12 .bpfexec.v1.ExecuteStreamRequest\x1a!.bpfexec.v1.ExecuteStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62pfexec/v1/executor.proto\x12\nbpfexec.v1\"/\n\x11LoadModuleRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x99\x01\n\x06Module\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\'\n\tfunctions\x18\x04 \x03(\x0b\x32\x14.bpfexec.v1.Function\x12#\n\x07helpers\x18\x05 \x03(\x0b\x32\x12.bpfexec.v1.Helper\x12\x19\n\x11instruction_count\x18\x06 \x01(\x04\"D\n\x08\x46unction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02pc\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x65xported\x18\x04 \x01(\x08\"q\n\x06Helper\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nhas_number\x18\x03 \x01(\x08\x12\x12\n\nin_process\x18\x04 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x0c\n\x04\x63ost\x18\x06 \x01(\x04\"\x1e\n\x10GetModuleRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12ListModulesRequest\":\n\x13ListModulesResponse\x12#\n\x07modules\x18\x01 \x03(\x0b\x32\x12.bpfexec.v1.Module\"!\n\x13\x44\x65leteModuleRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteModuleResponse\"\x14\n\x12ListHelpersRequest\":\n\x13ListHelpersResponse\x12#\n\x07helpers\x18\x01 \x03(\x0b\x32\x12.bpfexec.v1.Helper\"5\n\x08\x41rgument\x12\x0f\n\x05value\x18\x01 \x01(\x04H\x00\x12\x10\n\x06\x62uffer\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x89\x01\n\x0e\x45xecuteRequest\x12\x11\n\tmodule_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\"\n\x04\x61rgs\x18\x03 \x03(\x0b\x32\x14.bpfexec.v1.Argument\x12\x0c\n\x04\x66uel\x18\x04 \x01(\x04\x12\r\n\x05state\x18\x05 \x01(\t\x12\x11\n\tdump_maps\x18\x06 \x01(\x08\"\xbc\x02\n\x0f\x45xecuteResponse\x12\x14\n\x0creturn_value\x18\x01 \x01(\x04\x12\x11\n\tfuel_used\x18\x02 \x01(\x04\x12\x1e\n\x04trap\x18\x03 \x01(\x0b\x32\x10.bpfexec.v1.Trap\x12\x0b\n\x03log\x18\x04 \x03(\t\x12\x0f\n\x07\x62uffers\x18\x05 \x03(\x0c\x12\x13\n\x0b\x64uration_ns\x18\x06 \x01(\x04\x12\x33\n\x04maps\x18\x07 \x03(\x0b\x32%.bpfexec.v1.ExecuteResponse.MapsEntry\x12!\n\x06\x65vents\x18\x08 \x03(\x0b\x32\x11.bpfexec.v1.Event\x12\x13\n\x0bring_buffer\x18\t \x01(\x08\x1a@\n\tMapsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.bpfexec.v1.MapDump:\x02\x38\x01\"y\n\x07MapDump\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x10\n\x08key_size\x18\x02 \x01(\r\x12\x12\n\nvalue_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_entries\x18\x04 \x01(\r\x12%\n\x07\x65ntries\x18\x05 \x03(\x0b\x32\x14.bpfexec.v1.MapEntry\"&\n\x08MapEntry\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\"\n\x05\x45vent\x12\x0b\n\x03map\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"j\n\x04Trap\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\n\n\x02pc\x18\x02 \x01(\x04\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x10\n\x08location\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x10\n\x08\x66unction\x18\x06 \x01(\t\"\x85\x02\n\x14\x45xecuteStreamRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.bpfexec.v1.ExecuteStartH\x00\x12\x31\n\rhelper_result\x18\x02 \x01(\x0b\x32\x18.bpfexec.v1.HelperResultH\x00\x12-\n\x0bmemory_read\x18\x03 \x01(\x0b\x32\x16.bpfexec.v1.MemoryReadH\x00\x12/\n\x0cmemory_write\x18\x04 \x01(\x0b\x32\x17.bpfexec.v1.MemoryWriteH\x00\x12$\n\x03log\x18\x05 \x01(\x0b\x32\x15.bpfexec.v1.HelperLogH\x00\x42\t\n\x07message\"\x9e\x02\n\x15\x45xecuteStreamResponse\x12-\n\x0bhelper_call\x18\x01 \x01(\x0b\x32\x16.bpfexec.v1.HelperCallH\x00\x12:\n\x12memory_read_result\x18\x02 \x01(\x0b\x32\x1c.bpfexec.v1.MemoryReadResultH\x00\x12<\n\x13memory_write_result\x18\x03 \x01(\x0b\x32\x1d.bpfexec.v1.MemoryWriteResultH\x00\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1b.bpfexec.v1.ExecuteResponseH\x00\x12\"\n\x05\x65vent\x18\x05 \x01(\x0b\x32\x11.bpfexec.v1.EventH\x00\x42\t\n\x07message\"i\n\x0c\x45xecuteStart\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.bpfexec.v1.ExecuteRequest\x12\x16\n\x0ehelper_numbers\x18\x02 \x03(\r\x12\x14\n\x0chelper_names\x18\x03 \x03(\t\"W\n\nHelperCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x10\n\x06number\x18\x02 \x01(\rH\x00\x12\x0e\n\x04name\x18\x03 \x01(\tH\x00\x12\x0c\n\x04\x61rgs\x18\x04 \x03(\x04\x42\x08\n\x06helper\"L\n\x0cHelperResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0f\n\x05value\x18\x02 \x01(\x04H\x00\x12\x0f\n\x05\x65rror\x18\x03 \x01(\tH\x00\x42\t\n\x07outcome\"O\n\nMemoryRead\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x11\n\tuntil_nul\x18\x04 \x01(\x08\"*\n\tHelperLog\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0c\n\x04text\x18\x02 \x01(\t\"=\n\x0bMemoryWrite\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"O\n\x10MemoryReadResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05\x65rror\x18\x03 \x01(\tH\x00\x42\t\n\x07outcome\"3\n\x11MemoryWriteResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"I\n\x05State\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmodule_id\x18\x02 \x01(\t\x12\x11\n\tmap_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04maps\x18\x04 \x03(\t\"&\n\x11ListStatesRequest\x12\x11\n\tmodule_id\x18\x01 \x01(\t\"7\n\x12ListStatesResponse\x12!\n\x06states\x18\x01 \x03(\x0b\x32\x11.bpfexec.v1.State\"@\n\x0fGetStateRequest\x12\x11\n\tmodule_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0b\n\x03map\x18\x03 \x01(\t\"\xac\x01\n\x10GetStateResponse\x12 \n\x05state\x18\x01 \x01(\x0b\x32\x11.bpfexec.v1.State\x12\x34\n\x04maps\x18\x02 \x03(\x0b\x32&.bpfexec.v1.GetStateResponse.MapsEntry\x1a@\n\tMapsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.bpfexec.v1.MapDump:\x02\x38\x01\"\x80\x01\n\x19UpdateStateEntriesRequest\x12\x11\n\tmodule_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0b\n\x03map\x18\x03 \x01(\t\x12%\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x14.bpfexec.v1.MapEntry\x12\r\n\x05\x66lags\x18\x05 \x01(\x04\">\n\x1aUpdateStateEntriesResponse\x12\x0f\n\x07results\x18\x01 \x03(\x11\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"X\n\x19\x44\x65leteStateEntriesRequest\x12\x11\n\tmodule_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0b\n\x03map\x18\x03 \x01(\t\x12\x0c\n\x04keys\x18\x04 \x03(\x0c\"-\n\x1a\x44\x65leteStateEntriesResponse\x12\x0f\n\x07results\x18\x01 \x03(\x11\"6\n\x12\x44\x65leteStateRequest\x12\x11\n\tmodule_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteStateResponse2\xc9\x07\n\x08\x45xecutor\x12?\n\nLoadModule\x12\x1d.bpfexec.v1.LoadModuleRequest\x1a\x12.bpfexec.v1.Module\x12=\n\tGetModule\x12\x1c.bpfexec.v1.GetModuleRequest\x1a\x12.bpfexec.v1.Module\x12N\n\x0bListModules\x12\x1e.bpfexec.v1.ListModulesRequest\x1a\x1f.bpfexec.v1.ListModulesResponse\x12Q\n\x0c\x44\x65leteModule\x12\x1f.bpfexec.v1.DeleteModuleRequest\x1a .bpfexec.v1.DeleteModuleResponse\x12N\n\x0bListHelpers\x12\x1e.bpfexec.v1.ListHelpersRequest\x1a\x1f.bpfexec.v1.ListHelpersResponse\x12\x42\n\x07\x45xecute\x12\x1a.bpfexec.v1.ExecuteRequest\x1a\x1b.bpfexec.v1.ExecuteResponse\x12X\n\rExecuteStream\x12 .bpfexec.v1.ExecuteStreamRequest\x1a!.bpfexec.v1.ExecuteStreamResponse(\x01\x30\x01\x12K\n\nListStates\x12\x1d.bpfexec.v1.ListStatesRequest\x1a\x1e.bpfexec.v1.ListStatesResponse\x12\x45\n\x08GetState\x12\x1b.bpfexec.v1.GetStateRequest\x1a\x1c.bpfexec.v1.GetStateResponse\x12\x63\n\x12UpdateStateEntries\x12%.bpfexec.v1.UpdateStateEntriesRequest\x1a&.bpfexec.v1.UpdateStateEntriesResponse\x12\x63\n\x12\x44\x65leteStateEntries\x12%.bpfexec.v1.DeleteStateEntriesRequest\x1a&.bpfexec.v1.DeleteStateEntriesResponse\x12N\n\x0b\x44\x65leteState\x12\x1e.bpfexec.v1.DeleteStateRequest\x1a\x1f.bpfexec.v1.DeleteStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bpfexec.v1.executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_EXECUTERESPONSE_MAPSENTRY']._loaded_options = None
+  _globals['_EXECUTERESPONSE_MAPSENTRY']._serialized_options = b'8\001'
+  _globals['_GETSTATERESPONSE_MAPSENTRY']._loaded_options = None
+  _globals['_GETSTATERESPONSE_MAPSENTRY']._serialized_options = b'8\001'
   _globals['_LOADMODULEREQUEST']._serialized_start=41
   _globals['_LOADMODULEREQUEST']._serialized_end=88
   _globals['_MODULE']._serialized_start=91
@@ -55,32 +59,64 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTHELPERSRESPONSE']._serialized_end=684
   _globals['_ARGUMENT']._serialized_start=686
   _globals['_ARGUMENT']._serialized_end=739
-  _globals['_EXECUTEREQUEST']._serialized_start=741
-  _globals['_EXECUTEREQUEST']._serialized_end=844
-  _globals['_EXECUTERESPONSE']._serialized_start=847
-  _globals['_EXECUTERESPONSE']._serialized_end=988
-  _globals['_TRAP']._serialized_start=990
-  _globals['_TRAP']._serialized_end=1096
-  _globals['_EXECUTESTREAMREQUEST']._serialized_start=1099
-  _globals['_EXECUTESTREAMREQUEST']._serialized_end=1360
-  _globals['_EXECUTESTREAMRESPONSE']._serialized_start=1363
-  _globals['_EXECUTESTREAMRESPONSE']._serialized_end=1613
-  _globals['_EXECUTESTART']._serialized_start=1615
-  _globals['_EXECUTESTART']._serialized_end=1720
-  _globals['_HELPERCALL']._serialized_start=1722
-  _globals['_HELPERCALL']._serialized_end=1809
-  _globals['_HELPERRESULT']._serialized_start=1811
-  _globals['_HELPERRESULT']._serialized_end=1887
-  _globals['_MEMORYREAD']._serialized_start=1889
-  _globals['_MEMORYREAD']._serialized_end=1968
-  _globals['_HELPERLOG']._serialized_start=1970
-  _globals['_HELPERLOG']._serialized_end=2012
-  _globals['_MEMORYWRITE']._serialized_start=2014
-  _globals['_MEMORYWRITE']._serialized_end=2075
-  _globals['_MEMORYREADRESULT']._serialized_start=2077
-  _globals['_MEMORYREADRESULT']._serialized_end=2156
-  _globals['_MEMORYWRITERESULT']._serialized_start=2158
-  _globals['_MEMORYWRITERESULT']._serialized_end=2209
-  _globals['_EXECUTOR']._serialized_start=2212
-  _globals['_EXECUTOR']._serialized_end=2751
+  _globals['_EXECUTEREQUEST']._serialized_start=742
+  _globals['_EXECUTEREQUEST']._serialized_end=879
+  _globals['_EXECUTERESPONSE']._serialized_start=882
+  _globals['_EXECUTERESPONSE']._serialized_end=1198
+  _globals['_EXECUTERESPONSE_MAPSENTRY']._serialized_start=1134
+  _globals['_EXECUTERESPONSE_MAPSENTRY']._serialized_end=1198
+  _globals['_MAPDUMP']._serialized_start=1200
+  _globals['_MAPDUMP']._serialized_end=1321
+  _globals['_MAPENTRY']._serialized_start=1323
+  _globals['_MAPENTRY']._serialized_end=1361
+  _globals['_EVENT']._serialized_start=1363
+  _globals['_EVENT']._serialized_end=1397
+  _globals['_TRAP']._serialized_start=1399
+  _globals['_TRAP']._serialized_end=1505
+  _globals['_EXECUTESTREAMREQUEST']._serialized_start=1508
+  _globals['_EXECUTESTREAMREQUEST']._serialized_end=1769
+  _globals['_EXECUTESTREAMRESPONSE']._serialized_start=1772
+  _globals['_EXECUTESTREAMRESPONSE']._serialized_end=2058
+  _globals['_EXECUTESTART']._serialized_start=2060
+  _globals['_EXECUTESTART']._serialized_end=2165
+  _globals['_HELPERCALL']._serialized_start=2167
+  _globals['_HELPERCALL']._serialized_end=2254
+  _globals['_HELPERRESULT']._serialized_start=2256
+  _globals['_HELPERRESULT']._serialized_end=2332
+  _globals['_MEMORYREAD']._serialized_start=2334
+  _globals['_MEMORYREAD']._serialized_end=2413
+  _globals['_HELPERLOG']._serialized_start=2415
+  _globals['_HELPERLOG']._serialized_end=2457
+  _globals['_MEMORYWRITE']._serialized_start=2459
+  _globals['_MEMORYWRITE']._serialized_end=2520
+  _globals['_MEMORYREADRESULT']._serialized_start=2522
+  _globals['_MEMORYREADRESULT']._serialized_end=2601
+  _globals['_MEMORYWRITERESULT']._serialized_start=2603
+  _globals['_MEMORYWRITERESULT']._serialized_end=2654
+  _globals['_STATE']._serialized_start=2656
+  _globals['_STATE']._serialized_end=2729
+  _globals['_LISTSTATESREQUEST']._serialized_start=2731
+  _globals['_LISTSTATESREQUEST']._serialized_end=2769
+  _globals['_LISTSTATESRESPONSE']._serialized_start=2771
+  _globals['_LISTSTATESRESPONSE']._serialized_end=2826
+  _globals['_GETSTATEREQUEST']._serialized_start=2828
+  _globals['_GETSTATEREQUEST']._serialized_end=2892
+  _globals['_GETSTATERESPONSE']._serialized_start=2895
+  _globals['_GETSTATERESPONSE']._serialized_end=3067
+  _globals['_GETSTATERESPONSE_MAPSENTRY']._serialized_start=1134
+  _globals['_GETSTATERESPONSE_MAPSENTRY']._serialized_end=1198
+  _globals['_UPDATESTATEENTRIESREQUEST']._serialized_start=3070
+  _globals['_UPDATESTATEENTRIESREQUEST']._serialized_end=3198
+  _globals['_UPDATESTATEENTRIESRESPONSE']._serialized_start=3200
+  _globals['_UPDATESTATEENTRIESRESPONSE']._serialized_end=3262
+  _globals['_DELETESTATEENTRIESREQUEST']._serialized_start=3264
+  _globals['_DELETESTATEENTRIESREQUEST']._serialized_end=3352
+  _globals['_DELETESTATEENTRIESRESPONSE']._serialized_start=3354
+  _globals['_DELETESTATEENTRIESRESPONSE']._serialized_end=3399
+  _globals['_DELETESTATEREQUEST']._serialized_start=3401
+  _globals['_DELETESTATEREQUEST']._serialized_end=3455
+  _globals['_DELETESTATERESPONSE']._serialized_start=3457
+  _globals['_DELETESTATERESPONSE']._serialized_end=3478
+  _globals['_EXECUTOR']._serialized_start=3481
+  _globals['_EXECUTOR']._serialized_end=4450
 # @@protoc_insertion_point(module_scope)

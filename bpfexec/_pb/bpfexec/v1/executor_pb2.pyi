@@ -103,32 +103,79 @@ class Argument(_message.Message):
     def __init__(self, value: _Optional[int] = ..., buffer: _Optional[bytes] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("module_id", "function", "args", "fuel")
+    __slots__ = ("module_id", "function", "args", "fuel", "state", "dump_maps")
     MODULE_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     FUEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DUMP_MAPS_FIELD_NUMBER: _ClassVar[int]
     module_id: str
     function: str
     args: _containers.RepeatedCompositeFieldContainer[Argument]
     fuel: int
-    def __init__(self, module_id: _Optional[str] = ..., function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Argument, _Mapping]]] = ..., fuel: _Optional[int] = ...) -> None: ...
+    state: str
+    dump_maps: bool
+    def __init__(self, module_id: _Optional[str] = ..., function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Argument, _Mapping]]] = ..., fuel: _Optional[int] = ..., state: _Optional[str] = ..., dump_maps: _Optional[bool] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
-    __slots__ = ("return_value", "fuel_used", "trap", "log", "buffers", "duration_ns")
+    __slots__ = ("return_value", "fuel_used", "trap", "log", "buffers", "duration_ns", "maps", "events", "ring_buffer")
+    class MapsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MapDump
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MapDump, _Mapping]] = ...) -> None: ...
     RETURN_VALUE_FIELD_NUMBER: _ClassVar[int]
     FUEL_USED_FIELD_NUMBER: _ClassVar[int]
     TRAP_FIELD_NUMBER: _ClassVar[int]
     LOG_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
     DURATION_NS_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    RING_BUFFER_FIELD_NUMBER: _ClassVar[int]
     return_value: int
     fuel_used: int
     trap: Trap
     log: _containers.RepeatedScalarFieldContainer[str]
     buffers: _containers.RepeatedScalarFieldContainer[bytes]
     duration_ns: int
-    def __init__(self, return_value: _Optional[int] = ..., fuel_used: _Optional[int] = ..., trap: _Optional[_Union[Trap, _Mapping]] = ..., log: _Optional[_Iterable[str]] = ..., buffers: _Optional[_Iterable[bytes]] = ..., duration_ns: _Optional[int] = ...) -> None: ...
+    maps: _containers.MessageMap[str, MapDump]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    ring_buffer: bool
+    def __init__(self, return_value: _Optional[int] = ..., fuel_used: _Optional[int] = ..., trap: _Optional[_Union[Trap, _Mapping]] = ..., log: _Optional[_Iterable[str]] = ..., buffers: _Optional[_Iterable[bytes]] = ..., duration_ns: _Optional[int] = ..., maps: _Optional[_Mapping[str, MapDump]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., ring_buffer: _Optional[bool] = ...) -> None: ...
+
+class MapDump(_message.Message):
+    __slots__ = ("type", "key_size", "value_size", "max_entries", "entries")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    KEY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    key_size: int
+    value_size: int
+    max_entries: int
+    entries: _containers.RepeatedCompositeFieldContainer[MapEntry]
+    def __init__(self, type: _Optional[str] = ..., key_size: _Optional[int] = ..., value_size: _Optional[int] = ..., max_entries: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[MapEntry, _Mapping]]] = ...) -> None: ...
+
+class MapEntry(_message.Message):
+    __slots__ = ("key", "value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    value: bytes
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("map", "data")
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    map: str
+    data: bytes
+    def __init__(self, map: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Trap(_message.Message):
     __slots__ = ("kind", "pc", "instruction", "location", "message", "function")
@@ -161,16 +208,18 @@ class ExecuteStreamRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[ExecuteStart, _Mapping]] = ..., helper_result: _Optional[_Union[HelperResult, _Mapping]] = ..., memory_read: _Optional[_Union[MemoryRead, _Mapping]] = ..., memory_write: _Optional[_Union[MemoryWrite, _Mapping]] = ..., log: _Optional[_Union[HelperLog, _Mapping]] = ...) -> None: ...
 
 class ExecuteStreamResponse(_message.Message):
-    __slots__ = ("helper_call", "memory_read_result", "memory_write_result", "result")
+    __slots__ = ("helper_call", "memory_read_result", "memory_write_result", "result", "event")
     HELPER_CALL_FIELD_NUMBER: _ClassVar[int]
     MEMORY_READ_RESULT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_WRITE_RESULT_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
     helper_call: HelperCall
     memory_read_result: MemoryReadResult
     memory_write_result: MemoryWriteResult
     result: ExecuteResponse
-    def __init__(self, helper_call: _Optional[_Union[HelperCall, _Mapping]] = ..., memory_read_result: _Optional[_Union[MemoryReadResult, _Mapping]] = ..., memory_write_result: _Optional[_Union[MemoryWriteResult, _Mapping]] = ..., result: _Optional[_Union[ExecuteResponse, _Mapping]] = ...) -> None: ...
+    event: Event
+    def __init__(self, helper_call: _Optional[_Union[HelperCall, _Mapping]] = ..., memory_read_result: _Optional[_Union[MemoryReadResult, _Mapping]] = ..., memory_write_result: _Optional[_Union[MemoryWriteResult, _Mapping]] = ..., result: _Optional[_Union[ExecuteResponse, _Mapping]] = ..., event: _Optional[_Union[Event, _Mapping]] = ...) -> None: ...
 
 class ExecuteStart(_message.Message):
     __slots__ = ("request", "helper_numbers", "helper_names")
@@ -251,3 +300,104 @@ class MemoryWriteResult(_message.Message):
     call_id: int
     error: str
     def __init__(self, call_id: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class State(_message.Message):
+    __slots__ = ("name", "module_id", "map_bytes", "maps")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODULE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    module_id: str
+    map_bytes: int
+    maps: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., module_id: _Optional[str] = ..., map_bytes: _Optional[int] = ..., maps: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListStatesRequest(_message.Message):
+    __slots__ = ("module_id",)
+    MODULE_ID_FIELD_NUMBER: _ClassVar[int]
+    module_id: str
+    def __init__(self, module_id: _Optional[str] = ...) -> None: ...
+
+class ListStatesResponse(_message.Message):
+    __slots__ = ("states",)
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedCompositeFieldContainer[State]
+    def __init__(self, states: _Optional[_Iterable[_Union[State, _Mapping]]] = ...) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ("module_id", "state", "map")
+    MODULE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    module_id: str
+    state: str
+    map: str
+    def __init__(self, module_id: _Optional[str] = ..., state: _Optional[str] = ..., map: _Optional[str] = ...) -> None: ...
+
+class GetStateResponse(_message.Message):
+    __slots__ = ("state", "maps")
+    class MapsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MapDump
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MapDump, _Mapping]] = ...) -> None: ...
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    state: State
+    maps: _containers.MessageMap[str, MapDump]
+    def __init__(self, state: _Optional[_Union[State, _Mapping]] = ..., maps: _Optional[_Mapping[str, MapDump]] = ...) -> None: ...
+
+class UpdateStateEntriesRequest(_message.Message):
+    __slots__ = ("module_id", "state", "map", "entries", "flags")
+    MODULE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    module_id: str
+    state: str
+    map: str
+    entries: _containers.RepeatedCompositeFieldContainer[MapEntry]
+    flags: int
+    def __init__(self, module_id: _Optional[str] = ..., state: _Optional[str] = ..., map: _Optional[str] = ..., entries: _Optional[_Iterable[_Union[MapEntry, _Mapping]]] = ..., flags: _Optional[int] = ...) -> None: ...
+
+class UpdateStateEntriesResponse(_message.Message):
+    __slots__ = ("results", "created")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedScalarFieldContainer[int]
+    created: bool
+    def __init__(self, results: _Optional[_Iterable[int]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class DeleteStateEntriesRequest(_message.Message):
+    __slots__ = ("module_id", "state", "map", "keys")
+    MODULE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    module_id: str
+    state: str
+    map: str
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, module_id: _Optional[str] = ..., state: _Optional[str] = ..., map: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class DeleteStateEntriesResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, results: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DeleteStateRequest(_message.Message):
+    __slots__ = ("module_id", "state")
+    MODULE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    module_id: str
+    state: str
+    def __init__(self, module_id: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
+class DeleteStateResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -28,7 +28,9 @@ if _version_not_supported:
 class ExecutorStub:
     """The execution service. All methods are safe to retry except that Execute
     runs the program again (programs have no side effects outside their own
-    result unless a helper has some).
+    result unless a helper has some, or they name a state whose maps they
+    change), and that state entry updates and deletes may answer differently
+    the second time (-EEXIST, -ENOENT).
     """
 
     def __init__(self, channel):
@@ -72,12 +74,39 @@ class ExecutorStub:
                 request_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamRequest.SerializeToString,
                 response_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamResponse.FromString,
                 _registered_method=True)
+        self.ListStates = channel.unary_unary(
+                '/bpfexec.v1.Executor/ListStates',
+                request_serializer=bpfexec_dot_v1_dot_executor__pb2.ListStatesRequest.SerializeToString,
+                response_deserializer=bpfexec_dot_v1_dot_executor__pb2.ListStatesResponse.FromString,
+                _registered_method=True)
+        self.GetState = channel.unary_unary(
+                '/bpfexec.v1.Executor/GetState',
+                request_serializer=bpfexec_dot_v1_dot_executor__pb2.GetStateRequest.SerializeToString,
+                response_deserializer=bpfexec_dot_v1_dot_executor__pb2.GetStateResponse.FromString,
+                _registered_method=True)
+        self.UpdateStateEntries = channel.unary_unary(
+                '/bpfexec.v1.Executor/UpdateStateEntries',
+                request_serializer=bpfexec_dot_v1_dot_executor__pb2.UpdateStateEntriesRequest.SerializeToString,
+                response_deserializer=bpfexec_dot_v1_dot_executor__pb2.UpdateStateEntriesResponse.FromString,
+                _registered_method=True)
+        self.DeleteStateEntries = channel.unary_unary(
+                '/bpfexec.v1.Executor/DeleteStateEntries',
+                request_serializer=bpfexec_dot_v1_dot_executor__pb2.DeleteStateEntriesRequest.SerializeToString,
+                response_deserializer=bpfexec_dot_v1_dot_executor__pb2.DeleteStateEntriesResponse.FromString,
+                _registered_method=True)
+        self.DeleteState = channel.unary_unary(
+                '/bpfexec.v1.Executor/DeleteState',
+                request_serializer=bpfexec_dot_v1_dot_executor__pb2.DeleteStateRequest.SerializeToString,
+                response_deserializer=bpfexec_dot_v1_dot_executor__pb2.DeleteStateResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutorServicer:
     """The execution service. All methods are safe to retry except that Execute
     runs the program again (programs have no side effects outside their own
-    result unless a helper has some).
+    result unless a helper has some, or they name a state whose maps they
+    change), and that state entry updates and deletes may answer differently
+    the second time (-EEXIST, -ENOENT).
     """
 
     def LoadModule(self, request, context):
@@ -145,6 +174,50 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListStates(self, request, context):
+        """Named states (docs/states.md): the maps of a module kept between
+        executions under a name, per tenant and module, as a pinned map is kept by
+        the kernel. Executions name one with ExecuteRequest.state.
+
+        The caller's named states (optionally of one module), by module then name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetState(self, request, context):
+        """A state's maps with their entries (all maps, or one). NOT_FOUND if the
+        state, or the map, does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateStateEntries(self, request, context):
+        """Set entries of one map of a state, as bpf_map_update_elem with `flags`.
+        A state that does not exist yet is created for the module (seeding): the
+        module must be loaded. Each entry's kernel result (0 or a negative errno)
+        is in the response; a non-zero errno is not a gRPC error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteStateEntries(self, request, context):
+        """Delete entries of one map of a state, as bpf_map_delete_elem; each key's
+        result (0, -ENOENT, or -EINVAL for an array) is in the response.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteState(self, request, context):
+        """Forget a state and its maps. NOT_FOUND if it does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +256,31 @@ def add_ExecutorServicer_to_server(servicer, server):
                     request_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamRequest.FromString,
                     response_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamResponse.SerializeToString,
             ),
+            'ListStates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStates,
+                    request_deserializer=bpfexec_dot_v1_dot_executor__pb2.ListStatesRequest.FromString,
+                    response_serializer=bpfexec_dot_v1_dot_executor__pb2.ListStatesResponse.SerializeToString,
+            ),
+            'GetState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=bpfexec_dot_v1_dot_executor__pb2.GetStateRequest.FromString,
+                    response_serializer=bpfexec_dot_v1_dot_executor__pb2.GetStateResponse.SerializeToString,
+            ),
+            'UpdateStateEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateStateEntries,
+                    request_deserializer=bpfexec_dot_v1_dot_executor__pb2.UpdateStateEntriesRequest.FromString,
+                    response_serializer=bpfexec_dot_v1_dot_executor__pb2.UpdateStateEntriesResponse.SerializeToString,
+            ),
+            'DeleteStateEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteStateEntries,
+                    request_deserializer=bpfexec_dot_v1_dot_executor__pb2.DeleteStateEntriesRequest.FromString,
+                    response_serializer=bpfexec_dot_v1_dot_executor__pb2.DeleteStateEntriesResponse.SerializeToString,
+            ),
+            'DeleteState': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteState,
+                    request_deserializer=bpfexec_dot_v1_dot_executor__pb2.DeleteStateRequest.FromString,
+                    response_serializer=bpfexec_dot_v1_dot_executor__pb2.DeleteStateResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'bpfexec.v1.Executor', rpc_method_handlers)
@@ -194,7 +292,9 @@ def add_ExecutorServicer_to_server(servicer, server):
 class Executor:
     """The execution service. All methods are safe to retry except that Execute
     runs the program again (programs have no side effects outside their own
-    result unless a helper has some).
+    result unless a helper has some, or they name a state whose maps they
+    change), and that state entry updates and deletes may answer differently
+    the second time (-EEXIST, -ENOENT).
     """
 
     @staticmethod
@@ -376,6 +476,141 @@ class Executor:
             '/bpfexec.v1.Executor/ExecuteStream',
             bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamRequest.SerializeToString,
             bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bpfexec.v1.Executor/ListStates',
+            bpfexec_dot_v1_dot_executor__pb2.ListStatesRequest.SerializeToString,
+            bpfexec_dot_v1_dot_executor__pb2.ListStatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bpfexec.v1.Executor/GetState',
+            bpfexec_dot_v1_dot_executor__pb2.GetStateRequest.SerializeToString,
+            bpfexec_dot_v1_dot_executor__pb2.GetStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateStateEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bpfexec.v1.Executor/UpdateStateEntries',
+            bpfexec_dot_v1_dot_executor__pb2.UpdateStateEntriesRequest.SerializeToString,
+            bpfexec_dot_v1_dot_executor__pb2.UpdateStateEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteStateEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bpfexec.v1.Executor/DeleteStateEntries',
+            bpfexec_dot_v1_dot_executor__pb2.DeleteStateEntriesRequest.SerializeToString,
+            bpfexec_dot_v1_dot_executor__pb2.DeleteStateEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bpfexec.v1.Executor/DeleteState',
+            bpfexec_dot_v1_dot_executor__pb2.DeleteStateRequest.SerializeToString,
+            bpfexec_dot_v1_dot_executor__pb2.DeleteStateResponse.FromString,
             options,
             channel_credentials,
             insecure,
