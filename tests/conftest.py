@@ -22,6 +22,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 C_SOURCES = FIXTURES / "c"
 OBJECTS = FIXTURES / "obj"
 CLANG = shutil.which("clang")
+LIBBPF = Path("/usr/include/bpf/bpf_helpers.h").exists()  # Debian's libbpf-dev
 
 CompileC = Callable[..., Path]
 
@@ -77,6 +78,47 @@ def compile_c(tmp_path_factory: pytest.TempPathFactory) -> CompileC:
         return target
 
     return compile_c
+
+
+def multiarch() -> str:
+    """`gcc -print-multiarch`: where the kernel's UAPI headers are (`asm/types.h`)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        return ""
+    return subprocess.run([gcc, "-print-multiarch"], capture_output=True, text=True).stdout.strip()
+
+
+def libbpf_flags() -> list[str]:
+    """How libbpf-style programs are compiled (each fixture directory's build.sh too)."""
+    return ["-O2", "-g", "-target", "bpf", f"-I/usr/include/{multiarch()}"]
+
+
+CompileDirectory = Callable[[Path], Path]
+
+
+@pytest.fixture(scope="session")
+def libbpf_objects(tmp_path_factory: pytest.TempPathFactory) -> CompileDirectory:
+    """`libbpf_objects(directory)`: a directory with the objects of `directory/*.c`,
+    libbpf-style programs compiled now when clang and libbpf-dev are installed, else
+    `directory` itself, whose committed objects stand in."""
+    built: dict[Path, Path] = {}
+
+    def compile_directory(directory: Path) -> Path:
+        if CLANG is None or not LIBBPF:
+            return directory
+        if directory not in built:
+            out = tmp_path_factory.mktemp(directory.name)
+            for source in sorted(directory.glob("*.c")):
+                target = out / f"{source.stem}.o"
+                subprocess.run(
+                    [CLANG, *libbpf_flags(), "-c", str(source), "-o", str(target)],
+                    check=True,
+                    capture_output=True,
+                )
+            built[directory] = out
+        return built[directory]
+
+    return compile_directory
 
 
 @pytest.fixture(params=available_engines())

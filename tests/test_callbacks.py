@@ -8,11 +8,11 @@ here when clang and libbpf-dev are installed, else the committed objects stand i
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import CLANG, LIBBPF, CompileDirectory, libbpf_flags
 from test_differential import TIERS, both
 
 from bpfexec import vm
@@ -25,32 +25,14 @@ from bpfexec.vm.machine import prepare
 from bpfexec.vm.maps import MapSet
 
 FIXTURES = Path(__file__).parent / "fixtures" / "callbacks"
-CLANG = shutil.which("clang")
-LIBBPF = Path("/usr/include/bpf/bpf_helpers.h").exists()
 EINVAL, E2BIG, ENOENT = 22, 7, 2
 MASK64 = (1 << 64) - 1
 
 
-def multiarch() -> str:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        return ""
-    return subprocess.run([gcc, "-print-multiarch"], capture_output=True, text=True).stdout.strip()
-
-
 @pytest.fixture(scope="module")
-def objects(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def objects(libbpf_objects: CompileDirectory) -> Path:
     """The fixtures compiled here (clang and libbpf-dev), else the committed objects."""
-    if CLANG is None or not LIBBPF:
-        return FIXTURES
-    out = tmp_path_factory.mktemp("callbacks")
-    for source in FIXTURES.glob("*.c"):
-        subprocess.run(
-            [CLANG, "-O2", "-g", "-target", "bpf", f"-I/usr/include/{multiarch()}", "-c",
-             str(source), "-o", str(out / f"{source.stem}.o")],
-            check=True, capture_output=True,
-        )  # fmt: skip
-    return out
+    return libbpf_objects(FIXTURES)
 
 
 def program(objects: Path, name: str, tier: str = "optimized") -> vm.Program:
@@ -232,8 +214,7 @@ def test_a_tail_call_from_a_called_function_is_refused(tmp_path):
         'char LICENSE[] SEC("license") = "GPL";\n'
     )
     subprocess.run(
-        [CLANG, "-O2", "-g", "-target", "bpf", f"-I/usr/include/{multiarch()}", "-c",
-         str(source), "-o", str(tmp_path / "sub.o")],
+        [CLANG, *libbpf_flags(), "-c", str(source), "-o", str(tmp_path / "sub.o")],
         check=True, capture_output=True,
     )  # fmt: skip
     with pytest.raises(LoadError, match=r"bpf_tail_call at pc \d+ in 'jump', which is called"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import CompileDirectory
 
 from bpfexec import vm
 from bpfexec.vm.errors import LoadError, TrapKind
@@ -43,34 +43,16 @@ from bpfexec.vm.maps import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "maps"
-CLANG = shutil.which("clang")
-LIBBPF = Path("/usr/include/bpf/bpf_helpers.h").exists()
 MASK64 = (1 << 64) - 1
 QUEUE, STACK, RINGBUF, LPM_TRIE = 22, 23, 27, 11
 PROG_ARRAY, ARRAY_OF_MAPS, HASH_OF_MAPS, ARRAY, HASH = 3, 12, 13, 2, 1
 NO_PREALLOC = 1
 
 
-def multiarch() -> str:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        return ""
-    return subprocess.run([gcc, "-print-multiarch"], capture_output=True, text=True).stdout.strip()
-
-
 @pytest.fixture(scope="module")
-def objects(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def objects(libbpf_objects: CompileDirectory) -> Path:
     """The fixtures compiled here (clang and libbpf-dev), else the committed objects."""
-    if CLANG is None or not LIBBPF:
-        return FIXTURES
-    out = tmp_path_factory.mktemp("map_types")
-    for name in ("queue", "ringbuf", "lpm", "inner"):
-        subprocess.run(
-            [CLANG, "-O2", "-g", "-target", "bpf", f"-I/usr/include/{multiarch()}", "-c",
-             str(FIXTURES / f"{name}.c"), "-o", str(out / f"{name}.o")],
-            check=True, capture_output=True,
-        )  # fmt: skip
-    return out
+    return libbpf_objects(FIXTURES)
 
 
 def program(objects: Path, name: str) -> vm.Program:

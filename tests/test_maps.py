@@ -13,13 +13,13 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+from conftest import CompileDirectory
 
 from bpfexec import vm
 from bpfexec.vm.errors import LimitError, LoadError
@@ -39,30 +39,12 @@ from bpfexec.vm.maps import (
 from bpfexec.vm.memory import map_base
 
 FIXTURES = Path(__file__).parent / "fixtures" / "maps"
-CLANG = shutil.which("clang")
-LIBBPF = Path("/usr/include/bpf/bpf_helpers.h").exists()
-
-
-def multiarch() -> str:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        return ""
-    return subprocess.run([gcc, "-print-multiarch"], capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture(scope="module")
-def objects(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def objects(libbpf_objects: CompileDirectory) -> Path:
     """The fixtures compiled here (clang and libbpf-dev), else the committed objects."""
-    if CLANG is None or not LIBBPF:
-        return FIXTURES
-    out = tmp_path_factory.mktemp("maps")
-    for source in FIXTURES.glob("*.c"):
-        subprocess.run(
-            [CLANG, "-O2", "-g", "-target", "bpf", f"-I/usr/include/{multiarch()}", "-c",
-             str(source), "-o", str(out / f"{source.stem}.o")],
-            check=True, capture_output=True,
-        )  # fmt: skip
-    return out
+    return libbpf_objects(FIXTURES)
 
 
 def program(objects: Path, name: str) -> vm.Program:

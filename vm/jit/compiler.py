@@ -41,7 +41,8 @@ function pointer in the run's table of call sites, or the runtime's Python
 entry `CALL_SYMBOL` with r1..r5 and the fuel (`helper_call`); a `callx`, or a
 call at the limit, spills the registers and goes through the generic
 dispatcher. A `bpf_map_lookup_elem` call on an array map may run inline, as
-arithmetic, where the run marks its site (`inline_lookup`, `bpfexec.vm.jit.maps`).
+arithmetic, and one on a hash map as a probe of the map's index, where the run
+marks its site (`inline_lookup`, `bpfexec.vm.jit.maps`).
 No host address is ever stored in an eBPF register: host pointers exist only
 inside the access that uses them.
 
@@ -80,9 +81,17 @@ from bpfexec.vm.interpreter import CALL, EXIT, FALL, JUMP, Block
 from bpfexec.vm.isa import MASK32, NUM_REGISTERS, Instruction
 from bpfexec.vm.jit.context import FIELD_INDEX, Access, Context, Status
 from bpfexec.vm.jit.induction import Linear, Stride, strided_accesses
-from bpfexec.vm.jit.maps import INLINE_MARK, InlineArray, inline_arrays, lookup_sites
+from bpfexec.vm.jit.maps import (
+    INLINE_MARK,
+    InlineArray,
+    InlineHash,
+    inline_arrays,
+    inline_hashes,
+    lookup_sites,
+)
 from bpfexec.vm.jit.unroll import Loop, unrollable_loops
 from bpfexec.vm.liveness import Signature, reachable, signatures, successors, uses_and_defs
+from bpfexec.vm.maps_hash import EMPTY, FMIX_1, FMIX_2, FNV_OFFSET, FNV_PRIME, TAG, TOMBSTONE
 from bpfexec.vm.memory import OFFSET_MASK, REGION_COUNT, REGION_SHIFT
 from bpfexec.vm.program import Program
 
@@ -146,6 +155,7 @@ class ModuleIR:
     # table marks them (`bpfexec.vm.jit.maps`); empty: none.
     inline_lookups: frozenset[int] = frozenset()
     inline_arrays: tuple[InlineArray, ...] = ()
+    inline_hashes: tuple[InlineHash, ...] = ()
 
 
 def _ir_type(ctype: type[Any]) -> str:
@@ -254,14 +264,14 @@ def build_module(
     jumps = {pc: successors(blocks[pc], code) for pcs in bodies.values() for pc in pcs}  # type: ignore[arg-type]
     signature = signatures(bodies, blocks, code, jumps)
     helper_pcs: set[int] = set()
-    arrays = inline_arrays(program)
+    arrays, hashes = inline_arrays(program), inline_hashes(program)
     lookups = lookup_sites(program)
     parts = [_prelude(cold)]
     parts += [f"%res.{entry} = type {_result_type(signature[entry])}" for entry in sorted(bodies)]
     frame_low = 0
     for entry in sorted(bodies):
         fn = _FunctionCompiler(program, blocks, frame_bytes, helper_pcs, signature, optimized)
-        fn.arrays, fn.lookups = arrays, lookups
+        fn.arrays, fn.hashes, fn.lookups = arrays, hashes, lookups
         loops = unrollable_loops(bodies[entry], blocks, code, jumps) if optimized else {}
         strides = {
             head: strided_accesses(loop, blocks, code, jumps) for head, loop in loops.items()
@@ -272,7 +282,7 @@ def build_module(
     parts.append(_entry(entries, signature, blocks, cold))
     return ModuleIR(
         "\n".join(parts), frozenset(entries), len(bodies), total, frozenset(helper_pcs),
-        frame_low, lookups & helper_pcs, arrays,
+        frame_low, lookups & helper_pcs, arrays, hashes,
     )  # fmt: skip
 
 
@@ -483,10 +493,11 @@ class _FunctionCompiler:
         self.helper_pcs = helper_pcs
         # Helper call sites by pc -> their slot in the run's native helper table.
         self.call_sites = call_sites(program)
-        # Array maps looked up inline at the `bpf_map_lookup_elem` sites `lookups`
-        # (`inline_lookup`), and each inline lookup's first label -> the label of the
-        # check of the run's mark it must be entered from (`check_entries`).
+        # Array and hash maps looked up inline at the `bpf_map_lookup_elem` sites
+        # `lookups` (`inline_lookup`), and each inline lookup's first label -> the label
+        # of the check of the run's mark it must be entered from (`check_entries`).
         self.arrays: tuple[InlineArray, ...] = ()
+        self.hashes: tuple[InlineHash, ...] = ()
         self.lookups: frozenset[int] = frozenset()
         self.marked: dict[str, str] = {}
         self.lines: list[str] = []
@@ -835,9 +846,10 @@ class _FunctionCompiler:
         signature = self.signature[entry]
         params = ", ".join(f"i64 %a{n}" for n in signature.params)
         result = f"%res.{entry}"
-        head = [
+        head = [  # no jump tables (see `_entry`): simplifycfg turns compare chains into
+            # switches, such as an inline lookup's handle compared with four maps' or more
             f"define internal preserve_nonecc {result} @bpf_fn_{entry}(ptr noalias %ctx, "
-            f"i64 %a{FUEL}, {params}) nounwind {{",
+            f'i64 %a{FUEL}, {params}) nounwind "no-jump-tables"="true" {{',
             "entry:",
         ]
         for n in range(NUM_REGISTERS + 1):
@@ -1142,7 +1154,8 @@ class _FunctionCompiler:
         runs the helper as the interpreter does. Either way a trap the helper
         recorded is in the context's status, and the call unwinds. A `callx` goes
         through the generic dispatcher. A `bpf_map_lookup_elem` site of a program with
-        array maps may look them up inline (`inline_lookup`), when the run marks it so.
+        array or hash maps may look them up inline (`inline_lookup`), when the run
+        marks it so.
         """
         self.helper_pcs.add(pc)
         stored = self.slots  # what the frame held before the call, for an inline lookup
@@ -1171,7 +1184,7 @@ class _FunctionCompiler:
         function = self.value(f"load ptr, ptr {slot}")
         status_field = self.field("status")
         inlined: list[tuple[str, str, str]] = []
-        if self.arrays and pc in self.lookups:
+        if (self.arrays or self.hashes) and pc in self.lookups:
             mark = self.value(f"ptrtoint ptr {function} to i64")
             marked = self.value(f"icmp eq i64 {mark}, {INLINE_MARK}")
             inline, generic = self.new_label(), self.new_label()
@@ -1228,65 +1241,168 @@ class _FunctionCompiler:
         self, pc: int, site: int, fuel: str, stored: dict[int, Slot], fallback: str, merge: str
     ) -> list[tuple[str, str, str]]:
         """`bpf_map_lookup_elem(r1, r2)` without calling it, for r1 the handle of one of
-        the arrays of `self.arrays`; any other r1 goes to `fallback` (the Python call,
-        already counted). Each array's arm reads the u32 key at r2 through the usual
-        checked access (the interpreter's fault, at this pc, when it is out of bounds;
-        a frame slot still holding what was `stored` there before the call is forwarded)
-        and counts the call as a native call site does (`native_calls`); r0 is
-        `index < max_entries ? base + index * slot : 0`, the address the helper
-        returns. The arms' (r0, fuel, label), for the phi at `merge`; `fuel` is what
-        is left at the call (a lookup costs nothing more).
+        the maps of `self.arrays` or `self.hashes`; any other r1 goes to `fallback` (the
+        Python call, already counted). Each map's arm counts the call as a native call
+        site does (`native_calls`), then reads the key at r2 through the usual checked
+        access (the interpreter's fault, at this pc, when it is out of bounds; a frame
+        slot still holding what was `stored` there before the call is forwarded). An
+        array's r0 is `index < max_entries ? base + index * slot : 0`; a hash map's
+        arm probes its index (`probe`) and, when the index was changing, takes the
+        count back and goes to `fallback`, where the helper counts itself. The arms'
+        (r0, fuel, label), for the phi at `merge`; `fuel` is what is left at the call
+        (a lookup costs nothing more).
 
         The arms branch, so what they learn of registers and translations is dropped
         after each: none of it dominates the code after the call. docs/jit.md,
-        "Inline array lookups", argues why this is the helper, exactly.
+        "Inline array lookups" and "Inline hash lookups", argues why this is the
+        helper, exactly.
         """
         self.cache[FUEL] = fuel  # not the limit arm's: a fault in the key records it
         before, dirty = self.state(), set(self.dirty)
         handle = self.get(1)
-        arrays: Sequence[InlineArray] = self.arrays
+        maps: Sequence[InlineArray | InlineHash] = [*self.arrays, *self.hashes]
         known = handle.lstrip("-").isdigit()  # a constant (from lddw): decided here
         if known:
-            arrays = [a for a in arrays if _signed(a.handle) == int(handle)]
+            maps = [m for m in maps if _signed(m.handle) == int(handle)]
         arms = []
-        for array in arrays:
+        uncount = self.new_label()  # a hash arm's way to the helper
+        for inline in maps:
             if not known:
                 hit, miss = self.new_label(), self.new_label()
-                same = self.value(f"icmp eq i64 {handle}, {_signed(array.handle)}")
+                same = self.value(f"icmp eq i64 {handle}, {_signed(inline.handle)}")
                 self.emit(f"br i1 {same}, label %{hit}, label %{miss}")
                 self.start(hit)
-            counts = self.value(f"load ptr, ptr {self.field('native_calls')}")
-            count_slot = self.value(f"getelementptr i64, ptr {counts}, i64 {site}")
-            count = self.value(f"load i64, ptr {count_slot}")
-            self.emit(f"store i64 {self.value(f'add i64 {count}, 1')}, ptr {count_slot}")
-            index = self.read_key(pc, stored)
-            inside = self.value(f"icmp ult i64 {index}, {array.max_entries}")
-            offset = self.value(f"mul i64 {index}, {array.slot}")
-            address = self.value(f"add i64 {offset}, {_signed(array.base)}")
-            arms.append((self.value(f"select i1 {inside}, i64 {address}, i64 0"), fuel, self.label))
+            self.count_native(site, 1)
+            if isinstance(inline, InlineArray):
+                index = self.read_key(pc, stored, 4)[0]
+                inside = self.value(f"icmp ult i64 {index}, {inline.max_entries}")
+                offset = self.value(f"mul i64 {index}, {inline.slot}")
+                address = self.value(f"add i64 {offset}, {_signed(inline.base)}")
+                r0 = self.value(f"select i1 {inside}, i64 {address}, i64 0")
+            else:
+                r0 = self.probe(inline, self.read_key(pc, stored, inline.key_size), uncount)
+            arms.append((r0, fuel, self.label))
             self.emit(f"br label %{merge}")
             self.cache, self.roots, self.translations, self.slots = before
             before, self.dirty = self.state(), set(dirty)
             if not known:
                 self.start(miss)
-        if not known or not arrays:
+        if not known or not maps:
+            self.emit(f"br label %{fallback}")
+        if any(isinstance(inline, InlineHash) for inline in maps):
+            self.start(uncount)
+            self.count_native(site, -1)
             self.emit(f"br label %{fallback}")
         return arms
 
-    def read_key(self, pc: int, stored: dict[int, Slot]) -> str:
-        """The u32 at r2, zero-extended: as `load` reads it, frame slots included."""
-        slot = self.frame_slot(2, 0, 4, pc)
-        value, size, _ = stored.get(slot, ("", 0, None)) if slot is not None else ("", 0, None)
-        if size >= 4:  # the low bytes of what was stored (little-endian)
-            return self.value(f"zext i32 {self.narrow(value, 'i32')} to i64")
+    def count_native(self, site: int, delta: int) -> None:
+        """Add `delta` to the run's count of native calls at call site `site`."""
+        counts = self.value(f"load ptr, ptr {self.field('native_calls')}")
+        count_slot = self.value(f"getelementptr i64, ptr {counts}, i64 {site}")
+        count = self.value(f"load i64, ptr {count_slot}")
+        self.emit(f"store i64 {self.value(f'add i64 {count}, {delta}')}, ptr {count_slot}")
 
-        def load(host: str, qualifier: str) -> str:
-            key = self.value(f"load {qualifier}i32, ptr {host}, align 1")
-            return self.value(f"zext i32 {key} to i64")
+    def probe(self, inline: InlineHash, words: list[str], fallback: str) -> str:
+        """r0 of a lookup of the key `words` (its u64 words, zero-padded) in the index
+        of hash map `inline` (`bpfexec.vm.maps_hash.NativeIndex`): the address of the
+        key's value, or 0; or a branch to `fallback` when the index was changing (an
+        odd version, or another one after the probe), when the probe did not end
+        within the table's size, or when the slot found is not below max_entries.
+        The version is read with acquire ordering before the probe, and again after
+        an acquire fence; the table with unordered atomic loads (plain moves): a seqlock's
+        reader. docs/jit.md, "Inline hash lookups".
+        """
+        h = str(_signed(FNV_OFFSET))
+        for word in words:
+            h = self.value(f"mul i64 {self.value(f'xor i64 {h}, {word}')}, {_signed(FNV_PRIME)}")
+        for factor in (FMIX_1, FMIX_2, None):
+            h = self.value(f"xor i64 {h}, {self.value(f'lshr i64 {h}, 33')}")
+            if factor is not None:
+                h = self.value(f"mul i64 {h}, {_signed(factor)}")
+        tag = self.value(f"and i64 {h}, {TAG}")
+        headers = self.value(f"load ptr, ptr {self.field('map_indexes')}")
+        entry = self.value(f"getelementptr ptr, ptr {headers}, i64 {inline.position}")
+        header = self.value(f"load ptr, ptr {entry}")
+        version = self.value(f"load atomic i64, ptr {header} acquire, align 8")
+        odd = self.value(f"trunc i64 {version} to i1")
+        read, probe, check, compare, advance, done, found = (self.new_label() for _ in range(7))
+        self.emit(f"br i1 {odd}, label %{fallback}, label %{read}, !prof {COLD}")
 
-        key = self.access(2, 0, 4, Access.READ, pc, load, "i64")
-        assert key is not None
-        return key
+        self.start(read)
+        table_field = self.value(f"getelementptr i8, ptr {header}, i64 8")
+        table = self.value(f"load atomic ptr, ptr {table_field} unordered, align 8")
+        mask = self.value(f"load atomic i64, ptr {table} unordered, align 8")
+        first = self.value(f"and i64 {h}, {mask}")
+        self.emit(f"br label %{probe}")
+
+        self.start(probe)
+        bucket, tries, next_bucket, next_tries = self.tmp(), self.tmp(), self.tmp(), self.tmp()
+        self.emit(f"{bucket} = phi i64 [ {first}, %{read} ], [ {next_bucket}, %{advance} ]")
+        self.emit(f"{tries} = phi i64 [ 0, %{read} ], [ {next_tries}, %{advance} ]")
+        size = 1 + len(words)  # words per bucket
+        at = self.value(f"add i64 {self.value(f'mul i64 {bucket}, {size}')}, 1")
+        head_pointer = self.value(f"getelementptr i64, ptr {table}, i64 {at}")
+        head = self.value(f"load atomic i64, ptr {head_pointer} unordered, align 8")
+        slot1 = self.value(f"and i64 {head}, {TOMBSTONE}")  # the slot + 1
+        empty = self.value(f"icmp eq i64 {slot1}, {EMPTY}")
+        self.emit(f"br i1 {empty}, label %{done}, label %{check}")
+
+        self.start(check)
+        same_tag = self.value(f"icmp eq i64 {self.value(f'lshr i64 {head}, 32')}, {tag}")
+        live = self.value(f"icmp ne i64 {slot1}, {TOMBSTONE}")
+        candidate = self.value(f"and i1 {same_tag}, {live}")
+        self.emit(f"br i1 {candidate}, label %{compare}, label %{advance}")
+
+        self.start(compare)
+        equal = "true"
+        for n, word in enumerate(words, 1):
+            stored_pointer = self.value(f"getelementptr i64, ptr {head_pointer}, i64 {n}")
+            stored = self.value(f"load atomic i64, ptr {stored_pointer} unordered, align 8")
+            same = self.value(f"icmp eq i64 {stored}, {word}")
+            equal = self.value(f"and i1 {equal}, {same}")
+        self.emit(f"br i1 {equal}, label %{done}, label %{advance}")
+
+        self.start(advance)
+        self.emit(f"{next_tries} = add i64 {tries}, 1")
+        self.emit(f"{next_bucket} = and i64 {self.value(f'add i64 {bucket}, 1')}, {mask}")
+        exhausted = self.value(f"icmp ugt i64 {next_tries}, {mask}")
+        self.emit(f"br i1 {exhausted}, label %{fallback}, label %{probe}, !prof {COLD}")
+
+        self.start(done)
+        result = self.value(f"phi i64 [ 0, %{probe} ], [ {slot1}, %{compare} ]")
+        self.emit("fence acquire")
+        again = self.value(f"load atomic i64, ptr {header} monotonic, align 8")
+        changed = self.value(f"icmp ne i64 {again}, {version}")
+        outside = self.value(f"icmp ugt i64 {result}, {inline.max_entries}")
+        retry = self.value(f"or i1 {changed}, {outside}")
+        self.emit(f"br i1 {retry}, label %{fallback}, label %{found}, !prof {COLD}")
+
+        self.start(found)
+        offset = self.value(f"mul i64 {self.value(f'add i64 {result}, -1')}, {inline.slot}")
+        address = self.value(f"add i64 {offset}, {_signed(inline.base)}")
+        hit = self.value(f"icmp ne i64 {result}, 0")
+        return self.value(f"select i1 {hit}, i64 {address}, i64 0")
+
+    def read_key(self, pc: int, stored: dict[int, Slot], size: int) -> list[str]:
+        """The `size` bytes at r2 as u64 words (little-endian, the last zero-extended),
+        as `load` reads them: one checked access of `size` bytes, and a frame slot
+        forwarded when it holds them all."""
+        slot = self.frame_slot(2, 0, size, pc)
+        value, width, _ = stored.get(slot, ("", 0, None)) if slot is not None else ("", 0, None)
+        if size <= 8 and width >= size:  # the low bytes of what was stored (little-endian)
+            return [self.widen(self.narrow(value, f"i{size * 8}"), f"i{size * 8}")]
+
+        def load(host: str, qualifier: str, start: int = 0) -> str:
+            ty = f"i{min(8, size - start) * 8}"
+            at = self.value(f"getelementptr i8, ptr {host}, i64 {start}") if start else host
+            return self.widen(self.value(f"load {qualifier}{ty}, ptr {at}, align 1"), ty)
+
+        if size <= 8:
+            key = self.access(2, 0, size, Access.READ, pc, load, "i64")
+            assert key is not None
+            return [key]
+        host = self.host_pointer(2, 0, size, Access.READ, pc)
+        return [load(host, "", start) for start in range(0, size, 8)]
 
     def unwind_on_status(self, status_field: str) -> None:
         """Unwind if the call just made recorded a trap (its fuel is in the context)."""

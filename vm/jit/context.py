@@ -74,6 +74,9 @@ class Context(ctypes.Structure):
         ("native_costs", ctypes.c_void_p),
         # ...and how many times native code called it there (for the helpers' counters).
         ("native_calls", ctypes.c_void_p),
+        # The header (`bpfexec.vm.maps_hash.IndexHeader`) of each hash map whose lookups
+        # run inline, by `InlineHash.position`: set with the marks of a run's lookup sites.
+        ("map_indexes", ctypes.c_void_p),
     ]
 
 

@@ -59,7 +59,14 @@ from bpfexec.vm.jit.compiler import (
 )
 from bpfexec.vm.jit.context import Access, Context, Status
 from bpfexec.vm.jit.limits import TierLimits, over_limit, tier_limits
-from bpfexec.vm.jit.maps import INLINE_MARK, InlineArray, maps_match, site_inlines
+from bpfexec.vm.jit.maps import (
+    INLINE_MARK,
+    InlineArray,
+    InlineHash,
+    index_headers,
+    maps_match,
+    site_inlines,
+)
 from bpfexec.vm.limits import Limits
 from bpfexec.vm.machine import Machine
 from bpfexec.vm.memory import OFFSET_MASK, REGION_COUNT, REGION_SHIFT
@@ -118,6 +125,7 @@ class NativeCode:
     # them (`_native_helper_tables`, `bpfexec.vm.jit.maps`)
     inline_lookups: frozenset[int] = frozenset()
     inline_arrays: tuple[InlineArray, ...] = ()
+    inline_hashes: tuple[InlineHash, ...] = ()
 
 
 @dataclass
@@ -386,6 +394,7 @@ def _native_code(
         object_bytes=len(code),
         inline_lookups=module.inline_lookups,
         inline_arrays=module.inline_arrays,
+        inline_hashes=module.inline_hashes,
     )
 
 
@@ -533,17 +542,24 @@ def _native_helper_tables(ctx: Context, machine: Machine, code: NativeCode) -> l
 
     A site whose lookup `code` may run inline is marked `INLINE_MARK` when this run's
     helper there is the Linux lookup and its maps are the ones compiled for
-    (`bpfexec.vm.jit.maps`); unmarked, it calls the helper as any other site."""
+    (`bpfexec.vm.jit.maps`); unmarked, it calls the helper as any other site. Hash
+    lookups find the maps' index headers in `map_indexes`, which the run keeps (the
+    headers themselves live as long as their maps, which the machine holds)."""
     sites = call_sites(machine.program)
     natives = {
         slot: (address, helper.cost)
         for pc, slot in sites.items()
         if (address := native_address((helper := machine.helpers[pc]).fn))
     }
-    if code.inline_lookups and maps_match(machine, code.inline_arrays):
+    headers = None
+    if code.inline_lookups and maps_match(machine, code.inline_arrays, code.inline_hashes):
         for pc in code.inline_lookups:
             if site_inlines(machine, pc):
                 natives[sites[pc]] = (INLINE_MARK, 0)
+        if code.inline_hashes:
+            addresses = index_headers(machine, code.inline_hashes)
+            headers = (ctypes.c_void_p * len(addresses))(*addresses)
+            ctx.map_indexes = ctypes.addressof(headers)
     if not natives:
         functions, costs = _empty_tables(len(sites))
         calls = None
@@ -557,7 +573,7 @@ def _native_helper_tables(ctx: Context, machine: Machine, code: NativeCode) -> l
         ctx.native_calls = ctypes.addressof(calls)
     ctx.native_helpers = ctypes.addressof(functions)
     ctx.native_costs = ctypes.addressof(costs)
-    return [functions, costs, calls]
+    return [headers, functions, costs, calls]
 
 
 def _report_native_calls(machine: Machine, calls: ctypes.Array[ctypes.c_int64] | None) -> None:
