@@ -78,8 +78,10 @@ from bpfexec.vm import (
     TrapKind,
     execute,
 )
+from bpfexec.vm.callbacks import MAP_NEXT
 from bpfexec.vm.helpers import Event, HelperFn, HelperResolver
 from bpfexec.vm.interpreter import program_blocks
+from bpfexec.vm.linux_helpers import linux_helpers
 from bpfexec.vm.loader import load
 from bpfexec.vm.machine import Argument, get_engine, prepare, run
 from bpfexec.vm.maps import MapSet
@@ -195,6 +197,7 @@ class ExecutionService:
         self.shared_modules = shared_modules  # False: a tenant sees only the modules it uploaded
         self._registry = helpers
         self._helpers = _counted(helpers, metrics)
+        self._linux = _counted(linux_helpers(), metrics, map_operations=True)
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._closing = False
         self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="bpfexec-execute")
@@ -471,7 +474,7 @@ class ExecutionService:
                 quick = execute(
                     module.program, function, args, fuel=min(budget, INLINE_FUEL),
                     helpers=self._helpers, limits=self.limits,
-                    engine=self._engine_for(module.program),
+                    engine=self._engine_for(module.program), linux=self._linux,
                 )  # fmt: skip
             except BaseException:
                 self._slots.release()
@@ -528,7 +531,7 @@ class ExecutionService:
         try:
             machine = prepare(
                 program, job.function, job.args, fuel=job.fuel, helpers=job.resolver,
-                limits=self.limits, interrupt=job.interrupt, maps=maps,
+                limits=self.limits, interrupt=job.interrupt, maps=maps, linux=self._linux,
             )  # fmt: skip
             machine.context.on_event = on_event
             result = run(machine, get_engine(self._engine_for(program)))
@@ -558,13 +561,38 @@ class ExecutionService:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-def _counted(registry: HelperRegistry, metrics: Metrics) -> HelperRegistry:
-    """A copy of `registry` whose helpers count their calls as `inprocess`."""
+# The Linux helpers that operate on a map, and the operation each counts as in
+# `bpfexec_map_operations_total` (bpf_for_each_map_elem: one per element visited).
+MAP_OPERATIONS = {
+    "bpf_map_lookup_elem": "lookup", "bpf_map_update_elem": "update",
+    "bpf_map_delete_elem": "delete", "bpf_map_push_elem": "push", "bpf_map_pop_elem": "pop",
+    "bpf_map_peek_elem": "peek", "bpf_ringbuf_output": "output", "bpf_ringbuf_reserve": "reserve",
+    "bpf_ringbuf_submit": "submit", "bpf_ringbuf_discard": "discard",
+    "bpf_ringbuf_query": "query", MAP_NEXT: "for_each",
+}  # fmt: skip
+
+
+def _counted(
+    registry: HelperRegistry, metrics: Metrics, map_operations: bool = False
+) -> HelperRegistry:
+    """A copy of `registry` whose helpers count their calls as `inprocess`; with
+    `map_operations` (the Linux set), map helpers count as map operations too."""
     counted = HelperRegistry()
     for helper in registry:
         inc = metrics.helper_counter(helper.name or f"#{helper.number}", "inprocess")
+        operation = MAP_OPERATIONS.get(helper.name or "") if map_operations else None
+        if operation is not None:
+            inc = _both(inc, metrics.map_operations.labels(operation).inc)
         counted.register(_Counted(helper.fn, inc), helper.number, helper.name, helper.cost)
     return counted
+
+
+def _both(first: Callable[..., None], second: Callable[..., None]) -> Callable[[int], None]:
+    def inc(n: int = 1) -> None:
+        first(n)
+        second(n)
+
+    return inc
 
 
 class _Counted:

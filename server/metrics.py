@@ -141,8 +141,10 @@ class Metrics:
         )  # fmt: skip
         self.map_operations = Counter(
             "bpfexec_map_operations",
-            "Map entries read, updated or deleted through the state RPCs, by operation "
-            "(`read`, `update`, `delete`); a program's own map helper calls are not counted here.",
+            "Map operations by operation: programs' map helper calls (`lookup`, `update`, "
+            "`delete`, `push`, `pop`, `peek`, `output`, `reserve`, `submit`, `discard`, "
+            "`query`, `for_each` per element) and the state RPCs' entries (`read`, `update`, "
+            "`delete`).",
             ["operation"], registry=r,
         )  # fmt: skip
         self.state_refused = Counter(

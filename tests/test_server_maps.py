@@ -19,6 +19,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+from support import free_port, scrape_metrics
 
 from bpfexec import vm
 from bpfexec.client.cli import main
@@ -55,7 +56,7 @@ SESSIONS = {
 
 @pytest.fixture(scope="module", params=["interpreter", "jit"])
 def server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
-    settings = Settings(port=0, metrics_port=0, entry_point_helpers=False)
+    settings = Settings(port=0, metrics_port=free_port(), entry_point_helpers=False)
     with serve_in_thread(dataclasses.replace(settings, engine=request.param)) as running:
         yield running
 
@@ -94,3 +95,40 @@ def test_a_state_on_a_server_runs_as_local_maps_do(server: RunningServer, sessio
         for function, args in calls
     ]  # fmt: skip
     assert remote == local_runs(path, calls)
+
+
+def operations(server: RunningServer) -> dict[tuple[str, str], float]:
+    """Map operations and Linux helper calls, as Prometheus scrapes them."""
+    samples = scrape_metrics(server.settings.metrics_port)
+    counted = {}
+    for (name, labels), value in samples.items():
+        label = dict(labels)
+        if name == "bpfexec_map_operations_total":
+            counted["map", label["operation"]] = value
+        elif name == "bpfexec_helper_calls_total" and label["helper"].startswith("bpf_"):
+            counted["helper", label["helper"]] = value
+    return counted
+
+
+def test_metrics_count_programs_map_operations(server: RunningServer) -> None:
+    """Lookups (inline in the JIT, reported at the end of the run), updates, pushes,
+    pops, ring buffer records and for_each's elements, by operation."""
+    before = operations(server)
+    counter, queue, ringbuf = (
+        str(FIXTURES / "maps" / f"{n}.o") for n in ("counter", "queue", "ringbuf")
+    )
+    foreach = str(FIXTURES / "callbacks" / "foreach.o")
+    for path, function, args in (
+        (counter, "count", [7]), (queue, "push", [5]), (queue, "queue_order", [0]),
+        (ringbuf, "produce", [3]), (foreach, "walk_maps", [3, MAX64]),
+    ):  # fmt: skip
+        run_cli("run", path, "--function", function, *(f"--arg={a}" for a in args),
+                "--server", server.address, "--json")  # fmt: skip
+    after = operations(server)
+    grown = {key: value - before.get(key, 0) for key, value in after.items()}
+    assert grown["map", "lookup"] >= 2  # count looks up counts and totals
+    assert grown["map", "update"] >= 1 + 3 + 8  # count's new key, walk_maps' 3 keys and 8 slots
+    assert grown["map", "push"] >= 1 and grown["map", "pop"] >= 1
+    assert grown["map", "output"] + grown.get(("map", "submit"), 0) >= 3
+    assert grown["map", "for_each"] == 3 + 8 + 2  # elements, and the two ends of the walks
+    assert grown["helper", "bpf_map_lookup_elem"] == grown["map", "lookup"]

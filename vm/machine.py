@@ -197,9 +197,12 @@ def prepare(
     interrupt: Interrupt | None = None,
     trace: TraceFn | None = None,
     maps: MapSet | None = None,
+    linux: HelperResolver | None = None,
 ) -> Machine:
     """Check the request and build a fresh Machine for it: with fresh maps, or with
-    `maps` (a `MapSet` of the program's maps, shared with other executions)."""
+    `maps` (a `MapSet` of the program's maps, shared with other executions). A
+    libbpf-style program's numbered helpers resolve first to `linux`, by default the
+    Linux helper set (`bpfexec.vm.linux_helpers`; a server passes a counted copy)."""
     limits = limits or Limits()
     fn = program.function(function)
     if len(args) > 5:
@@ -225,9 +228,11 @@ def prepare(
         else:
             raise RequestError(f"argument {i}: expected int or bytes, got {type(arg).__name__}")
     if program.kernel_helpers:
-        from bpfexec.vm.linux_helpers import linux_helpers
+        if linux is None:
+            from bpfexec.vm.linux_helpers import linux_helpers
 
-        helpers = linux_helpers() if helpers is None else HelperChain(linux_helpers(), helpers)
+            linux = linux_helpers()
+        helpers = linux if helpers is None else HelperChain(linux, helpers)
     bound = link(program, helpers)
     if maps is None:
         maps = MapSet(program.maps, init=program.map_init)
@@ -328,6 +333,7 @@ def execute(
     interrupt: Interrupt | None = None,
     trace: TraceFn | None = None,
     maps: MapSet | None = None,
+    linux: HelperResolver | None = None,
 ) -> Result:
     """Run `function` of `program` with `args` (ints in r1..r5, bytes as buffers).
 
@@ -344,5 +350,6 @@ def execute(
         interrupt=interrupt,
         trace=trace,
         maps=maps,
+        linux=linux,
     )
     return run(machine, get_engine(engine) if isinstance(engine, str) else engine)
