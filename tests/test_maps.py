@@ -232,3 +232,13 @@ def test_run_repeat_and_dump_maps(objects, engine):
     assert out["maps"]["totals"]["entries"] == [{"key": "00000000", "value": "0300000000000000"}]
     assert "maps" not in json.loads(bpfexec("run", str(objects / "counter.o"), "--function",
                                             "count", "--arg", "7", "--json").stdout)  # fmt: skip
+
+
+def test_a_co_re_relocation_is_a_one_line_error(libbpf_objects: CompileDirectory) -> None:
+    libbpf = libbpf_objects(FIXTURES.parent / "libbpf")
+    with pytest.raises(LoadError) as caught:
+        load((libbpf / "core.o").read_bytes(), name="core.o")
+    assert str(caught.value) == (
+        "core.o: CO-RE relocation at pc 0 in 'syscall' (field byte offset of [2] STRUCT "
+        "'pair', access 0:1) is not supported: there are no kernel types to relocate against"
+    )

@@ -907,3 +907,76 @@ def legacy_map_specs(data: bytes, symbols: list[tuple[str, int, int]]) -> list[M
             )
         )
     return specs
+
+
+# -- .BTF.ext: only to find CO-RE relocations, which this VM cannot apply ------------------
+
+_EXT_HEADER = struct.Struct("<HBBI")  # magic, version, flags, hdr_len
+_CORE_KINDS = (
+    "field byte offset", "field byte size", "field exists", "field signed", "field lshift",
+    "field rshift", "type id local", "type id target", "type exists", "type size",
+    "enum value exists", "enum value", "type matches",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CoreRelocation:
+    """One CO-RE relocation of `.BTF.ext` (`struct bpf_core_relo`)."""
+
+    section: str  # of the instruction
+    offset: int  # of the instruction in its section, in bytes
+    type: str  # the local type it is relative to
+    access: str  # the access string, "0:1" for the second member
+    kind: str
+
+
+def first_core_relocation(ext: bytes, btf_data: bytes) -> CoreRelocation | None:
+    """The first CO-RE relocation of a `.BTF.ext` section, or None; `btf_data` is the
+    object's `.BTF`. BtfError if either is malformed."""
+    ext = bytes(ext)
+    if len(ext) < _EXT_HEADER.size:
+        raise BtfError(f".BTF.ext header truncated: {len(ext)} bytes")
+    magic, _version, _flags, hdr_len = _EXT_HEADER.unpack_from(ext)
+    if magic != _MAGIC:
+        raise BtfError(f"bad .BTF.ext magic {magic:#06x}, expected {_MAGIC:#06x}")
+    if hdr_len < 32 or hdr_len > len(ext):
+        return None  # a header without the CO-RE fields: no relocations
+    core_off, core_len = struct.unpack_from("<II", ext, 24)
+    start = hdr_len + core_off
+    if core_len == 0:
+        return None
+    if start + core_len > len(ext) or core_len < 4:
+        raise BtfError(f".BTF.ext CO-RE section ({core_len} bytes at {core_off}) is truncated")
+    (record_size,) = struct.unpack_from("<I", ext, start)
+    at, end = start + 4, start + core_len
+    while at + 8 <= end:
+        name_off, count = struct.unpack_from("<II", ext, at)
+        at += 8
+        if count == 0:
+            continue
+        if record_size < 16 or at + 16 > end:
+            raise BtfError(f".BTF.ext CO-RE record of {record_size} bytes is truncated")
+        insn_off, type_id, access_off, kind = struct.unpack_from("<IIII", ext, at)
+        btf = parse_btf(btf_data)
+        strings = btf_strings(btf_data)
+        return CoreRelocation(
+            _string(strings, name_off),
+            insn_off,
+            _label(type_id, btf.get(type_id)),
+            _string(strings, access_off),
+            _CORE_KINDS[kind] if kind < len(_CORE_KINDS) else f"kind {kind}",
+        )
+    return None
+
+
+def btf_strings(data: bytes) -> bytes:
+    """The string section of `.BTF` bytes that `parse_btf` accepted."""
+    _magic, _version, _flags, hdr_len, _t_off, _t_len, str_off, str_len = _HEADER.unpack_from(data)
+    return bytes(data[hdr_len + str_off : hdr_len + str_off + str_len])
+
+
+def _string(strings: bytes, offset: int) -> str:
+    if offset >= len(strings):
+        raise BtfError(f".BTF.ext: string offset {offset} is outside the string section")
+    end = strings.find(b"\0", offset, offset + 1024)
+    return strings[offset : end if end >= 0 else offset + 1024].decode("utf-8", "backslashreplace")

@@ -38,6 +38,7 @@ from bpfexec.vm import isa
 from bpfexec.vm.btf import (
     BtfError,
     MapSpec,
+    first_core_relocation,
     fixup_datasec,
     legacy_map_specs,
     map_specs,
@@ -132,6 +133,7 @@ class _Object:
     lines: tuple[_LineRange, ...]
     section_names: dict[int, str]  # every section, for messages
     btf: bytes | None = None  # the .BTF section: types, for the map definitions of .maps
+    btf_ext: bytes | None = None  # the .BTF.ext section: checked for CO-RE relocations
 
 
 def is_elf(data: bytes) -> bool:
@@ -170,6 +172,9 @@ def _read_object(data: bytes, name: str) -> _Object:
         progress.what = "the .BTF section"
         btf_section = elf.get_section_by_name(".BTF")
         btf = None if btf_section is None else btf_section.data()
+        progress.what = "the .BTF.ext section"
+        btf_ext_section = elf.get_section_by_name(".BTF.ext")
+        btf_ext = None if btf_ext_section is None else btf_ext_section.data()
     except LoadError:
         raise
     # The parser is fed untrusted bytes and fails in many ways (its own errors,
@@ -180,7 +185,9 @@ def _read_object(data: bytes, name: str) -> _Object:
             f"{name}: corrupt or truncated ELF file: cannot read {progress.what} ({_one_line(exc)})"
         ) from None
     code = {s.index for s in sections.values() if s.kind == CODE}
-    return _Object(sections, symbols, relocations, _read_lines(elf, code), section_names, btf)
+    return _Object(
+        sections, symbols, relocations, _read_lines(elf, code), section_names, btf, btf_ext
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -411,6 +418,7 @@ class _Linker:
         self.map_init: list[tuple[int, int, int]] = []  # (map, index, id): `values = {...}`
 
     def link(self) -> Program:
+        self._refuse_core_relocations()
         for section in self.code_sections:
             for reloc in self.obj.relocations.get(section.index, ()):
                 self._relocate_code(section, reloc)
@@ -444,6 +452,28 @@ class _Linker:
             map_init=tuple(self.map_init),
             kernel_helpers=self.kernel_helpers,
             name=self.name,
+        )
+
+    def _refuse_core_relocations(self) -> None:
+        """CO-RE relocations adjust field offsets to a running kernel's types, which a
+        VM without a kernel does not have: an object that needs them is refused."""
+        if self.obj.btf_ext is None or self.obj.btf is None:
+            return
+        try:
+            found = first_core_relocation(self.obj.btf_ext, self.obj.btf)
+        except BtfError as exc:
+            raise LoadError(f"{self.name}: .BTF.ext: {exc}") from None
+        if found is None:
+            return
+        section = next((s for s in self.code_sections if s.name == found.section), None)
+        where = f"offset {found.offset:#x} of {found.section!r}"
+        if section is not None and found.offset % isa.INSTRUCTION_SIZE == 0:
+            where = f"pc {self.base_pc[section.index] + found.offset // isa.INSTRUCTION_SIZE}"
+            where += f" in {found.section!r}"
+        raise LoadError(
+            f"{self.name}: CO-RE relocation at {where} ({found.kind} of {found.type}, "
+            f"access {found.access}) is not supported: there are no kernel types to "
+            "relocate against"
         )
 
     def _check_tail_calls(self, functions: list[Function]) -> None:
