@@ -196,6 +196,16 @@ def _local_limits(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _check_mode(args)
+    if args.inputs is not None:
+        given = [flag for flag, on in (
+            ("--arg", args.arg), ("--repeat", args.repeat != 1), ("--dump-maps", args.dump_maps),
+            ("--trace", args.trace), ("--remote-helpers", args.remote_helpers),
+        ) if on]  # fmt: skip
+        if given:
+            raise UsageError(f"--inputs takes the arguments from its file, not with {given[0]}")
+        from bpfexec.client.cli_batch import run_inputs
+
+        return run_inputs(args)
     run_args = [parse_arg(text) for text in args.arg]
     if args.server:
         from bpfexec.client.cli_remote import connection_options, run_remote
@@ -396,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--dump-maps", action="store_true", help="add the maps' contents to the result"
     )
+    run.add_argument(
+        "--inputs", metavar="FILE.jsonl",
+        help="run once per line, each a JSON array of arguments as --arg takes them "
+        "('-': standard input); print one JSON result a line, in order",
+    )  # fmt: skip
     run.add_argument("--trace", action="store_true", help="trace every instruction on stderr")
     run.add_argument("--server", metavar="HOST:PORT", help="run on a bpfexec server")
     run.add_argument(

@@ -25,7 +25,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +202,41 @@ def run_remote(
             module, function, args, fuel, helpers=helpers, state=state, dump_maps=dump_maps
         )
         return result.to_dict()
+
+
+def remote_batch(
+    code: bytes,
+    name: str,
+    server: str,
+    function: str | None,
+    inputs: Iterable[tuple[int, Sequence[int | bytes]]],
+    fuel: int | None,
+    *,
+    state: str | None = None,
+    token: str | None = None,
+    tls: bool | PathLike = False,
+    tls_cert: PathLike | None = None,
+    tls_key: PathLike | None = None,
+) -> Iterator[tuple[int, Sequence[int | bytes], dict[str, Any]]]:
+    """Upload `code` once and run `function` on each (line, arguments) of `inputs`,
+    in order: (line, arguments, the result as a local run's dict). One execution
+    an input, for now; arguments the server refuses raise `InputError`."""
+    with Client(server, token=token, tls=tls, tls_cert=tls_cert, tls_key=tls_key) as client:
+        module = client.load(code, name)
+        for line, arguments in inputs:
+            try:
+                result = client.execute(module, function, arguments, fuel, state=state)
+            except InvalidArgument as exc:
+                raise InputError(line, str(exc)) from None
+            yield line, arguments, result.to_dict()
+
+
+class InputError(Exception):
+    """The server refused the arguments of input line `line`."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 def add_state_parser(subparsers: Any) -> argparse.ArgumentParser:
