@@ -20,6 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "client": LIBRARY,
     "client/cli.py": VM | LIBRARY | {"bpfexec", "bpfexec.server"},
     "client/cli_remote.py": VM | LIBRARY | {"bpfexec.server"},
+    "client/cli_batch.py": VM | LIBRARY,  # --inputs runs locally too
     "bpfexec": {"bpfexec.client"},  # __main__: the command line
 }
 
