@@ -77,7 +77,7 @@ class Memory:
     stores may go there.
     """
 
-    __slots__ = ("regions", "writable")
+    __slots__ = ("mapped", "regions", "writable")
 
     def __init__(
         self,
@@ -105,6 +105,8 @@ class Memory:
         for n, values in enumerate(maps):
             self.regions[MAP0 + n] = values
             self.writable[MAP0 + n] = True
+        # The regions that exist, in order: what a run maps (most of the 73 do not).
+        self.mapped = tuple(n for n, region in enumerate(self.regions) if region is not None)
 
     def fault(self, address: int, size: int, access: str) -> Trap:
         region = address >> REGION_SHIFT

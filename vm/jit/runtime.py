@@ -503,9 +503,7 @@ def runs_natively(compiled: CompiledProgram, machine: Machine) -> bool:
         and _deepest_frame(machine) >= 0  # native code derives the call depth from r10
         and len(memory.regions) == REGION_COUNT
         and all(
-            isinstance(store, bytearray)
-            for store, writable in zip(memory.regions, memory.writable, strict=True)
-            if writable
+            isinstance(memory.regions[n], bytearray) for n in memory.mapped if memory.writable[n]
         )
         and compiled.code_for(machine) is not None
     )
@@ -515,9 +513,10 @@ def _map_regions(ctx: Context, machine: Machine) -> list[object]:
     """Point the context's region table at the machine's memory; return what must stay alive."""
     memory = machine.memory
     keep: list[object] = []
-    for n, store in enumerate(memory.regions):
+    for n in memory.mapped:
+        store = memory.regions[n]
         if not store:
-            continue  # unmapped or empty: length 0, every access faults
+            continue  # empty: length 0, every access faults (as for the regions not mapped)
         view: ctypes.Array[ctypes.c_char] | ctypes.c_char_p
         if isinstance(store, bytearray):
             # Exporting the buffer also stops anything from resizing it during the run.
