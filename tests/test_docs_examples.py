@@ -9,8 +9,8 @@ written, so that the docs cannot drift from the code.
   clang, a committed object of the same program stands in).
 - Shell blocks (indented, or fenced as sh/console/...): every command must be a
   `bpfexec` command, run through the installed console script. A `$ ` prompt
-  marks commands; the lines after one are its output, compared as JSON without
-  `duration_ns`. `bpfexec serve ... &` starts a server the block's later commands
+  marks commands; the lines after one are its output, compared as JSON (an
+  object a line) without `duration_ns`. `bpfexec serve ... &` starts a server the block's later commands
   talk to; a foreground `bpfexec serve` runs until it is SERVING, then gets
   SIGTERM and must exit 0; a usage synopsis (`[--flag X]`) must name flags that
   `--help` lists, and runs without its optional parts.
@@ -373,10 +373,11 @@ def run_shell(block: Block, cwd: Path, servers: Servers) -> None:
         assert proc.returncode == 0, f"{block.id}: `{shlex.join(words)}`:\n{proc.stderr}"
         if shown:
             expected, actual = "\n".join(shown), proc.stdout.strip()
-            if expected.startswith("{"):
-                expected_json, actual_json = json.loads(expected), json.loads(actual)
-                expected_json.pop("duration_ns", None)
-                actual_json.pop("duration_ns", None)
+            if expected.startswith("{"):  # JSON, an object a line
+                expected_json = [json.loads(line) for line in shown]
+                actual_json = [json.loads(line) for line in actual.splitlines()]
+                for line in (*expected_json, *actual_json):
+                    line.pop("duration_ns", None)
                 assert actual_json == expected_json, f"{block.id}: `{shlex.join(words)}`"
             else:
                 assert actual == expected, f"{block.id}: `{shlex.join(words)}`"
