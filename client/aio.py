@@ -13,8 +13,9 @@ the event loop, one call at a time per execution, as the protocol requires.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -23,6 +24,7 @@ import grpc
 from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
 from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 from bpfexec.client.client import (
+    BATCH_INPUTS_PER_MESSAGE,
     BPF_ANY,
     DEFAULT_MAX_MESSAGE_BYTES,
     MASK64,
@@ -31,6 +33,10 @@ from bpfexec.client.client import (
     HelperKey,
     Helpers,
     PathLike,
+    batch_header,
+    batch_input,
+    batch_input_error,
+    batch_requests,
     bearer_metadata,
     called_helper,
     can_reload,
@@ -44,7 +50,13 @@ from bpfexec.client.client import (
     start_message,
     update_state_request,
 )
-from bpfexec.client.errors import MemoryFault, NotFound, ProtocolError, from_rpc_error
+from bpfexec.client.errors import (
+    InvalidArgument,
+    MemoryFault,
+    NotFound,
+    ProtocolError,
+    from_rpc_error,
+)
 from bpfexec.client.types import Event, Helper, Module, Result, State
 
 __all__ = ["AsyncClient", "AsyncHelperCall"]
@@ -178,6 +190,41 @@ class AsyncClient:
             if not stream.done():
                 stream.cancel()
 
+    async def execute_batch(
+        self,
+        module: str | Module,
+        function: str | None = None,
+        inputs: Iterable[Sequence[Arg]] | AsyncIterable[Sequence[Arg]] = (),
+        fuel: int | None = None,
+        *,
+        state: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Result]:
+        """The results of `function` on each input, in order; see `Client.execute_batch`.
+        `inputs` may be a plain or an async iterable; they are sent by a task of their own
+        while the results are read."""
+        header = batch_header(module, function, fuel, state)
+        stream = self._stub.ExecuteBatch(
+            timeout=self.timeout if timeout is None else timeout, metadata=self._metadata
+        )
+        stopped: list[BaseException] = []
+        writer = asyncio.ensure_future(_write_batch(stream, header, inputs, stopped))
+        try:
+            while (message := await stream.read()) is not grpc.aio.EOF:
+                for result in message.results:
+                    yield Result.from_batch_pb(result)
+                if message.done:
+                    break
+            await writer
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            writer.cancel()
+            if not stream.done():
+                stream.cancel()
+        if stopped:
+            raise stopped[0]
+
     # Named states: see `Client.list_states` and the methods after it.
 
     async def list_states(self, module: str | Module | None = None) -> list[State]:
@@ -279,6 +326,36 @@ class AsyncHelperCall:
 
     def __repr__(self) -> str:
         return f"AsyncHelperCall(call_id={self.call_id}, helper={self.helper!r}, args={self.args})"
+
+
+async def _write_batch(
+    stream: Any,
+    header: pb.BatchHeader,
+    inputs: Iterable[Sequence[Arg]] | AsyncIterable[Sequence[Arg]],
+    stopped: list[BaseException],
+) -> None:
+    """Send the inputs as `batch_requests` packs them, then half-close."""
+    if isinstance(inputs, AsyncIterable):
+        message = pb.ExecuteBatchRequest(header=header)
+        index = 0
+        try:
+            async for args in inputs:
+                try:
+                    message.inputs.append(batch_input(args))
+                except InvalidArgument as exc:
+                    raise batch_input_error(index, str(exc)) from None
+                index += 1
+                if len(message.inputs) >= BATCH_INPUTS_PER_MESSAGE:
+                    await stream.write(message)
+                    message = pb.ExecuteBatchRequest()
+        except Exception as exc:  # raised by the caller after the results before it
+            stopped.append(exc)
+        if message.inputs or message.HasField("header"):
+            await stream.write(message)
+    else:
+        for message in batch_requests(header, inputs, stopped):
+            await stream.write(message)
+    await stream.done_writing()
 
 
 async def _read_to_end(stream: Any) -> None:

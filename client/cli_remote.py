@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,13 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bpfexec.client.client import Client, PathLike, bearer_metadata, channel_credentials
+from bpfexec.client.client import (
+    Client,
+    PathLike,
+    batch_input_index,
+    bearer_metadata,
+    channel_credentials,
+)
 from bpfexec.client.errors import InvalidArgument
 from bpfexec.client.types import State
 
@@ -219,16 +226,29 @@ def remote_batch(
     tls_key: PathLike | None = None,
 ) -> Iterator[tuple[int, Sequence[int | bytes], dict[str, Any]]]:
     """Upload `code` once and run `function` on each (line, arguments) of `inputs`,
-    in order: (line, arguments, the result as a local run's dict). One execution
-    an input, for now; arguments the server refuses raise `InputError`."""
+    in order, over one ExecuteBatch stream: (line, arguments, the result as a local
+    run's dict). Arguments the server refuses raise `InputError` naming their line."""
+    given: deque[tuple[int, Sequence[int | bytes]]] = deque()  # sent, not yet answered
+    answered = 0
+
+    def arguments() -> Iterator[Sequence[int | bytes]]:  # on gRPC's sending thread
+        for line, args in inputs:
+            given.append((line, args))
+            yield args
+
     with Client(server, token=token, tls=tls, tls_cert=tls_cert, tls_key=tls_key) as client:
         module = client.load(code, name)
-        for line, arguments in inputs:
-            try:
-                result = client.execute(module, function, arguments, fuel, state=state)
-            except InvalidArgument as exc:
-                raise InputError(line, str(exc)) from None
-            yield line, arguments, result.to_dict()
+        try:
+            for result in client.execute_batch(module, function, arguments(), fuel, state=state):
+                line, args = given.popleft()
+                answered += 1
+                yield line, args, result.to_dict()
+        except InvalidArgument as exc:
+            index = batch_input_index(exc)
+            if index is None:
+                raise
+            line = given[index - answered][0]
+            raise InputError(line, str(exc).removeprefix(f"input {index + 1}: ")) from None
 
 
 class InputError(Exception):

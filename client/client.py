@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+from google.rpc import error_details_pb2
 
 from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
 from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
@@ -40,6 +41,7 @@ __all__ = ["BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "Client", "HelperCall", "chann
 
 MASK64 = (1 << 64) - 1
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # the server's default; gRPC's own is only 4 MiB
+BATCH_INPUTS_PER_MESSAGE = 1024  # inputs an ExecuteBatch request message carries
 
 Arg = int | bytes | bytearray | memoryview
 T = TypeVar("T")
@@ -219,6 +221,50 @@ class Client:
             # itself, and a cancel racing the server's status would make it CANCELLED.
             if responses.is_active():
                 responses.cancel()
+
+    def execute_batch(
+        self,
+        module: str | Module,
+        function: str | None = None,
+        inputs: Iterable[Sequence[Arg]] = (),
+        fuel: int | None = None,
+        *,
+        state: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Result]:
+        """Run `function` of a module on each input (its arguments, as `execute` takes
+        them) over one `ExecuteBatch` stream; the results in input order (docs/batch.md).
+
+        Inputs are read lazily and sent `BATCH_INPUTS_PER_MESSAGE` a message, results
+        yielded as they arrive: a generator of a million inputs is never held in
+        memory. `fuel` is each input's; `timeout` (default: the client's) bounds
+        the whole batch; `state` names the maps the batch shares. A trap is that
+        input's Result. Arguments that cannot run raise InvalidArgument once the
+        results before them are yielded (`batch_input_index` gives which input);
+        an exception raised by `inputs` itself is raised at the same point.
+        Stopping the iteration early (or `close()`) cancels the batch. In-process
+        helpers only, and no module re-upload: a module the server lacks is NotFound.
+        """
+        header = batch_header(module, function, fuel, state)
+        stopped: list[BaseException] = []  # what ended `inputs` early, raised in order
+        responses = self._stub.ExecuteBatch(
+            batch_requests(header, inputs, stopped),
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self._metadata,
+        )
+        try:
+            for message in responses:
+                for result in message.results:
+                    yield Result.from_batch_pb(result)
+                if message.done:
+                    break
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            if responses.is_active():
+                responses.cancel()
+        if stopped:
+            raise stopped[0]
 
     # Named states (docs/states.md): the caller's own, per module.
 
@@ -453,6 +499,57 @@ def execute_request(
         state=state or "",
         dump_maps=dump_maps,
     )
+
+
+def batch_header(
+    module: str | Module, function: str | None, fuel: int | None, state: str | None
+) -> pb.BatchHeader:
+    return pb.BatchHeader(
+        module_id=module_id_of(module), function=function or "", fuel=fuel or 0, state=state or ""
+    )
+
+
+def batch_requests(
+    header: pb.BatchHeader, inputs: Iterable[Sequence[Arg]], stopped: list[BaseException]
+) -> Iterator[pb.ExecuteBatchRequest]:
+    """The request stream of a batch: the header with the first inputs, then
+    `BATCH_INPUTS_PER_MESSAGE` inputs a message, packed as they are read. Arguments
+    that cannot be sent, or an exception of `inputs`, end the stream (the inputs
+    before go) and are put in `stopped` for the caller to raise after their results."""
+    message = pb.ExecuteBatchRequest(header=header)
+    try:
+        for index, args in enumerate(inputs):
+            try:
+                message.inputs.append(batch_input(args))
+            except InvalidArgument as exc:
+                raise batch_input_error(index, str(exc)) from None
+            if len(message.inputs) >= BATCH_INPUTS_PER_MESSAGE:
+                yield message
+                message = pb.ExecuteBatchRequest()
+    except Exception as exc:  # raised by the caller, in its thread, after the results before
+        stopped.append(exc)
+    if message.inputs or message.HasField("header"):
+        yield message
+
+
+def batch_input(args: Sequence[Arg]) -> pb.BatchInput:
+    return pb.BatchInput(args=[_argument(i, arg) for i, arg in enumerate(args, start=1)])
+
+
+def batch_input_error(index: int, message: str) -> InvalidArgument:
+    """InvalidArgument for input `index` (from 0), as the server reports one."""
+    info = error_details_pb2.ErrorInfo(
+        reason="INVALID_BATCH_INPUT", domain="bpfexec", metadata={"input_index": str(index)}
+    )
+    return InvalidArgument(f"input {index + 1}: {message}", _INVALID, (info,))
+
+
+def batch_input_index(error: InvalidArgument) -> int | None:
+    """Which input of a batch (counted from 0) an InvalidArgument is about, if any."""
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.ErrorInfo) and "input_index" in detail.metadata:
+            return int(detail.metadata["input_index"])
+    return None
 
 
 def update_state_request(

@@ -214,6 +214,17 @@ class Result:
             events=events if events or message.ring_buffer else None,
         )
 
+    @classmethod
+    def from_batch_pb(cls, message: pb.BatchResult) -> Result:
+        """One result of an ExecuteBatch (no maps, events or duration)."""
+        return cls(
+            return_value=message.return_value,
+            fuel_used=message.fuel_used,
+            trap=Trap.from_pb(message.trap) if message.trap.kind else None,
+            log=tuple(message.log),
+            buffers=tuple(message.buffers),
+        )
+
     def to_dict(self) -> dict[str, object]:
         """The JSON shape of `bpfexec run` (buffers in hex), the same for local and remote runs."""
         shown: dict[str, object] = {

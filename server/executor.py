@@ -4,7 +4,9 @@ Load, look up, list and delete modules, and execute their functions. Every
 method takes and returns `vm` and `server` types, so this class is tested
 without a network and reused unchanged by every transport (the unary
 `Execute`, and the streaming `ExecuteStream` that adds the client's helpers
-through `execute(..., helpers=...)`).
+through `execute(..., helpers=...)`). `start_batch` runs one function over a
+stream of inputs (`ExecuteBatch`) on one pool thread and one slot, through the
+bounded queues of `bpfexec.server.batches`.
 
 Executions run on a thread pool, not on the event loop, so one long run never
 stalls other requests; the one exception is a first slice of at most
@@ -45,11 +47,12 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from bpfexec.server.batches import BatchPipe, PipeClosed
 from bpfexec.server.cache import CachedModule, ModuleCache
 from bpfexec.server.metrics import Metrics
 from bpfexec.server.states import (
@@ -78,12 +81,13 @@ from bpfexec.vm import (
     TrapKind,
     execute,
 )
+from bpfexec.vm.batch import run_batch
 from bpfexec.vm.callbacks import MAP_NEXT
 from bpfexec.vm.helpers import Event, HelperFn, HelperResolver
 from bpfexec.vm.interpreter import program_blocks
 from bpfexec.vm.linux_helpers import linux_helpers
 from bpfexec.vm.loader import load
-from bpfexec.vm.machine import Argument, get_engine, prepare, run
+from bpfexec.vm.machine import Argument, get_engine, link, prepare, run
 from bpfexec.vm.maps import MapSet
 
 if TYPE_CHECKING:
@@ -137,6 +141,15 @@ class DeadlineExceeded(ServiceError):
         super().__init__(
             f"the deadline expired after {result.fuel_used} instructions "
             f"({result.duration_ns / 1e9:.3f} s); the execution was stopped"
+        )
+
+
+class BatchDeadlineExceeded(DeadlineExceeded):
+    def __init__(self, results: int) -> None:
+        ServiceError.__init__(
+            self,
+            f"the deadline expired after {results} results of the batch; the input running "
+            "was stopped and no later one ran",
         )
 
 
@@ -547,6 +560,80 @@ class ExecutionService:
             self.states.changed(job.state)  # on disk before the answer, with a store
         return Execution(result, dumped)
 
+    async def start_batch(
+        self,
+        module_id: str,
+        function: str | None = None,
+        fuel: int | None = None,
+        *,
+        timeout: float | None = None,
+        tenant: str = "",
+        state: str | None = None,
+    ) -> RunningBatch:
+        """Start `function` of a cached module over inputs fed to the returned batch,
+        on one pool thread and one execution slot (`bpfexec.vm.batch.run_batch`).
+
+        `fuel` is each input's; `timeout` bounds the whole batch; `state` names
+        the maps the batch runs on (stored once the batch ends). In-process
+        helpers only. Request problems raise as for `execute`, before any input.
+        """
+        module = await self.get(module_id, tenant)
+        program = module.program
+        budget = self.limits.fuel(fuel)
+        program.function(function)  # an unknown function: before any input
+        # A missing helper: the same error as Execute's, before any input.
+        link(program, HelperChain(self._linux, self._helpers) if program.kernel_helpers
+             else self._helpers)  # fmt: skip
+        if state is not None:
+            check_state_name(state)
+        if not self._slots.acquire(blocking=False):
+            self.metrics.rejected.inc()
+            raise Overloaded(self.max_concurrent)
+        loop = asyncio.get_running_loop()
+        try:
+            shared = (
+                self.states.open(StateKey(tenant, module.id, state), program)[0]
+                if state is not None
+                else None
+            )
+            batch = RunningBatch(BatchPipe(loop), Interrupt(), self.metrics)
+            job = _Run(program, function, (), budget, self._helpers, batch.interrupt, shared, False)
+            work = self._pool.submit(self._run_batch, job, batch.pipe)
+        except BaseException:
+            self._slots.release()
+            raise
+        work.add_done_callback(lambda _: self._slots.release())
+        self.metrics.batches.inc()
+        if timeout is not None:
+            batch.deadline = loop.call_later(timeout, batch.stop, TrapKind.DEADLINE_EXCEEDED)
+        return batch
+
+    def _run_batch(self, job: _Run, pipe: BatchPipe) -> None:
+        self.metrics.in_flight.inc()
+        error: Exception | None = None
+        try:
+            results = run_batch(
+                job.program, job.function, pipe.inputs(), fuel=job.fuel, helpers=job.resolver,
+                limits=self.limits, engine=self._engine_for(job.program),
+                interrupt=job.interrupt, maps=job.state.maps if job.state else None,
+                linux=self._linux,
+            )  # fmt: skip
+            for result in results:
+                pipe.add(result)
+        except Exception as exc:  # PipeClosed too: the state is stored all the same
+            error = exc
+        finally:
+            self.metrics.in_flight.dec()
+        if job.state is not None:
+            self.metrics.state_executions.inc()
+            try:
+                self.states.changed(job.state)  # on disk before the batch's end is sent
+            except Exception as exc:
+                error = error or exc
+        if not isinstance(error, PipeClosed):  # closed: the call is over, nobody to tell
+            with contextlib.suppress(PipeClosed):
+                pipe.finish(error)
+
     def _record(self, result: Result, seconds: float) -> None:
         outcome = result.trap.kind.value if result.trap else "OK"
         self.metrics.record_execution(outcome, seconds, result.fuel_used)
@@ -559,6 +646,49 @@ class ExecutionService:
         if self._compiles is not None:
             self._compiles.close()
         self._pool.shutdown(wait=wait, cancel_futures=True)
+
+
+class RunningBatch:
+    """A batch started by `ExecutionService.start_batch`: feed it inputs, take its results."""
+
+    def __init__(self, pipe: BatchPipe, interrupt: Interrupt, metrics: Metrics) -> None:
+        self.pipe = pipe
+        self.interrupt = interrupt
+        self.deadline: asyncio.TimerHandle | None = None
+        self._metrics = metrics
+        self._results = 0
+
+    async def feed(self, inputs: list[Sequence[Argument]]) -> None:
+        """Queue inputs; waits while the worker is far enough behind."""
+        self._metrics.batch_inputs.inc(len(inputs))
+        await self.pipe.feed(inputs)
+
+    async def refuse(self, error: Exception) -> None:
+        """End the inputs with `error`: raised from `results` after the results before it."""
+        await self.pipe.feed(error)
+
+    async def end_inputs(self) -> None:
+        await self.pipe.end_inputs()
+
+    async def results(self) -> AsyncIterator[list[Result]]:
+        """The results in input order, in chunks; raises the batch's error (an input that
+        cannot run, BatchDeadlineExceeded, PipeClosed once `stop`ped)."""
+        try:
+            async for chunk in self.pipe.results():
+                self._results += len(chunk)
+                self._metrics.batch_results.inc(len(chunk))
+                yield chunk
+        except PipeClosed:
+            if self.interrupt.reason is TrapKind.DEADLINE_EXCEEDED:
+                raise BatchDeadlineExceeded(self._results) from None
+            raise
+
+    def stop(self, reason: TrapKind = TrapKind.CANCELLED) -> None:
+        """Interrupt the input running, run no later one, and close the pipe."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.interrupt.request(reason)
+        self.pipe.close()
 
 
 # The Linux helpers that operate on a map, and the operation each counts as in

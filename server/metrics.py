@@ -139,6 +139,17 @@ class Metrics:
             "bpfexec_state_executions", "Executions that ran on a named state's maps.",
             registry=r,
         )  # fmt: skip
+        self.batches = Counter(
+            "bpfexec_batches", "ExecuteBatch calls started (each on one execution slot).",
+            registry=r,
+        )  # fmt: skip
+        self.batch_inputs = Counter(
+            "bpfexec_batch_inputs", "Inputs received by ExecuteBatch calls.", registry=r
+        )
+        self.batch_results = Counter(
+            "bpfexec_batch_results", "Results of ExecuteBatch inputs handed to their stream.",
+            registry=r,
+        )  # fmt: skip
         self.map_operations = Counter(
             "bpfexec_map_operations",
             "Map operations by operation: programs' map helper calls (`lookup`, `update`, "

@@ -182,6 +182,8 @@ def request_fields(request: Any, response: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if request is not None and request.DESCRIPTOR.name == "ExecuteStreamRequest":
         request = request.start.request if request.WhichOneof("message") == "start" else None
+    if request is not None and request.DESCRIPTOR.name == "ExecuteBatchRequest":
+        request = request.header if request.HasField("header") else None
     if response is not None and response.DESCRIPTOR.name == "ExecuteStreamResponse":
         response = response.result if response.WhichOneof("message") == "result" else None
     for source, names in ((request, ("module_id", "id")), (response, ("id",))):

@@ -35,6 +35,7 @@ from bpfexec.server.executor import (
     ExecutionService,
     ModuleNotFound,
     Overloaded,
+    RunningBatch,
     TooManyRequests,
 )
 from bpfexec.server.remote import (
@@ -66,6 +67,7 @@ from bpfexec.vm import (
     Result,
     Trap,
 )
+from bpfexec.vm.batch import BatchInputError
 from bpfexec.vm.helpers import Event
 from bpfexec.vm.machine import Argument
 
@@ -77,6 +79,7 @@ ERROR_DOMAIN = "bpfexec"  # google.rpc.ErrorInfo.domain of every error this serv
 TenantOf = Callable[[grpc.aio.ServicerContext], str]
 SERVICE = pb.DESCRIPTOR.services_by_name["Executor"]
 MAX_HELPER_ERROR_CHARS = 1024  # of a client's HelperResult.error kept in the trap message
+MAX_BATCH_INPUTS_PER_MESSAGE = 4096  # inputs one ExecuteBatchRequest may carry
 
 
 class MalformedMessage(ProtocolViolation):
@@ -105,6 +108,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         max_offered_helpers: int = 1024,
         max_memory_read_bytes: int = DEFAULT_MAX_READ_BYTES,
         max_stream_outbox_bytes: int = DEFAULT_OUTBOX_BYTES,
+        max_batch_inputs_per_message: int = MAX_BATCH_INPUTS_PER_MESSAGE,
     ) -> None:
         self._service = service
         self._tenant = tenant_of or (lambda context: "")
@@ -112,6 +116,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self.max_offered_helpers = max_offered_helpers
         self.max_memory_read_bytes = max_memory_read_bytes
         self.max_stream_outbox_bytes = max_stream_outbox_bytes
+        self.max_batch_inputs_per_message = max_batch_inputs_per_message
 
     def _check_names(self, **names: str) -> None:
         """NameTooLong for the first name beyond `max_name_bytes` (UTF-8 bytes)."""
@@ -291,6 +296,92 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             session.cancel()
             run.cancel()
             reader.cancel()
+
+    async def ExecuteBatch(
+        self,
+        requests: AsyncIterator[pb.ExecuteBatchRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ExecuteBatchResponse]:
+        """One function over the inputs of the request stream; the protocol is in the proto.
+
+        A reader task feeds the inputs to the batch (reading the next request only
+        when the batch has room for it); this generator sends its results.
+        """
+        first: pb.ExecuteBatchRequest | _Malformed | None = await anext(aiter(requests), None)
+        if isinstance(first, _Malformed):
+            await _abort(context, first.error)
+        if first is None or not first.HasField("header"):
+            await _abort(context, ProtocolViolation(
+                "the first message of ExecuteBatch must carry the `header` (module, function, "
+                "fuel, state)"
+                + (", got none (the client closed its side)" if first is None else "")
+            ))  # fmt: skip
+        header = first.header
+        try:
+            self._check_names(
+                module_id=header.module_id, function=header.function, state_name=header.state
+            )
+            batch = await self._service.start_batch(
+                header.module_id,
+                header.function or None,
+                header.fuel or None,
+                timeout=context.time_remaining(),
+                tenant=self._tenant(context),
+                state=header.state or None,
+            )
+        except Exception as exc:
+            await _abort(context, exc)
+        reader = asyncio.ensure_future(self._feed_batch(first, requests, batch))
+        try:
+            try:
+                async for chunk in batch.results():
+                    yield pb.ExecuteBatchResponse(results=[_batch_result(r) for r in chunk])
+            except Exception as exc:
+                await _abort(context, exc)
+            yield pb.ExecuteBatchResponse(done=True)
+        finally:
+            # However the call ends (done, client gone, deadline, error), the worker stops.
+            batch.stop()
+            reader.cancel()
+
+    async def _feed_batch(
+        self,
+        first: pb.ExecuteBatchRequest,
+        requests: AsyncIterator[pb.ExecuteBatchRequest | _Malformed],
+        batch: RunningBatch,
+    ) -> None:
+        """Convert and feed the inputs of every request message; a bad message or input
+        ends the inputs with its error, after the inputs before it."""
+        index = 0  # of the next input, counted from 0 over the whole stream
+        message: pb.ExecuteBatchRequest | _Malformed | None = first
+        try:
+            while message is not None:
+                if isinstance(message, _Malformed):
+                    raise message.error
+                if message is not first and message.HasField("header"):
+                    raise ProtocolViolation("only the first message of ExecuteBatch has a header")
+                if len(message.inputs) > self.max_batch_inputs_per_message:
+                    raise LimitError(
+                        f"a message of {len(message.inputs)} inputs, more than the limit of "
+                        f"{self.max_batch_inputs_per_message} (max_batch_inputs_per_message)"
+                    )
+                inputs: list[Sequence[Argument]] = []
+                for given in message.inputs:
+                    try:
+                        inputs.append(arguments(given.args))
+                    except RequestError as exc:
+                        if inputs:
+                            await batch.feed(inputs)
+                        raise BatchInputError(index, str(exc)) from None
+                    index += 1
+                if inputs:
+                    await batch.feed(inputs)
+                message = await anext(requests, None)
+            await batch.end_inputs()
+        except (RequestError, ProtocolViolation) as error:
+            await batch.refuse(error)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            batch.stop()  # the stream broke under the reader
 
     async def ListStates(
         self, request: pb.ListStatesRequest, context: grpc.aio.ServicerContext
@@ -494,6 +585,16 @@ def response(done: Execution | Result, *, with_events: bool = True) -> pb.Execut
     )
 
 
+def _batch_result(result: Result) -> pb.BatchResult:
+    return pb.BatchResult(
+        return_value=result.return_value,
+        fuel_used=result.fuel_used,
+        trap=_trap(result.trap) if result.trap else None,
+        buffers=result.buffers,
+        log=result.log,
+    )
+
+
 def _dumps(contents: dict[str, MapContents]) -> dict[str, pb.MapDump]:
     return {
         name: pb.MapDump(
@@ -556,6 +657,7 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode, str]] = [
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_EXECUTIONS"),
     (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_REQUESTS"),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+    (BatchInputError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_BATCH_INPUT"),
     (LimitError, grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED"),
     (LinkError, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_HELPER"),
     (ShadowedHelper, grpc.StatusCode.INVALID_ARGUMENT, "HELPER_SHADOWED"),
@@ -574,6 +676,8 @@ def status_of(exc: Exception) -> status_pb2.Status | None:
         return None
     code, reason = found
     details = [error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)]
+    if isinstance(exc, BatchInputError):  # counted from 0; the message counts from 1
+        details[0].metadata["input_index"] = str(exc.index)
     if isinstance(exc, ModuleNotFound):
         details.append(
             error_details_pb2.ResourceInfo(

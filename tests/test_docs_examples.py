@@ -10,10 +10,11 @@ written, so that the docs cannot drift from the code.
 - Shell blocks (indented, or fenced as sh/console/...): every command must be a
   `bpfexec` command, run through the installed console script. A `$ ` prompt
   marks commands; the lines after one are its output, compared as JSON (an
-  object a line) without `duration_ns`. `bpfexec serve ... &` starts a server the block's later commands
-  talk to; a foreground `bpfexec serve` runs until it is SERVING, then gets
-  SIGTERM and must exit 0; a usage synopsis (`[--flag X]`) must name flags that
-  `--help` lists, and runs without its optional parts.
+  object a line) without `duration_ns`. `bpfexec serve ... &` starts a server
+  the block's later commands talk to; a foreground `bpfexec serve` runs until
+  it is SERVING, then gets SIGTERM and must exit 0; a usage synopsis
+  (`[--flag X]`) must name flags that `--help` lists, and runs without its
+  optional parts.
 - C blocks compile with clang (skipped without it).
 - Mermaid blocks are diagrams, not examples.
 

@@ -47,12 +47,13 @@ def run_batch(
     engine: str | Engine = "interpreter",
     interrupt: Interrupt | None = None,
     maps: MapSet | None = None,
+    linux: HelperResolver | None = None,
 ) -> Iterator[Result]:
     """Run `function` on each input (its arguments, as `execute` takes them), in
     order, yielding each Result. Raises `BatchInputError` for an input whose
     arguments cannot run (the results before it were yielded), and what
     `execute` raises for the request itself (an unknown function, a missing
-    helper) before the first input runs."""
+    helper) before the first input runs. `linux` is as `prepare` takes it."""
     limits = limits or Limits()
     interrupt = interrupt or Interrupt()
     runner = get_engine(engine) if isinstance(engine, str) else engine
@@ -65,7 +66,7 @@ def run_batch(
         try:
             machine = prepare(
                 program, function, args, fuel=fuel, helpers=helpers, limits=limits,
-                interrupt=interrupt, maps=maps,
+                interrupt=interrupt, maps=maps, linux=linux,
             )  # fmt: skip
         except RequestError as exc:  # not LinkError (a missing helper): the request's
             raise BatchInputError(index, str(exc)) from None

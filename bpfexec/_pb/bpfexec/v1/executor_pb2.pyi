@@ -301,6 +301,54 @@ class MemoryWriteResult(_message.Message):
     error: str
     def __init__(self, call_id: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
+class BatchHeader(_message.Message):
+    __slots__ = ("module_id", "function", "fuel", "state")
+    MODULE_ID_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    FUEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    module_id: str
+    function: str
+    fuel: int
+    state: str
+    def __init__(self, module_id: _Optional[str] = ..., function: _Optional[str] = ..., fuel: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class BatchInput(_message.Message):
+    __slots__ = ("args",)
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    args: _containers.RepeatedCompositeFieldContainer[Argument]
+    def __init__(self, args: _Optional[_Iterable[_Union[Argument, _Mapping]]] = ...) -> None: ...
+
+class ExecuteBatchRequest(_message.Message):
+    __slots__ = ("header", "inputs")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    header: BatchHeader
+    inputs: _containers.RepeatedCompositeFieldContainer[BatchInput]
+    def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[BatchInput, _Mapping]]] = ...) -> None: ...
+
+class BatchResult(_message.Message):
+    __slots__ = ("return_value", "fuel_used", "trap", "buffers", "log")
+    RETURN_VALUE_FIELD_NUMBER: _ClassVar[int]
+    FUEL_USED_FIELD_NUMBER: _ClassVar[int]
+    TRAP_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    return_value: int
+    fuel_used: int
+    trap: Trap
+    buffers: _containers.RepeatedScalarFieldContainer[bytes]
+    log: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, return_value: _Optional[int] = ..., fuel_used: _Optional[int] = ..., trap: _Optional[_Union[Trap, _Mapping]] = ..., buffers: _Optional[_Iterable[bytes]] = ..., log: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExecuteBatchResponse(_message.Message):
+    __slots__ = ("results", "done")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchResult]
+    done: bool
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., done: _Optional[bool] = ...) -> None: ...
+
 class State(_message.Message):
     __slots__ = ("name", "module_id", "map_bytes", "maps")
     NAME_FIELD_NUMBER: _ClassVar[int]

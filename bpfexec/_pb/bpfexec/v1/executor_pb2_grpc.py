@@ -74,6 +74,11 @@ class ExecutorStub:
                 request_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamRequest.SerializeToString,
                 response_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamResponse.FromString,
                 _registered_method=True)
+        self.ExecuteBatch = channel.stream_stream(
+                '/bpfexec.v1.Executor/ExecuteBatch',
+                request_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchRequest.SerializeToString,
+                response_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchResponse.FromString,
+                _registered_method=True)
         self.ListStates = channel.unary_unary(
                 '/bpfexec.v1.Executor/ListStates',
                 request_serializer=bpfexec_dot_v1_dot_executor__pb2.ListStatesRequest.SerializeToString,
@@ -174,6 +179,30 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteBatch(self, request_iterator, context):
+        """Run one function of a cached module on many inputs (docs/batch.md), with
+        in-process helpers only, on one worker and one execution slot for the whole
+        batch. Both sides stream:
+
+        client: ExecuteBatchRequest{header, inputs...}  (the header first, once)
+        client: ExecuteBatchRequest{inputs...}          (any number; then half-close)
+        server: ExecuteBatchResponse{results...}        (in input order)
+        server: ExecuteBatchResponse{done: true}        (last message; then OK)
+
+        Each input gets its own registers, stack, buffers and fuel; the maps are
+        shared by the whole batch (the named state's if `state` is set). A trap is
+        that input's result and the batch goes on. An input whose arguments cannot
+        run ends the call with INVALID_ARGUMENT whose message says "input N" (N
+        counts the inputs of the whole stream from 1) and whose ErrorInfo metadata
+        has "input_index": the same input counted from 0; the results of the inputs
+        before it were sent. The gRPC deadline bounds the whole batch; when it
+        passes, or the client cancels, the running input is stopped and no later
+        one runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListStates(self, request, context):
         """Named states (docs/states.md): the maps of a module kept between
         executions under a name, per tenant and module, as a pinned map is kept by
@@ -255,6 +284,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.ExecuteStream,
                     request_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamRequest.FromString,
                     response_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamResponse.SerializeToString,
+            ),
+            'ExecuteBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecuteBatch,
+                    request_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchRequest.FromString,
+                    response_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchResponse.SerializeToString,
             ),
             'ListStates': grpc.unary_unary_rpc_method_handler(
                     servicer.ListStates,
@@ -476,6 +510,33 @@ class Executor:
             '/bpfexec.v1.Executor/ExecuteStream',
             bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamRequest.SerializeToString,
             bpfexec_dot_v1_dot_executor__pb2.ExecuteStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bpfexec.v1.Executor/ExecuteBatch',
+            bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchRequest.SerializeToString,
+            bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,232 @@
+"""`ExecuteBatch` (docs/batch.md): one function over a stream of inputs, through a real
+server on a free localhost port, with `Client.execute_batch` and its asyncio twin."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from support import SPIN, wait_until
+
+from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
+from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
+from bpfexec.client.aio import AsyncClient
+from bpfexec.client.client import Client, batch_input_index
+from bpfexec.client.errors import DeadlineExceeded, InvalidArgument
+from bpfexec.server.app import RunningServer, serve_in_thread
+from bpfexec.server.service import MAX_BATCH_INPUTS_PER_MESSAGE
+from bpfexec.server.settings import Settings
+from bpfexec.vm.batch import run_batch
+from bpfexec.vm.loader import load
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "tests" / "fixtures" / "obj" / "example-O2.o"  # example(a, b): a > 3 ? b : 5
+COUNTER = ROOT / "tests" / "fixtures" / "maps" / "counter.o"  # count(key): ++counts[key]
+LOAD = b"r0 = *(u8 *)(r1 + 0)\nexit\n"  # a buffer's first byte; MEMORY_FAULT for an integer
+TIMEOUT = 30.0
+STOP_BUDGET = 1.0  # seconds from a cancellation or deadline to the worker having stopped
+
+
+@pytest.fixture(scope="module", params=["interpreter", "jit"])
+def server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
+    settings = Settings(port=0, metrics_port=0, entry_point_helpers=False, engine=request.param)
+    with serve_in_thread(settings) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[Client]:
+    with Client(server.address, timeout=TIMEOUT) as connected:
+        yield connected
+
+
+def in_flight(server: RunningServer) -> float:
+    return server.metrics.registry.get_sample_value("bpfexec_executions_in_flight") or 0.0
+
+
+def test_results_come_in_order_as_a_local_batch_gives_them(client: Client) -> None:
+    inputs = [(n % 8, n) for n in range(10_000)]
+    module = client.load(EXAMPLE.read_bytes(), "example.o")
+    remote = list(client.execute_batch(module, "example", iter(inputs)))
+    local = run_batch(load(EXAMPLE.read_bytes()), "example", inputs)
+    assert [(r.return_value, r.fuel_used, r.trap) for r in remote] == [
+        (r.return_value, r.fuel_used, r.trap) for r in local
+    ]
+
+
+def test_a_trap_in_the_middle_is_that_inputs_result(client: Client) -> None:
+    module = client.load(LOAD)
+    results = list(client.execute_batch(module, None, [[b"\x07"], [0], [b"\x09"]]))
+    assert [r.return_value for r in (results[0], results[2])] == [7, 9]
+    assert results[1].trap is not None and results[1].trap.kind == "MEMORY_FAULT"
+    assert results[0].buffers == (b"\x07",)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ([1, 2, 3, 4, 5, 6], "input 3: at most 5 arguments"),  # refused by the server
+        ([1 << 64], "input 3: argument 1: 18446744073709551616 does not fit in 64 bits"),
+    ],
+)
+def test_an_input_that_cannot_run_is_invalid_argument_naming_it(
+    client: Client, bad: list[int], message: str
+) -> None:
+    module = client.load(EXAMPLE.read_bytes(), "example.o")
+    taken = []
+    with pytest.raises(InvalidArgument, match=message) as refused:
+        for result in client.execute_batch(module, "example", [[4, 1], [4, 2], bad, [4, 3]]):
+            taken.append(result.return_value)
+    assert taken == [1, 2]  # the results before it
+    assert batch_input_index(refused.value) == 2
+
+
+def test_the_first_message_must_carry_the_header(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ExecutorStub(channel)
+        calls = stub.ExecuteBatch(iter([pb.ExecuteBatchRequest()]), timeout=TIMEOUT)
+        with pytest.raises(grpc.RpcError) as failed:
+            list(calls)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must carry the `header`" in failed.value.details()
+
+
+def test_a_request_message_carries_a_bounded_number_of_inputs(
+    server: RunningServer, client: Client
+) -> None:
+    module = client.load(EXAMPLE.read_bytes(), "example.o")
+    header = pb.BatchHeader(module_id=module.id, function="example")
+    inputs = [pb.BatchInput(args=[pb.Argument(value=1)])] * (MAX_BATCH_INPUTS_PER_MESSAGE + 1)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ExecutorStub(channel)
+        request = pb.ExecuteBatchRequest(header=header, inputs=inputs)
+        with pytest.raises(grpc.RpcError) as failed:
+            list(stub.ExecuteBatch(iter([request]), timeout=TIMEOUT))
+    assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_batch_inputs_per_message" in failed.value.details()
+
+
+def test_a_batch_on_a_state_shares_and_keeps_its_maps(client: Client) -> None:
+    module = client.load(COUNTER.read_bytes(), "counter.o")
+    first = client.execute_batch(module, "count", [[7], [7], [3], [7]], state="batch")
+    assert [r.return_value for r in first] == [1, 2, 1, 3]
+    again = client.execute_batch(module, "count", [[7], [3]], state="batch")
+    assert [r.return_value for r in again] == [4, 2]
+    assert [r.return_value for r in client.execute_batch(module, "count", [[7]])] == [1]
+
+
+def endless_spin() -> Iterator[list[int]]:
+    return itertools.repeat([])
+
+
+def test_the_deadline_stops_an_endless_batch(server: RunningServer, client: Client) -> None:
+    module = client.load(SPIN.encode())
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        list(client.execute_batch(module, None, endless_spin(), fuel=10**10, timeout=0.5))
+    assert time.monotonic() - start < 0.5 + STOP_BUDGET
+    wait_until(lambda: in_flight(server) == 0, STOP_BUDGET, "the batch's worker stopping")
+
+
+def test_cancelling_the_call_stops_an_endless_batch(server: RunningServer) -> None:
+    async def main() -> float:
+        async with AsyncClient(server.address, timeout=TIMEOUT) as bpf:
+            module = await bpf.load(SPIN.encode())
+
+            async def inputs() -> AsyncIterator[list[int]]:
+                while True:
+                    yield []
+
+            async def drain() -> None:
+                async for _ in bpf.execute_batch(module, None, inputs(), fuel=10**10):
+                    pass
+
+            task = asyncio.ensure_future(drain())
+            await asyncio.sleep(0.3)
+            assert in_flight(server) == 1  # the batch runs its first input
+            task.cancel()
+            cancelled = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return cancelled
+
+    cancelled = asyncio.run(main())
+    wait_until(lambda: in_flight(server) == 0, STOP_BUDGET, "the batch's worker stopping")
+    assert time.monotonic() - cancelled < STOP_BUDGET
+
+
+def test_the_async_client_takes_a_plain_iterable(server: RunningServer) -> None:
+    async def main() -> list[int]:
+        async with AsyncClient(server.address, timeout=TIMEOUT) as bpf:
+            module = await bpf.load(EXAMPLE.read_bytes(), "example.o")
+            batch = bpf.execute_batch(module, "example", ((4, n) for n in range(3000)))
+            return [result.return_value async for result in batch]
+
+    assert asyncio.run(main()) == list(range(3000))
+
+
+def test_a_client_that_stops_reading_stops_the_server(
+    server: RunningServer, client: Client
+) -> None:
+    """The inputs the server takes, and the results it produces, stop growing while
+    the client reads nothing: the worker blocks instead of the server buffering.
+    Each result carries its 4 KiB buffer back, so HTTP/2's windows fill soon."""
+    module = client.load(LOAD)
+    sent = itertools.count()
+    buffer = bytes(4096)
+
+    def endless() -> Iterator[list[bytes]]:
+        for _ in sent:
+            yield [buffer]
+
+    def produced() -> float:
+        return server.metrics.registry.get_sample_value("bpfexec_batch_results_total") or 0.0
+
+    before = produced()
+    results = client.execute_batch(module, None, endless())
+    assert next(results).return_value == 0
+    time.sleep(1.0)  # the windows and queues fill, then everything stops
+    first = (next(sent), produced() - before)
+    time.sleep(0.5)
+    second = (next(sent) - 1, produced() - before)  # (next(sent) itself takes one)
+    assert second == first
+    assert first[1] * len(buffer) < 64 << 20  # windows and queues, nothing unbounded
+    assert in_flight(server) == 1  # the worker is parked, not finished
+    results.close()  # cancels the call
+    wait_until(lambda: in_flight(server) == 0, STOP_BUDGET, "the batch's worker stopping")
+
+
+def test_a_batch_answers_as_an_execute_an_input_does(client: Client) -> None:
+    """Speed is bench/bench_batch.py's to measure; here, the same answers."""
+    module = client.load(EXAMPLE.read_bytes(), "example.o")
+    inputs = [(n % 8, n) for n in range(500)]
+    batched = [
+        (r.return_value, r.fuel_used) for r in client.execute_batch(module, "example", inputs)
+    ]
+    unary = [
+        (r.return_value, r.fuel_used)
+        for r in (client.execute(module, "example", a) for a in inputs)
+    ]
+    assert batched == unary
+
+
+def test_concurrent_batches_each_take_one_slot(server: RunningServer, client: Client) -> None:
+    module = client.load(EXAMPLE.read_bytes(), "example.o")
+    answers: list[list[int]] = []
+
+    def one(k: int) -> None:
+        batch = client.execute_batch(module, "example", ((4, k * 1000 + n) for n in range(1000)))
+        answers.append([r.return_value for r in batch])
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert sorted(answers) == [list(range(k * 1000, k * 1000 + 1000)) for k in range(4)]
