@@ -273,8 +273,8 @@ def bytecode_corpus() -> dict[str, bytes]:
             I(isa.STX | isa.ATOMIC | isa.DW, 1, 10, 0, isa.ATOMIC_ADD | isa.FETCH), MOV0, EXIT
         ),
         "ldxsx-dw.bin": code(I(isa.LDX | isa.MEMSX | isa.DW, 0, 10, -8), EXIT),
-        "ld-abs.bin": code(I(isa.LD | isa.ABS | isa.W, 0, 0, 0, 4), EXIT),
-        "ld-ind.bin": code(I(isa.LD | isa.IND | isa.B, 0, 1, 0, 4), EXIT),
+        "ld-abs-dw.bin": code(I(isa.LD | isa.ABS | isa.DW, 0, 0, 0, 4), EXIT),
+        "ld-ind-dst.bin": code(I(isa.LD | isa.IND | isa.B, 3, 1, 0, 4), EXIT),
         "store-imm-with-src.bin": code(I(isa.ST | isa.MEM | isa.W, 10, 3, -8, 1), MOV0, EXIT),
         "zeros-64-bytes.bin": bytes(64),
         "ones-64-bytes.bin": b"\xff" * 64,

@@ -222,16 +222,16 @@ REJECTED = {
         0,
         "frame pointer r10",
     ),
-    # things we do not support
-    "ld_abs": (
-        [I(isa.LD | isa.ABS | isa.W, 0, 0, 0, 12), EXIT],
+    # the legacy packet loads, malformed
+    "ld_abs of 8 bytes": (
+        [I(isa.LD | isa.ABS | isa.DW, 0, 0, 0, 12), EXIT],
         0,
-        "legacy packet access (ld_abs/ld_ind) is not supported",
+        "legacy packet load (ld_abs/ld_ind) of 8 bytes does not exist",
     ),
-    "ld_ind": (
-        [I(isa.LD | isa.IND | isa.B, 0, 1, 0, 12), EXIT],
+    "ld_abs with a source register": (
+        [I(isa.LD | isa.ABS | isa.W, 0, 1, 0, 12), EXIT],
         0,
-        "legacy packet access (ld_abs/ld_ind) is not supported",
+        "reserved field src must be 0, is 1",
     ),
     "call src 3": ([I(isa.OP_CALL, 0, 3, 0, 7), EXIT], 0, "call with src 3 is not valid"),
     **{

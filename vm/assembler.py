@@ -178,8 +178,8 @@ class _Assembler:
             (rf"{_MEM}\s*=\s*({_REG})", self._store_reg),
             (rf"{_MEM}\s*=\s*({_NUM})", self._store_imm),
             (rf"({_REG})\s*=\s*{_MEM}", self._load),
-            (rf"({_REG})\s*=\s*\*\s*\(\s*(u8|u16|u32)\s*\*\s*\)\s*skb\[\s*({_REG}|{_NUM})\s*\]",
-             self._legacy),
+            (rf"({_REG})\s*=\s*\*\s*\(\s*(u8|u16|u32)\s*\*\s*\)\s*skb\[\s*({_REG}|{_NUM})"
+             rf"(?:\s*([+-])\s*([0-9]+|0[xX][0-9a-fA-F]+))?\s*\]", self._legacy),
             (rf"({_REG})\s*=\s*({_NUM})\s+ll", self._lddw),
             (rf"({_REG})\s*=\s*-\s*({_REG})", self._neg),
             (rf"({_REG})\s*=\s*(be|le|bswap)(16|32|64)\s+({_REG})", self._byte_swap),
@@ -432,11 +432,20 @@ class _Assembler:
         return self._slot(opcode, dst, self._base(m[3]), self._offset16(m[4], m[5]))
 
     def _legacy(self, m: re.Match[str]) -> _Slot:
+        """`r0 = *(u16 *)skb[12]` (LD_ABS), `r0 = *(u8 *)skb[r7]` (LD_IND, as llvm
+        prints it) and `r0 = *(u8 *)skb[r7 + 14]` (LD_IND with an imm, which llvm
+        never emits)."""
         if self._register(m[1]) != (0, True):
             raise _AsmError("legacy packet loads always write r0")
         size = _SIZES[m[2]]
         if re.fullmatch(_REG, m[3]):
-            return self._slot(isa.LD | isa.IND | size, src=self._register(m[3])[0])
+            index, wide = self._register(m[3])
+            if not wide:
+                raise _AsmError(f"a packet load's index is a 64-bit register, not {m[3]}")
+            imm = 0 if m[5] is None else self._imm32(f"{m[4]}{m[5]}")
+            return self._slot(isa.LD | isa.IND | size, src=index, imm=imm)
+        if m[4] is not None:
+            raise _AsmError(f"skb[{m[3]} {m[4]} {m[5]}]: write the offset as one number")
         return self._slot(isa.LD | isa.ABS | size, imm=self._imm32(m[3]))
 
     def _lddw(self, m: re.Match[str]) -> list[_Slot]:

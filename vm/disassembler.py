@@ -16,6 +16,9 @@ The details, and our choices where llvm-objdump's text is ambiguous or missing:
   emits, follows the other jumps (`if r1 & 16 goto +1`);
 - `cmpxchg` names r0 twice, as llvm does: `r0 = cmpxchg_64(r1 + 0, r0, r2)`;
 - 32-bit atomics name their value register `w2`, as llvm-objdump does with alu32;
+- the legacy packet loads print as llvm does, `r0 = *(u16 *)skb[12]` (LD_ABS) and
+  `r0 = *(u8 *)skb[r7]` (LD_IND); llvm never emits LD_IND with an imm and has no
+  text for one, which prints `r0 = *(u8 *)skb[r7 + 14]` (or `- 14`);
 - an instruction that is not valid prints `<invalid opcode 0x.. ...>` rather than
   raising, because the verifier needs to show what it rejects.
 
@@ -266,10 +269,15 @@ def _store_reg(insn: Instruction) -> str:
 
 
 def _legacy_or_invalid(insn: Instruction) -> str:
-    """Class LD: `lddw` is handled by the caller; the rest is legacy packet access,
-    printed (as llvm does) so that the verifier can say what it rejects."""
+    """Class LD: `lddw` is handled by the caller; the rest is legacy packet access
+    (LD_ABS, LD_IND), printed as llvm does, with IND's imm when it has one."""
     if insn.mode in (isa.ABS, isa.IND) and insn.size != isa.DW:
         kind = isa.SIZE_NAMES[insn.size]
-        where = str(insn.imm) if insn.mode == isa.ABS else f"r{insn.src}"
+        if insn.mode == isa.ABS:
+            where = str(insn.imm)
+        elif insn.imm:
+            where = f"r{insn.src} {'-' if insn.imm < 0 else '+'} {abs(insn.imm)}"
+        else:
+            where = f"r{insn.src}"
         return f"r0 = *({kind} *)skb[{where}]"
     return _invalid(insn)

@@ -10,6 +10,11 @@ Semantics follow RFC 9669 and are the reference for every other engine: the
 JIT is held to this module's results by the differential tests. This module
 does no set-up (that is `bpfexec.vm.machine`) and no verification (the verifier has
 already checked every instruction it sees).
+
+The legacy packet loads (`LD_ABS`, `LD_IND`) follow the kernel: one whose bytes
+are not all inside the packet ends the program at once, from any call depth, with
+r0 = 0 and no trap (`ProgramEnded`). Each ends its basic block, so the fuel charged
+is exactly that of the instructions run up to it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from bpfexec.vm.isa import (
 from bpfexec.vm.machine import Machine
 from bpfexec.vm.memory import OFFSET_MASK, REGION_SHIFT
 from bpfexec.vm.program import Program
+from bpfexec.vm.program_types import PACKET_DATA, PACKET_END
 
 Op = Callable[[list[int], Machine], None]
 Branch = Callable[[list[int]], int]
@@ -375,6 +381,62 @@ def _atomic_op(insn: Instruction, pc: int) -> Op:
     return atomic
 
 
+class ProgramEnded(Exception):
+    """A legacy packet load outside the packet: the program ends with r0 = 0.
+
+    Not a trap: the kernel ends a socket filter this way (`bpf_gen_ld_abs`: the
+    load helper's error becomes `r0 = 0; exit` of the whole program)."""
+
+
+# Big-endian (network order) reads of a packet load, by size.
+_UNPACK_BE = {
+    1: struct.Struct(">B").unpack_from,
+    2: struct.Struct(">H").unpack_from,
+    4: struct.Struct(">I").unpack_from,
+}
+
+
+def _read(m: Machine, addr: int, size: int, unpack: Callable[..., tuple[int]], pc: int) -> int:
+    """The checked read a load makes: the value at `addr`, or the load's MEMORY_FAULT."""
+    regions = m.memory.regions
+    region = addr >> REGION_SHIFT
+    offset = addr & OFFSET_MASK
+    if region < len(regions):
+        store = regions[region]
+        if store is not None and offset + size <= len(store):
+            return unpack(store, offset)[0]
+    raise _at(m.memory.fault(addr, size, "read"), pc)
+
+
+def _packet_load_op(insn: Instruction, pc: int) -> Op:
+    """`LD_ABS` / `LD_IND`: r0 = the `size` bytes at packet offset `off`, big-endian.
+
+    The packet is [start, end), the u64s at r6 + PACKET_DATA and r6 + PACKET_END
+    (`bpfexec.vm.program_types`), each read as a u64 load reads (faulting alike).
+    `off` is imm for ABS and `(s32)(src + imm)` for IND, as the kernel computes it
+    (an int argument of `bpf_skb_load_helper_*`). A negative `off` (the kernel's
+    SKF_AD_* / SKF_LL_OFF ancillary offsets included: they are not supported) or
+    `start + off + size > end` (unbounded integers) ends the program. r1..r5 keep
+    their values.
+    """
+    size = isa.SIZE_BYTES[insn.size]
+    unpack = _UNPACK_BE[size]
+    word = _UNPACK[8]
+    index, imm = insn.src, insn.imm
+    indexed = insn.mode == isa.IND
+    ctx = isa.CONTEXT_REGISTER
+
+    def packet_load(r: list[int], m: Machine) -> None:
+        start = _read(m, (r[ctx] + PACKET_DATA) & MASK64, 8, word, pc)
+        end = _read(m, (r[ctx] + PACKET_END) & MASK64, 8, word, pc)
+        off = signed32(r[index] + imm) if indexed else imm
+        if off < 0 or start + off + size > end:
+            raise ProgramEnded
+        r[0] = _read(m, start + off, size, unpack, pc)
+
+    return packet_load
+
+
 def _lddw_op(insn: Instruction, value: int) -> Op:
     d = insn.dst
 
@@ -482,6 +544,8 @@ def decode_op(program: Program, pc: int) -> Op:
         return _atomic_op(insn, pc) if insn.mode == isa.ATOMIC else _store_op(insn, pc)
     if cls == LD and insn.opcode == isa.LDDW:
         return _lddw_op(insn, isa.lddw_value(insn, program.instructions[pc + 1]))
+    if isa.is_packet_load(insn):
+        return _packet_load_op(insn, pc)
     if isa.is_helper_call(insn):
         return _helper_op(pc)
     if insn.opcode == isa.OP_CALLX:
@@ -500,7 +564,8 @@ def ends_block(insn: Instruction) -> bool:
 
 def block_leaders(program: Program) -> list[int]:
     """Sorted pcs that start a basic block: function entries, jump targets, and
-    every instruction after one that ends a block."""
+    every instruction after one that ends a block or after a packet load (which may
+    end the program: its block must cost no fuel past it)."""
     code = program.instructions
     leaders = {fn.pc for fn in program.functions}
     leaders.add(0)
@@ -508,6 +573,8 @@ def block_leaders(program: Program) -> list[int]:
     while pc < len(code):
         insn = code[pc]
         step = 2 if insn.opcode == isa.LDDW else 1
+        if isa.is_packet_load(insn):
+            leaders.add(pc + 1)
         if ends_block(insn):
             leaders.add(pc + step)
             if isa.is_jump(insn):
@@ -576,6 +643,9 @@ class Interpreter:
             blocks = _traced(program, blocks, machine)
         try:
             return _execute(machine, blocks)
+        except ProgramEnded:  # the fuel of its block, which it ends, is charged
+            machine.registers[0] = 0
+            return 0
         except Trap as trap:
             raise locate_trap(trap, program) from None
 
@@ -656,7 +726,10 @@ def _traced(program: Program, blocks: list[Block | None], machine: Machine) -> l
 
     def line(pc: int, r: list[int]) -> str:
         insn = code[pc]
-        regs = sorted({insn.dst, insn.src} if insn.cls != LD else {insn.dst})
+        if isa.is_packet_load(insn):
+            regs = sorted(isa.packet_load_operands(insn)[0])
+        else:
+            regs = sorted({insn.dst, insn.src} if insn.cls != LD else {insn.dst})
         values = " ".join(f"r{n}={r[n]:#x}" for n in regs)
         return f"{pc:6d}: {disassemble_instruction(code, pc):<40} ; {values}"
 

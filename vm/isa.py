@@ -79,8 +79,11 @@ SIZE_BYTES = {B: 1, H: 2, W: 4, DW: 8}
 
 MODE_MASK = 0xE0
 IMM = 0x00
-ABS = 0x20  # legacy packet access: rejected
-IND = 0x40  # legacy packet access: rejected
+# Legacy packet access (`LD_ABS`, `LD_IND`; clang's `llvm.bpf.load.byte/half/word`):
+# r0 = the 1, 2 or 4 bytes at packet offset imm (ABS) or (s32)(src + imm) (IND), read
+# big-endian, the packet being the one of the context in r6. See `packet_load_operands`.
+ABS = 0x20
+IND = 0x40
 MEM = 0x60
 MEMSX = 0x80
 ATOMIC = 0xC0
@@ -208,6 +211,25 @@ def jump_offset(insn: Instruction) -> int:
 def is_helper_call(insn: Instruction) -> bool:
     """`call imm` of a host function: a helper number (src 0) or a runtime function id (src 2)."""
     return insn.opcode == OP_CALL and insn.src in (CALL_HELPER, CALL_BTF)
+
+
+# The register a legacy packet load (LD | ABS/IND) reads the context from, implicitly.
+CONTEXT_REGISTER = 6
+
+
+def is_packet_load(insn: Instruction) -> bool:
+    """A legacy packet load: `LD_ABS` or `LD_IND` (class LD, mode ABS or IND)."""
+    return insn.cls == LD and insn.mode in (ABS, IND)
+
+
+def packet_load_operands(insn: Instruction) -> tuple[set[int], set[int]]:
+    """The registers a packet load reads (r6, and its index register for IND) and
+    writes (r0): its operands are implicit, apart from IND's src. (The kernel's
+    verifier also makes r1..r5 unreadable after one; their values do not change.)"""
+    reads = {CONTEXT_REGISTER}
+    if insn.mode == IND and insn.src < NUM_REGISTERS:
+        reads.add(insn.src)
+    return reads, {0}
 
 
 def callx_register(insn: Instruction) -> int:

@@ -45,6 +45,8 @@ def uses_and_defs(insn: Instruction) -> tuple[set[int], set[int]]:
     cls, dst, src = insn.cls, insn.dst, insn.src
     if insn.opcode == isa.LDDW:
         return set(), _valid([dst])
+    if isa.is_packet_load(insn):
+        return isa.packet_load_operands(insn)
     if cls in (isa.ALU, isa.ALU64):
         by_register = insn.opcode & isa.SRC_MASK == isa.X
         if insn.op == isa.MOV:

@@ -2,11 +2,11 @@
 
 The verifier guarantees what the engines rely on without checking at run
 time: every opcode is one of RFC 9669 (conformance groups base32, base64,
-atomic32, atomic64, divmul32, divmul64; no packet access), fields that must
-be zero are zero, registers exist and the read-only frame pointer r10 is
-never written, every jump and local call lands on an instruction inside the
-code (never the second slot of an `lddw`), and neither the code nor any
-function can run off its end.
+atomic32, atomic64, divmul32, divmul64, and the legacy packet loads LD_ABS and
+LD_IND of 1, 2 or 4 bytes), fields that must be zero are zero, registers exist
+and the read-only frame pointer r10 is never written, every jump and local call
+lands on an instruction inside the code (never the second slot of an `lddw`),
+and neither the code nor any function can run off its end.
 
 What it must not do: reason about values (bounds, termination, types: fuel
 and the bounds-checked memory make a program safe whatever it computes),
@@ -228,7 +228,8 @@ def _check_call(
 
 def _check_ld(code: tuple[Instruction, ...], pc: int, insn: Instruction) -> None:
     if insn.mode in (isa.ABS, isa.IND):
-        raise _Problem("legacy packet access (ld_abs/ld_ind) is not supported")
+        _check_packet_load(insn)
+        return
     if insn.opcode != isa.LDDW:
         raise _unknown(insn)
     if pc + 1 >= len(code):
@@ -243,6 +244,21 @@ def _check_ld(code: tuple[Instruction, ...], pc: int, insn: Instruction) -> None
     if following.opcode or following.dst or following.src or following.offset:
         raise _Problem("the second slot of lddw must be all zero except its imm")
     _no_frame_pointer_write(insn, insn.dst)
+
+
+def _check_packet_load(insn: Instruction) -> None:
+    """LD_ABS / LD_IND, as the kernel's `check_ld_abs` takes them: r0 is their implicit
+    destination (dst 0), offset is reserved, ABS has no source register, and they read
+    1, 2 or 4 bytes. They may appear in any function: one that ends the program ends
+    it from any call depth, in both engines. (That r6 holds the context is checked by
+    the program type's context analysis; without it, r6 is just an address.)"""
+    if insn.size == isa.DW:
+        raise _Problem("legacy packet load (ld_abs/ld_ind) of 8 bytes does not exist")
+    _require_zero(insn, "dst", "offset")
+    if insn.mode == isa.ABS:
+        _require_zero(insn, "src")
+    else:
+        _source_register(insn)
 
 
 def _check_ldx(insn: Instruction) -> None:

@@ -35,7 +35,9 @@ Backward jumps and local calls poll the interrupt flag where the interpreter
 does, at the cost of one compare until a read is due (`poll`, `back_edge`).
 Traps call `bpf_trap` (kind, pc, details and fuel into the context) and
 return a fuel of -1; it fails the fuel check of the block a call returns to, whose
-slow path then unwinds (a call needs no check of its own). A helper call
+slow path then unwinds (a call needs no check of its own). A legacy packet load
+outside the packet ends the program the same way, recording `Status.ENDED`
+(`packet_load`). A helper call
 counts itself against the run's limit, then calls a native helper through the
 function pointer in the run's table of call sites, or the runtime's Python
 entry `CALL_SYMBOL` with r1..r5 and the fuel (`helper_call`); a `callx`, or a
@@ -94,6 +96,7 @@ from bpfexec.vm.liveness import Signature, reachable, signatures, successors, us
 from bpfexec.vm.maps_hash import EMPTY, FMIX_1, FMIX_2, FNV_OFFSET, FNV_PRIME, TAG, TOMBSTONE
 from bpfexec.vm.memory import OFFSET_MASK, REGION_COUNT, REGION_SHIFT
 from bpfexec.vm.program import Program
+from bpfexec.vm.program_types import PACKET_DATA, PACKET_END
 
 DISPATCH_SYMBOL = "bpfexec_jit_dispatch"  # i64 (ptr ctx, i64 pc): 0, or a trap is recorded
 # i64 (ptr ctx, i64 pc, i64 fuel, i64 r1, ..., i64 r5): r0; a trap sets the context's status
@@ -262,7 +265,7 @@ def build_module(
     if _writes_frame_pointer(code):  # r10 tells the call depth and the frame
         raise Unsupported("an instruction writes r10")
     jumps = {pc: successors(blocks[pc], code) for pcs in bodies.values() for pc in pcs}  # type: ignore[arg-type]
-    signature = signatures(bodies, blocks, code, jumps)
+    signature = signatures(bodies, blocks, code, jumps, uses_and_defs)
     helper_pcs: set[int] = set()
     arrays, hashes = inline_arrays(program), inline_hashes(program)
     lookups = lookup_sites(program)
@@ -1139,6 +1142,8 @@ class _FunctionCompiler:
             self.atomic(insn, pc)
         elif insn.opcode in (isa.OP_CALL, isa.OP_CALLX):
             self.helper_call(pc)
+        elif isa.is_packet_load(insn):
+            self.packet_load(insn, pc)
         else:
             raise Unsupported(f"pc {pc}: opcode {insn.opcode:#04x}")
 
@@ -1564,7 +1569,21 @@ class _FunctionCompiler:
             self.frame_low = max(self.frame_low, -slot)
             return emit(self.value(f"getelementptr i8, ptr %fp.host, i64 {slot}"), "")
         root, constant, index = self.root_of(base)
-        offset += constant
+        return self.access_at(root, offset + constant, index, size, access, pc, emit, ty)
+
+    def access_at(
+        self,
+        root: str,
+        offset: int,
+        index: str | None,
+        size: int,
+        access: Access,
+        pc: int,
+        emit: Callable[[str, str], str | None],
+        ty: str | None,
+    ) -> str | None:
+        """`access` at root + offset (+ index): root an SSA value (or `_FRAME`), index
+        an SSA value or None, the checks as for any access."""
         # Fast check against the root's region (or the frame, for r10 plus an index);
         # when it fails (a fault, or an address past the root's region into another),
         # the out-of-line translation decides. One unsigned compare covers both ends:
@@ -1740,6 +1759,63 @@ class _FunctionCompiler:
         value = self.access(insn.src, insn.offset, size, Access.READ, pc, load, "i64")
         assert value is not None
         self.set(insn.dst, value)
+
+    def packet_load(self, insn: Instruction, pc: int) -> None:
+        """`LD_ABS` / `LD_IND`, as the interpreter's `_packet_load_op`: r0 = the `size`
+        bytes at packet offset `off`, big-endian, zero-extended.
+
+        The packet's start and end are read from r6 + PACKET_DATA and r6 + PACKET_END,
+        and its bytes from start + off, by three ordinary checked accesses (a fault is
+        the interpreter's, at this pc). `off` is imm (ABS) or the 32-bit sum of the
+        index register and imm, sign-extended (IND). Outside the packet (`off < 0`,
+        `end < start` or `off + size > end - start`: `start + off + size > end` without
+        wrapping, as `off + size < 2^32`) the program ends: `Status.ENDED`, recorded
+        with the fuel left as a trap is, and unwound through every call as a trap is,
+        so r0 = 0 and the fuel is that of the blocks run (a packet load ends its block).
+        Nothing is elided: docs/jit.md, "Legacy packet loads".
+        """
+        if insn.size == isa.DW or insn.dst or insn.offset:
+            raise Unsupported(f"pc {pc}: packet load {insn.opcode:#04x} with reserved fields")
+        if insn.mode == isa.ABS and insn.src:
+            raise Unsupported(f"pc {pc}: LD_ABS with a source register")
+        size = isa.SIZE_BYTES[insn.size]
+        bits = size * 8
+
+        def word(host: str, qualifier: str) -> str:
+            return self.value(f"load {qualifier}i64, ptr {host}, align 1")
+
+        context = isa.CONTEXT_REGISTER
+        start = self.access(context, PACKET_DATA, 8, Access.READ, pc, word, "i64")
+        end = self.access(context, PACKET_END, 8, Access.READ, pc, word, "i64")
+        assert start is not None and end is not None
+        index: str | None = None
+        constant = 0
+        if insn.mode == isa.ABS:
+            constant = insn.imm
+            negative = "true" if constant < 0 else "false"
+            needed = str(constant + size)
+        else:
+            low = self.value(f"trunc i64 {self.get(insn.src)} to i32")
+            sum32 = self.value(f"add i32 {low}, {insn.imm}")
+            negative = self.value(f"icmp slt i32 {sum32}, 0")
+            index = self.value(f"sext i32 {sum32} to i64")
+            needed = self.value(f"add i64 {index}, {size}")
+        backwards = self.value(f"icmp ult i64 {end}, {start}")
+        room = self.value(f"sub i64 {end}, {start}")
+        short = self.value(f"icmp ugt i64 {needed}, {room}")
+        outside = self.value(f"or i1 {negative}, {backwards}")
+        outside = self.value(f"or i1 {outside}, {short}")
+        self.trap_if(outside, Status.ENDED, pc)
+
+        def packet(host: str, qualifier: str) -> str:
+            value = self.value(f"load {qualifier}i{bits}, ptr {host}, align 1")
+            if size > 1:
+                value = self.value(f"call i{bits} @llvm.bswap.i{bits}(i{bits} {value})")
+            return self.value(f"zext i{bits} {value} to i64")
+
+        value = self.access_at(start, constant, index, size, Access.READ, pc, packet, "i64")
+        assert value is not None
+        self.set(0, value)
 
     def store(self, insn: Instruction, pc: int) -> None:
         size = isa.SIZE_BYTES[insn.size]

@@ -27,6 +27,9 @@ class Status(IntEnum):
     CALL_DEPTH_EXCEEDED = 3
     INTERRUPTED = 4  # the reason is `Machine.interrupt.reason`
     PYTHON = 5  # the dispatcher recorded a Trap (or an exception) on the Python side
+    # Not a trap: a packet load outside the packet ended the program, r0 = 0 (the
+    # interpreter's `ProgramEnded`); the fuel left is in the context.
+    ENDED = 6
 
 
 class Access(IntEnum):

@@ -154,7 +154,8 @@ def _address(insn: Instruction, state: State) -> Linear | None:
 def _transfer(insn: Instruction, code: Sequence[Instruction], pc: int, state: State) -> None:
     """Update `state` past `insn` (a straight-line instruction)."""
     result = _linear(insn, code, pc, state)
-    for n in uses_and_defs(insn)[1]:
+    written = isa.packet_load_operands(insn)[1] if isa.is_packet_load(insn) else None
+    for n in uses_and_defs(insn)[1] if written is None else written:
         state[n] = None
     if result is not None:
         state[insn.dst] = result

@@ -16,7 +16,8 @@ Machine on it:
 - an interrupt listener sets a flag word that native code reads on backward
   jumps and calls, once per `POLL_INTERVAL` of fuel (`bpfexec.vm.jit.compiler`);
 - a trap recorded by native code becomes the same `Trap` the interpreter
-  raises, message and pc included.
+  raises, message and pc included; `Status.ENDED` (a packet load outside the
+  packet) is no trap but the end of the run with r0 = 0, as in the interpreter.
 
 Programs the compiler does not reproduce exactly (`Unsupported`) are marked in
 their CompiledProgram and run by the interpreter instead. This module does no
@@ -651,6 +652,9 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
     if status == Status.OK:
         machine.registers[0] = ctx.regs[0]
         return machine.registers[0]
+    if status == Status.ENDED:  # a packet load outside the packet: r0 = 0, no trap
+        machine.registers[0] = 0
+        return 0
     raise locate_trap(_trap(Status(status), ctx, run), machine.program)
 
 
