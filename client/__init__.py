@@ -21,6 +21,7 @@ _EXPORTS = {
     "Function": "bpfexec.client.types",
     "Helper": "bpfexec.client.types",
     "Module": "bpfexec.client.types",
+    "PacketResult": "bpfexec.client.types",
     "Result": "bpfexec.client.types",
     "Trap": "bpfexec.client.types",
 }

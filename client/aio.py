@@ -5,10 +5,12 @@
         result = await bpf.execute(module, "foo", [2, 3], helpers={"mul": mul})
 
 Same methods, arguments, results and exceptions as `Client`; every call is a
-coroutine. Remote helpers may be plain or `async def` functions
-`fn(call, r1, ..., r5)`; here `call.read`, `call.write` and `call.read_cstring`
-are coroutines (`await call.read(addr, 8)`), `call.log` is not. Helpers run on
-the event loop, one call at a time per execution, as the protocol requires.
+coroutine, except the streams: `execute_batch` is an async iterator and `test_run`
+returns an `AsyncTestRunResults` to iterate with `async for`. Remote helpers may
+be plain or `async def` functions `fn(call, r1, ..., r5)`; here `call.read`,
+`call.write` and `call.read_cstring` are coroutines (`await call.read(addr, 8)`),
+`call.log` is not. Helpers run on the event loop, one call at a time per
+execution, as the protocol requires.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from bpfexec.client.client import (
     BPF_ANY,
     DEFAULT_MAX_MESSAGE_BYTES,
     MASK64,
+    TEST_RUN_MESSAGE_BYTES,
+    TEST_RUN_PACKETS_PER_MESSAGE,
     Arg,
     Entries,
     HelperKey,
@@ -46,6 +50,9 @@ from bpfexec.client.client import (
     helper_table,
     module_id_of,
     open_channel,
+    packet_bytes,
+    packet_run_header,
+    packet_run_requests,
     result_message,
     start_message,
     update_state_request,
@@ -57,9 +64,18 @@ from bpfexec.client.errors import (
     ProtocolError,
     from_rpc_error,
 )
-from bpfexec.client.types import Event, Helper, Module, Result, State
+from bpfexec.client.types import (
+    Event,
+    Helper,
+    MapDump,
+    Module,
+    PacketResult,
+    Result,
+    State,
+    ordered_maps,
+)
 
-__all__ = ["AsyncClient", "AsyncHelperCall"]
+__all__ = ["AsyncClient", "AsyncHelperCall", "AsyncTestRunResults"]
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -225,6 +241,32 @@ class AsyncClient:
         if stopped:
             raise stopped[0]
 
+    def test_run(
+        self,
+        module: str | Module,
+        program: str | None,
+        packets: Iterable[bytes] | AsyncIterable[bytes],
+        *,
+        fuel: int | None = None,
+        state: str | None = None,
+        repeat: int = 1,
+        dump_maps: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncTestRunResults:
+        """A packet program over packets; see `Client.test_run`. Not a coroutine: it
+        returns an `AsyncTestRunResults` to iterate with `async for` (`await run.start()`
+        for the program's type first). `packets` may be a plain or an async iterable;
+        they are sent by a task of their own while the results are read."""
+        if isinstance(repeat, bool) or not 1 <= repeat < 1 << 32:
+            raise InvalidArgument(f"repeat {repeat!r}: expected 1 to 2**32-1", _INVALID)
+        header = packet_run_header(module, program, fuel, state, repeat, dump_maps)
+        wait = self.timeout if timeout is None else timeout
+
+        def open_call() -> Any:
+            return self._stub.TestRun(timeout=wait, metadata=self._metadata)
+
+        return AsyncTestRunResults(open_call, header, packets, dump_maps)
+
     # Named states: see `Client.list_states` and the methods after it.
 
     async def list_states(self, module: str | Module | None = None) -> list[State]:
@@ -272,6 +314,123 @@ class AsyncClient:
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+
+class AsyncTestRunResults:
+    """The results of a test run as they arrive (`AsyncClient.test_run`): `TestRunResults`
+    for asyncio.
+
+        run = bpf.test_run(module, "xdp", packets, dump_maps=True)
+        async for result in run:
+            ...
+        print(run.program_type, run.maps)
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        open_call: Callable[[], Any],
+        header: pb.TestRunHeader,
+        packets: Iterable[bytes] | AsyncIterable[bytes],
+        dump_maps: bool,
+    ) -> None:
+        self._open_call = open_call
+        self._header = header
+        self._packets = packets
+        self._dump_maps = dump_maps
+        self._stream: Any = None
+        self._writer: asyncio.Future[None] | None = None
+        self._stopped: list[BaseException] = []
+        self.program_type: str | None = None
+        self.maps: dict[str, MapDump] | None = None
+
+    async def start(self) -> str:
+        """Open the call if it is not open, and wait for the server's acceptance: the
+        program's type."""
+        if self.program_type is not None:
+            return self.program_type
+        if self._stream is None:
+            self._stream = self._open_call()
+            self._writer = asyncio.ensure_future(
+                _write_packets(self._stream, self._header, self._packets, self._stopped)
+            )
+        try:
+            first = await self._stream.read()
+        except grpc.RpcError as error:
+            self.close()
+            raise from_rpc_error(error) from None
+        if first is grpc.aio.EOF or not first.program_type:
+            self.close()
+            raise ProtocolError("the server began a TestRun without the program's type")
+        self.program_type = str(first.program_type)
+        return self.program_type
+
+    def __aiter__(self) -> AsyncIterator[PacketResult]:
+        return self._results()
+
+    async def _results(self) -> AsyncIterator[PacketResult]:
+        try:
+            await self.start()
+            while (message := await self._stream.read()) is not grpc.aio.EOF:
+                for result in message.results:
+                    yield PacketResult.from_pb(result)
+                if message.done:
+                    if self._dump_maps:
+                        self.maps = ordered_maps(message.maps, ())
+                    break
+            if self._writer is not None:
+                await self._writer
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            self.close()
+        if self._stopped:
+            raise self._stopped[0]
+
+    def close(self) -> None:
+        """Cancel the run if it is still going (nothing if it has ended)."""
+        if self._writer is not None:
+            self._writer.cancel()
+        if self._stream is not None and not self._stream.done():
+            self._stream.cancel()
+
+    async def __aenter__(self) -> AsyncTestRunResults:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+async def _write_packets(
+    stream: Any,
+    header: pb.TestRunHeader,
+    packets: Iterable[bytes] | AsyncIterable[bytes],
+    stopped: list[BaseException],
+) -> None:
+    """Send the packets as `packet_run_requests` packs them, then half-close."""
+    if isinstance(packets, AsyncIterable):
+        await stream.write(pb.TestRunRequest(header=header))
+        message, size, index = pb.TestRunRequest(), 0, 0
+        try:
+            async for packet in packets:
+                data = packet_bytes(index, packet)
+                message.packets.append(data)
+                size += len(data)
+                index += 1
+                if len(message.packets) >= TEST_RUN_PACKETS_PER_MESSAGE or (
+                    size >= TEST_RUN_MESSAGE_BYTES
+                ):
+                    await stream.write(message)
+                    message, size = pb.TestRunRequest(), 0
+        except Exception as exc:  # raised by the caller after the results before it
+            stopped.append(exc)
+        if message.packets:
+            await stream.write(message)
+    else:
+        for request in packet_run_requests(header, packets, stopped):
+            await stream.write(request)
+    await stream.done_writing()
 
 
 class AsyncHelperCall:

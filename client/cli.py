@@ -440,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     asm.set_defaults(handler=cmd_asm)
 
     _add_plugin_parser(sub)
+    from bpfexec.client.cli_test_run import add_test_run_parser
+
+    add_test_run_parser(sub)
 
     try:
         from bpfexec.client.cli_remote import (
@@ -518,4 +521,8 @@ def _add_plugin_parser(sub: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m`: through the package's module, the one the subcommands' modules
+    # import (and raise UsageError from), not this `__main__` copy of it.
+    from bpfexec.client.cli import main as package_main
+
+    sys.exit(package_main())

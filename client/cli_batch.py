@@ -73,7 +73,7 @@ def run_inputs(args: argparse.Namespace) -> int:
     stream = sys.stdin if args.inputs == "-" else _open(args.inputs)
     try:
         inputs = read_inputs(args.inputs, stream)
-        progress = _Progress() if sys.stderr.isatty() else None
+        progress = Progress() if sys.stderr.isatty() else None
         results = _remote(args, inputs) if args.server else _local(args, inputs)
         for result in results:
             print(json.dumps(result), flush=progress is not None)
@@ -138,10 +138,12 @@ def _remote(args: argparse.Namespace, inputs: Lines) -> Iterator[dict[str, Any]]
         raise UsageError(f"--inputs {args.inputs}:{exc.line}: {exc}") from None
 
 
-class _Progress:
-    """`N inputs, R/s` on standard error, rewritten at most every half second."""
+class Progress:
+    """`N inputs, R/s` (or another noun) on standard error, rewritten at most every
+    half second."""
 
-    def __init__(self) -> None:
+    def __init__(self, noun: str = "inputs") -> None:
+        self.noun = noun
         self.count = 0
         self.start = self.shown = time.monotonic()
 
@@ -151,7 +153,7 @@ class _Progress:
         if now - self.shown >= 0.5:
             self.shown = now
             rate = self.count / max(now - self.start, 1e-9)
-            print(f"\r{self.count} inputs, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
+            print(f"\r{self.count} {self.noun}, {rate:,.0f}/s", end="", file=sys.stderr, flush=True)
 
     def done(self) -> None:
         if self.shown != self.start:

@@ -8,7 +8,9 @@
 Blocking, thread-safe (one client can be shared by threads; calls run
 concurrently over one HTTP/2 connection). `execute(..., helpers=...)` answers
 helper calls of the program from this process over an `ExecuteStream`
-(docs/remote-helpers.md); `bpfexec.client.aio.AsyncClient` is the asyncio twin.
+(docs/remote-helpers.md); `execute_batch` runs one function over a stream of
+inputs (docs/batch.md), `test_run` a packet program over a stream of packets
+(docs/test-run.md); `bpfexec.client.aio.AsyncClient` is the asyncio twin.
 Failures raise `bpfexec.client.errors` exceptions carrying the server's message; a
 program that traps is a `Result` with `trap` set, not an exception. This
 module depends only on the generated stubs in `bpfexec._pb`, never on the
@@ -35,13 +37,32 @@ from bpfexec.client.errors import (
     ProtocolError,
     from_rpc_error,
 )
-from bpfexec.client.types import Event, Helper, Module, Result, State
+from bpfexec.client.types import (
+    Event,
+    Helper,
+    MapDump,
+    Module,
+    PacketResult,
+    Result,
+    State,
+    ordered_maps,
+)
 
-__all__ = ["BPF_ANY", "BPF_EXIST", "BPF_NOEXIST", "Client", "HelperCall", "channel_credentials"]
+__all__ = [
+    "BPF_ANY",
+    "BPF_EXIST",
+    "BPF_NOEXIST",
+    "Client",
+    "HelperCall",
+    "TestRunResults",
+    "channel_credentials",
+]
 
 MASK64 = (1 << 64) - 1
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # the server's default; gRPC's own is only 4 MiB
 BATCH_INPUTS_PER_MESSAGE = 1024  # inputs an ExecuteBatch request message carries
+TEST_RUN_PACKETS_PER_MESSAGE = 1024  # packets a TestRun request message carries at most
+TEST_RUN_MESSAGE_BYTES = 1 << 20  # about: the packets of one TestRun request message
 
 Arg = int | bytes | bytearray | memoryview
 T = TypeVar("T")
@@ -266,6 +287,50 @@ class Client:
         if stopped:
             raise stopped[0]
 
+    def test_run(
+        self,
+        module: str | Module,
+        program: str | None,
+        packets: Iterable[bytes],
+        *,
+        fuel: int | None = None,
+        state: str | None = None,
+        repeat: int = 1,
+        dump_maps: bool = False,
+        timeout: float | None = None,
+    ) -> TestRunResults:
+        """Run the packet program `program` (a function or section name: `xdp`, `tc`,
+        ...) of a module over `packets`, as the kernel's BPF_PROG_TEST_RUN runs it, over
+        one `TestRun` stream (docs/test-run.md).
+
+        Returns a `TestRunResults`: iterate it (once) for a `PacketResult` per packet, in
+        order; `start()` (which iterating calls) waits for the server to accept the run
+        and returns the program's type (`program_type`); after the last result, `maps`
+        holds the maps' contents when `dump_maps` (else None). Nothing is sent before
+        `start()` or the first `next()`. Packets are read lazily and sent as they are
+        read, about 1 MiB a message: a generator of a million packets is never held in
+        memory. `fuel` is each packet's run's; `repeat` runs each packet that many
+        times (the last run reported); `state` names the maps the run shares with the
+        server's other executions naming it; `timeout` (default: the client's) bounds
+        the whole run. A trap is that packet's result. A packet the server refuses
+        (shorter than an Ethernet header) raises InvalidArgument "packet N: ..." once the
+        results before it are yielded (`packet_index` gives which packet); an exception
+        raised by `packets` itself is raised at the same point. Stopping the iteration
+        early, or `close()`, cancels the run. In-process helpers only, and no module
+        re-upload: a module the server lacks is NotFound.
+        """
+        if isinstance(repeat, bool) or not 1 <= repeat < 1 << 32:
+            raise InvalidArgument(f"repeat {repeat!r}: expected 1 to 2**32-1", _INVALID)
+        header = packet_run_header(module, program, fuel, state, repeat, dump_maps)
+        wait = self.timeout if timeout is None else timeout
+
+        def open_call(stopped: list[BaseException]) -> Any:
+            return self._stub.TestRun(
+                packet_run_requests(header, packets, stopped), timeout=wait, metadata=self._metadata
+            )
+
+        return TestRunResults(open_call, dump_maps)
+
     # Named states (docs/states.md): the caller's own, per module.
 
     def list_states(self, module: str | Module | None = None) -> list[State]:
@@ -331,6 +396,77 @@ class Client:
             )
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+
+
+class TestRunResults:
+    """The results of a test run as they arrive (`Client.test_run`).
+
+        run = bpf.test_run(module, "xdp", packets, dump_maps=True)
+        for result in run:  # a PacketResult per packet, in order
+            print(result.verdict, len(result.data))
+        print(run.program_type, run.maps)
+
+    Iterate it once. `start()` opens the call (if iterating has not) and returns the
+    program's type once the server accepted the run, raising its refusal (NotFound,
+    InvalidArgument ...) otherwise; `program_type` is None before. `maps` is set
+    after the last result when the run was asked to dump them. `close()` (or leaving
+    a `with` block, or dropping an unfinished iteration) cancels the run.
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, open_call: Callable[[list[BaseException]], Any], dump_maps: bool) -> None:
+        self._open_call = open_call
+        self._dump_maps = dump_maps
+        self._responses: Any = None
+        self._stopped: list[BaseException] = []  # what ended `packets` early, raised in order
+        self.program_type: str | None = None
+        self.maps: dict[str, MapDump] | None = None
+
+    def start(self) -> str:
+        """Open the call if it is not open, and wait for the server's acceptance: the
+        program's type (`xdp`, `tc`, `socket`, `syscall`)."""
+        if self.program_type is not None:
+            return self.program_type
+        if self._responses is None:
+            self._responses = self._open_call(self._stopped)
+        try:
+            first = next(self._responses, None)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        if first is None or not first.program_type:
+            self.close()
+            raise ProtocolError("the server began a TestRun without the program's type")
+        self.program_type = str(first.program_type)
+        return self.program_type
+
+    def __iter__(self) -> Iterator[PacketResult]:
+        try:
+            self.start()
+            for message in self._responses:
+                for result in message.results:
+                    yield PacketResult.from_pb(result)
+                if message.done:
+                    if self._dump_maps:
+                        self.maps = ordered_maps(message.maps, ())
+                    break
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            self.close()
+        if self._stopped:
+            raise self._stopped[0]
+
+    def close(self) -> None:
+        """Cancel the run if it is still going (nothing if it has ended)."""
+        if self._responses is not None and self._responses.is_active():
+            self._responses.cancel()
+
+    def __enter__(self) -> TestRunResults:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class HelperCall:
@@ -549,6 +685,73 @@ def batch_input_index(error: InvalidArgument) -> int | None:
     for detail in error.details:
         if isinstance(detail, error_details_pb2.ErrorInfo) and "input_index" in detail.metadata:
             return int(detail.metadata["input_index"])
+    return None
+
+
+def packet_run_header(
+    module: str | Module,
+    program: str | None,
+    fuel: int | None,
+    state: str | None,
+    repeat: int,
+    dump_maps: bool,
+) -> pb.TestRunHeader:
+    return pb.TestRunHeader(
+        module_id=module_id_of(module),
+        program=program or "",
+        fuel=fuel or 0,
+        state=state or "",
+        repeat=repeat,
+        dump_maps=dump_maps,
+    )
+
+
+def packet_run_requests(
+    header: pb.TestRunHeader, packets: Iterable[bytes], stopped: list[BaseException]
+) -> Iterator[pb.TestRunRequest]:
+    """The request stream of a test run: the header alone (the server answers it with
+    the program's type before it needs a packet), then the packets as they are read,
+    up to `TEST_RUN_PACKETS_PER_MESSAGE` or about `TEST_RUN_MESSAGE_BYTES` a message. A
+    packet that is not bytes, or an exception of `packets`, ends the stream (the
+    packets before go) and is put in `stopped` for the caller to raise after their
+    results."""
+    yield pb.TestRunRequest(header=header)
+    message, size = pb.TestRunRequest(), 0
+    try:
+        for index, packet in enumerate(packets):
+            data = packet_bytes(index, packet)
+            message.packets.append(data)
+            size += len(data)
+            if len(message.packets) >= TEST_RUN_PACKETS_PER_MESSAGE or (
+                size >= TEST_RUN_MESSAGE_BYTES
+            ):
+                yield message
+                message, size = pb.TestRunRequest(), 0
+    except Exception as exc:  # raised by the caller, in its thread, after the results before
+        stopped.append(exc)
+    if message.packets:
+        yield message
+
+
+def packet_bytes(index: int, packet: object) -> bytes:
+    if not isinstance(packet, (bytes, bytearray, memoryview)):
+        raise packet_error(index, f"expected bytes, got {type(packet).__name__}")
+    return bytes(packet)
+
+
+def packet_error(index: int, message: str) -> InvalidArgument:
+    """InvalidArgument for packet `index` (from 0) of a test run, as the server reports one."""
+    info = error_details_pb2.ErrorInfo(
+        reason="INVALID_PACKET", domain="bpfexec", metadata={"packet_index": str(index)}
+    )
+    return InvalidArgument(f"packet {index + 1}: {message}", _INVALID, (info,))
+
+
+def packet_index(error: InvalidArgument) -> int | None:
+    """Which packet of a test run (counted from 0) an InvalidArgument is about, if any."""
+    for detail in error.details:
+        if isinstance(detail, error_details_pb2.ErrorInfo) and "packet_index" in detail.metadata:
+            return int(detail.metadata["packet_index"])
     return None
 
 

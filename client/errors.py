@@ -100,11 +100,14 @@ _DETAIL_TYPES = (
 
 def from_rpc_error(error: grpc.RpcError) -> BpfexecError:
     """The exception for a failed call, with the server's message and unpacked details."""
-    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-    message = (error.details() if isinstance(error, grpc.Call) else None) or str(code)
+    # A blocking call's error is a grpc.Call; an asyncio call's (grpc.aio.AioRpcError) is
+    # not, but has the same accessors.
+    call = isinstance(error, (grpc.Call, grpc.aio.AioRpcError))
+    code = error.code() if call else grpc.StatusCode.UNKNOWN
+    message = (error.details() if call else None) or str(code)
     details: list[Any] = []
     try:
-        status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+        status = rpc_status.from_call(error) if call else None
     except ValueError:  # details that contradict the status (a proxy rewrote it): ignore them
         status = None
     for packed in status.details if status is not None else ():

@@ -105,6 +105,17 @@ class Trap:
             message=message.message,
         )
 
+    def to_dict(self) -> dict[str, object]:
+        """The JSON shape of a trap in the command line's output (as a local run's)."""
+        return {
+            "kind": self.kind,
+            "pc": self.pc,
+            "instruction": self.instruction,
+            "function": self.function,
+            "location": self.location,
+            "message": self.message,
+        }
+
     def __str__(self) -> str:
         text = f"{self.kind}: {self.message} at pc {self.pc}"
         if self.instruction:
@@ -173,7 +184,7 @@ class State:
             module_id=message.module_id,
             map_bytes=message.map_bytes,
             map_names=tuple(message.maps),
-            maps=_ordered_maps(maps or {}, message.maps),
+            maps=ordered_maps(maps or {}, message.maps),
         )
 
 
@@ -210,7 +221,7 @@ class Result:
             log=tuple(message.log),
             buffers=tuple(message.buffers),
             duration_ns=message.duration_ns,
-            maps=_ordered_maps(message.maps, ()) if dump_maps else None,
+            maps=ordered_maps(message.maps, ()) if dump_maps else None,
             events=events if events or message.ring_buffer else None,
         )
 
@@ -230,14 +241,7 @@ class Result:
         shown: dict[str, object] = {
             "return_value": None if self.trap else self.return_value,  # a trap returns nothing
             "fuel_used": self.fuel_used,
-            "trap": None if self.trap is None else {
-                "kind": self.trap.kind,
-                "pc": self.trap.pc,
-                "instruction": self.trap.instruction,
-                "function": self.trap.function,
-                "location": self.trap.location,
-                "message": self.trap.message,
-            },
+            "trap": None if self.trap is None else self.trap.to_dict(),
             "log": list(self.log),
             "buffers": [buf.hex() for buf in self.buffers],
             "duration_ns": self.duration_ns,
@@ -249,7 +253,70 @@ class Result:
         return shown
 
 
-def _ordered_maps(maps: Mapping[str, pb.MapDump], order: Sequence[str]) -> dict[str, MapDump]:
+@dataclass(frozen=True)
+class PacketResult:
+    """What one packet's run of a test run did (`Client.test_run`; docs/test-run.md):
+    r0 and its verdict by the kernel's names ("TRAP" for a trapped run), the packet
+    after the run (`data`), the context fields the program type may write (`context`:
+    name -> int, or a list of ints for `cb`, in the context's order), fuel, duration,
+    the trap, the log, and `redirect` = (ifindex, ingress) if bpf_redirect was called."""
+
+    retval: int
+    verdict: str
+    data: bytes
+    context: Mapping[str, int | list[int]]
+    fuel_used: int
+    duration_ns: int
+    trap: Trap | None = None
+    log: tuple[str, ...] = ()
+    redirect: tuple[int, bool] | None = None
+
+    @classmethod
+    def from_pb(cls, message: pb.PacketResult) -> PacketResult:
+        context: dict[str, int | list[int]] = {}
+        for found in message.context:
+            if found.WhichOneof("value") == "array":
+                context[found.name] = list(found.array.elements)
+            else:
+                context[found.name] = found.scalar
+        return cls(
+            retval=message.retval,
+            verdict=message.verdict,
+            data=message.data,
+            context=context,
+            fuel_used=message.fuel_used,
+            duration_ns=message.duration_ns,
+            trap=Trap.from_pb(message.trap) if message.trap.kind else None,
+            log=tuple(message.log),
+            redirect=(message.redirect.ifindex, message.redirect.ingress)
+            if message.HasField("redirect")
+            else None,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON shape of `bpfexec test-run --per-packet`'s results, the same for local
+        and remote runs: `retval` (None when trapped), `verdict`, `ctx_out`, `len` (of
+        the packet after the run), `fuel_used`; `trap`, `redirect`, `log` when there are."""
+        shown: dict[str, object] = {
+            "retval": None if self.trap else self.retval,
+            "verdict": self.verdict,
+            "ctx_out": {
+                name: list(value) if isinstance(value, list) else value
+                for name, value in self.context.items()
+            },
+            "len": len(self.data),
+            "fuel_used": self.fuel_used,
+        }
+        if self.trap is not None:
+            shown["trap"] = self.trap.to_dict()
+        if self.redirect is not None:
+            shown["redirect"] = {"ifindex": self.redirect[0], "ingress": self.redirect[1]}
+        if self.log:
+            shown["log"] = list(self.log)
+        return shown
+
+
+def ordered_maps(maps: Mapping[str, pb.MapDump], order: Sequence[str]) -> dict[str, MapDump]:
     """Maps by name in `order` (the program's, when known), the rest by name: a
     protobuf map field has no order of its own."""
     names = [name for name in order if name in maps]

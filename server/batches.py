@@ -1,12 +1,17 @@
-"""`BatchPipe`: the bounded queues between an ExecuteBatch's stream and its worker.
+"""`BatchPipe`: the bounded queues between a streaming call's requests and its worker.
 
 The event loop feeds chunks of inputs in (`feed`, waiting for room: the
 servicer reads the next request message only then) and takes chunks of results
-out (`results`); the pool thread running `bpfexec.vm.batch.run_batch` takes the
-inputs (`inputs`) and hands the results over (`add`, `finish`, `fail`), blocking
+out (`results`); the pool thread running the work (`bpfexec.vm.batch.run_batch`
+for an ExecuteBatch, `bpfexec.vm.packet_run.run_packets` for a TestRun) takes
+the inputs (`inputs`) and hands the results over (`add`, `finish`), blocking
 while the results queue is full, so a client that stops reading stops the
 worker instead of growing the server's memory. `close` (the call ended, was
 cancelled or its deadline passed) wakes both sides for good.
+
+A pipe is generic in its inputs and results (`BatchPipe[In, Out]`); `size_of`
+says how many bytes a result takes in its response message (default: a
+`Result`'s buffers and log), which bounds a chunk together with its count.
 
 This module moves values between threads and nothing else: it does not run
 programs, convert protobuf or decide statuses.
@@ -16,19 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from typing import Any, Generic, TypeVar, cast
 
 from bpfexec.vm import Result
-from bpfexec.vm.machine import Argument
 
 T = TypeVar("T")
+In = TypeVar("In")  # one input: an ExecuteBatch's arguments, a TestRun's packet
+Out = TypeVar("Out")  # one result: a Result, a PacketResult
 
 MAX_RESULTS_PER_CHUNK = 1024  # results in one chunk (one response message)
 MAX_CHUNK_BYTES = 1 << 20  # about: buffers and log lines of the results of one chunk
 QUEUED_INPUT_CHUNKS = 2  # request messages read ahead of the worker
 QUEUED_RESULT_CHUNKS = 4  # response chunks the worker may be ahead of the client
 RESULT_OVERHEAD = 32  # bytes a result takes besides its buffers and log
+
+
+def result_size(result: Result) -> int:
+    """About the bytes a batch's result takes in its response: buffers and log lines."""
+    return RESULT_OVERHEAD + sum(map(len, result.buffers)) + sum(map(len, result.log))
 
 
 class PipeClosed(Exception):
@@ -41,12 +52,12 @@ class _End:
 
 _END = _End()
 _CLOSED = PipeClosed()
-InputChunk = list[Sequence[Argument]] | Exception | _End
-ResultChunk = list[Result] | Exception | _End | PipeClosed
 
 
-class BatchPipe:
-    """Inputs in and results out of one batch, across the loop and the worker thread."""
+class BatchPipe(Generic[In, Out]):
+    """Inputs in and results out of one batch (or test run), across the loop and the
+    worker thread. `size_of(result)`: its bytes in a response (default: `result_size`,
+    for `Result`s)."""
 
     def __init__(
         self,
@@ -54,17 +65,19 @@ class BatchPipe:
         *,
         max_results: int = MAX_RESULTS_PER_CHUNK,
         max_bytes: int = MAX_CHUNK_BYTES,
+        size_of: Callable[[Out], int] | None = None,
     ) -> None:
         self._loop = loop
         self._max_results = max_results
         self._max_bytes = max_bytes
+        self._size_of = size_of or cast(Callable[[Out], int], result_size)
         # Unbounded queues whose room the semaphores count: `close` can always add its
         # marker, however full they are.
-        self._inputs: asyncio.Queue[InputChunk] = asyncio.Queue()
+        self._inputs: asyncio.Queue[list[In] | Exception | _End] = asyncio.Queue()
         self._input_room = asyncio.Semaphore(QUEUED_INPUT_CHUNKS)
-        self._results: asyncio.Queue[ResultChunk] = asyncio.Queue()
+        self._results: asyncio.Queue[list[Out] | Exception | _End] = asyncio.Queue()
         self._result_room = asyncio.Semaphore(QUEUED_RESULT_CHUNKS)
-        self._ready: list[Result] = []  # the worker's results not yet handed over
+        self._ready: list[Out] = []  # the worker's results not yet handed over
         self._ready_bytes = 0
         self._waiting: concurrent.futures.Future[Any] | None = None
         self.closed = False
@@ -72,7 +85,7 @@ class BatchPipe:
 
     # The event loop's side.
 
-    async def feed(self, chunk: list[Sequence[Argument]] | Exception) -> None:
+    async def feed(self, chunk: list[In] | Exception) -> None:
         """Queue inputs (or the error that ends them, raised in the worker when it
         gets there); waits while `QUEUED_INPUT_CHUNKS` chunks are queued."""
         await self._input_room.acquire()
@@ -82,7 +95,7 @@ class BatchPipe:
         await self._input_room.acquire()
         self._inputs.put_nowait(_END)
 
-    async def results(self) -> AsyncIterator[list[Result]]:
+    async def results(self) -> AsyncIterator[list[Out]]:
         """The chunks of results, until the worker finishes; raises its error, or
         PipeClosed if the pipe was closed first."""
         while True:
@@ -107,7 +120,7 @@ class BatchPipe:
 
     # The worker's side.
 
-    def inputs(self) -> Iterator[Sequence[Argument]]:
+    def inputs(self) -> Iterator[In]:
         """The inputs as they arrive. Before waiting for more, the results so far
         go out: the client gets them while it sends the rest."""
         while True:
@@ -120,10 +133,9 @@ class BatchPipe:
                 raise chunk
             yield from chunk
 
-    def add(self, result: Result) -> None:
+    def add(self, result: Out) -> None:
         self._ready.append(result)
-        self._ready_bytes += RESULT_OVERHEAD + sum(map(len, result.buffers))
-        self._ready_bytes += sum(map(len, result.log))
+        self._ready_bytes += self._size_of(result)
         if len(self._ready) >= self._max_results or self._ready_bytes >= self._max_bytes:
             self._hand_over()
 
@@ -137,13 +149,13 @@ class BatchPipe:
         chunk, self._ready, self._ready_bytes = self._ready, [], 0
         self._wait(self._put(chunk))
 
-    async def _put(self, chunk: list[Result] | Exception | _End) -> None:
+    async def _put(self, chunk: list[Out] | Exception | _End) -> None:
         if isinstance(chunk, list):
             await self._result_room.acquire()
             self.results_queued += len(chunk)
         self._results.put_nowait(chunk)
 
-    async def _take_inputs(self) -> InputChunk:
+    async def _take_inputs(self) -> list[In] | Exception | _End:
         chunk = await self._inputs.get()
         self._input_room.release()
         return chunk

@@ -6,7 +6,8 @@ without a network and reused unchanged by every transport (the unary
 `Execute`, and the streaming `ExecuteStream` that adds the client's helpers
 through `execute(..., helpers=...)`). `start_batch` runs one function over a
 stream of inputs (`ExecuteBatch`) on one pool thread and one slot, through the
-bounded queues of `bpfexec.server.batches`.
+bounded queues of `bpfexec.server.batches`; `start_test_run` runs a packet
+program over a stream of packets (`TestRun`, `bpfexec.vm.packet_run`) the same way.
 
 Executions run on a thread pool, not on the event loop, so one long run never
 stalls other requests; the one exception is a first slice of at most
@@ -50,9 +51,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from bpfexec.server.batches import BatchPipe, PipeClosed
+from prometheus_client import Counter
+
+from bpfexec.server.batches import RESULT_OVERHEAD, BatchPipe, PipeClosed
 from bpfexec.server.cache import CachedModule, ModuleCache
 from bpfexec.server.metrics import Metrics
 from bpfexec.server.states import (
@@ -77,18 +80,23 @@ from bpfexec.vm import (
     Limits,
     LoadError,
     Program,
+    RequestError,
     Result,
     TrapKind,
     execute,
 )
 from bpfexec.vm.batch import run_batch
 from bpfexec.vm.callbacks import MAP_NEXT
+from bpfexec.vm.context_access import context_type, with_context
 from bpfexec.vm.helpers import Event, HelperFn, HelperResolver
 from bpfexec.vm.interpreter import program_blocks
 from bpfexec.vm.linux_helpers import linux_helpers
 from bpfexec.vm.loader import load
 from bpfexec.vm.machine import Argument, get_engine, link, prepare, run
 from bpfexec.vm.maps import MapSet
+from bpfexec.vm.packet_helpers import packet_helpers
+from bpfexec.vm.packet_run import PacketResult, run_packets
+from bpfexec.vm.program_types import ProgramType
 
 if TYPE_CHECKING:
     from bpfexec.vm.jit.limits import TierLimits
@@ -96,9 +104,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+In = TypeVar("In")
+Out = TypeVar("Out")
+
 # Fuel of the slice a helper-free program first runs on the event loop (about
 # 0.2 ms of interpretation: less than the hand-off to a pool thread costs).
 INLINE_FUEL = 1000
+# Set in the `compiled` of a packet program's rewritten code (what a test run runs,
+# `bpfexec.vm.context_access`) once its JIT tiers are queued.
+_COMPILE_QUEUED = "server:compile-queued"
 
 
 class ServiceError(Exception):
@@ -150,6 +164,17 @@ class BatchDeadlineExceeded(DeadlineExceeded):
             self,
             f"the deadline expired after {results} results of the batch; the input running "
             "was stopped and no later one ran",
+        )
+
+
+class TestRunDeadlineExceeded(DeadlineExceeded):
+    __test__ = False  # not a pytest class
+
+    def __init__(self, results: int) -> None:
+        ServiceError.__init__(
+            self,
+            f"the deadline expired after {results} packets of the test run; the packet "
+            "running was stopped and no later one ran",
         )
 
 
@@ -569,7 +594,7 @@ class ExecutionService:
         timeout: float | None = None,
         tenant: str = "",
         state: str | None = None,
-    ) -> RunningBatch:
+    ) -> RunningBatch[Sequence[Argument], Result]:
         """Start `function` of a cached module over inputs fed to the returned batch,
         on one pool thread and one execution slot (`bpfexec.vm.batch.run_batch`).
 
@@ -596,7 +621,8 @@ class ExecutionService:
                 if state is not None
                 else None
             )
-            batch = RunningBatch(BatchPipe(loop), Interrupt(), self.metrics)
+            pipe: BatchPipe[Sequence[Argument], Result] = BatchPipe(loop)
+            batch = RunningBatch(pipe, Interrupt(), self.metrics)
             job = _Run(program, function, (), budget, self._helpers, batch.interrupt, shared, False)
             work = self._pool.submit(self._run_batch, job, batch.pipe)
         except BaseException:
@@ -608,7 +634,7 @@ class ExecutionService:
             batch.deadline = loop.call_later(timeout, batch.stop, TrapKind.DEADLINE_EXCEEDED)
         return batch
 
-    def _run_batch(self, job: _Run, pipe: BatchPipe) -> None:
+    def _run_batch(self, job: _Run, pipe: BatchPipe[Sequence[Argument], Result]) -> None:
         self.metrics.in_flight.inc()
         error: Exception | None = None
         try:
@@ -624,10 +650,112 @@ class ExecutionService:
             error = exc
         finally:
             self.metrics.in_flight.dec()
+        self._end_worker(job, pipe, error)
+
+    async def start_test_run(
+        self,
+        module_id: str,
+        program: str | None = None,
+        fuel: int | None = None,
+        *,
+        timeout: float | None = None,
+        tenant: str = "",
+        state: str | None = None,
+        repeat: int = 1,
+        dump_maps: bool = False,
+    ) -> RunningTestRun:
+        """Start the packet program `program` (a function or section name) of a cached
+        module over packets fed to the returned run, as BPF_PROG_TEST_RUN runs it
+        (`bpfexec.vm.packet_run.run_packets`), on one pool thread and one slot.
+
+        `fuel` is each packet's run's; `timeout` bounds the whole run; `state` names
+        the maps it runs on (stored once it ends); `dump_maps` keeps the maps' contents
+        after the last packet in `RunningTestRun.maps`. In-process helpers only. Raises
+        before any packet, as `execute` does: an unknown function, a missing helper, a
+        context access the kernel's verifier refuses (VerifyError), limits, states.
+        """
+        module = await self.get(module_id, tenant)
+        whole = module.program
+        budget = self.limits.fuel(fuel)
+        if repeat < 1:
+            raise RequestError(f"repeat must be at least 1, got {repeat}")
+        kind = context_type(whole, program)  # an unknown function: before any packet
+        # The context accesses checked and rewritten (once per module and type, cached).
+        rewritten = await asyncio.to_thread(with_context, whole, program)
+        link(rewritten, self._test_run_helpers(kind, rewritten))  # a missing helper
+        if state is not None:
+            check_state_name(state)
+        if not self._slots.acquire(blocking=False):
+            self.metrics.rejected.inc()
+            raise Overloaded(self.max_concurrent)
+        loop = asyncio.get_running_loop()
+        try:
+            shared = (
+                self.states.open(StateKey(tenant, module.id, state), whole)[0]
+                if state is not None
+                else None
+            )
+            pipe: BatchPipe[bytes, PacketResult] = BatchPipe(loop, size_of=_packet_result_size)
+            running = RunningTestRun(pipe, Interrupt(), self.metrics, kind)
+            job = _Run(
+                whole, program, (), budget, self._helpers, running.interrupt, shared, dump_maps
+            )
+            engine = self._test_run_engine(whole, rewritten)
+            work = self._pool.submit(self._run_test_run, job, running, engine, repeat)
+        except BaseException:
+            self._slots.release()
+            raise
+        work.add_done_callback(lambda _: self._slots.release())
+        self.metrics.test_runs.inc()
+        if timeout is not None:
+            running.deadline = loop.call_later(timeout, running.stop, TrapKind.DEADLINE_EXCEEDED)
+        return running
+
+    def _test_run_helpers(self, kind: ProgramType, program: Program) -> HelperResolver:
+        """What `run_packets` resolves a program's helpers against, through `prepare`:
+        the type's packet helpers and the Linux ones first (a packet program's numbered
+        helpers are the kernel's), then the in-process registry."""
+        if kind is not ProgramType.SYSCALL:
+            return HelperChain(HelperChain(packet_helpers(kind), self._linux), self._helpers)
+        return HelperChain(self._linux, self._helpers) if program.kernel_helpers else self._helpers
+
+    def _test_run_engine(self, whole: Program, rewritten: Program) -> str:
+        """The engine of a test run: the JIT once the rewritten program (the one that
+        runs) has a native tier. Its compile is queued on its first test run, as an
+        upload queues the module's; the interpreter serves until it is ready."""
+        queued = _COMPILE_QUEUED in rewritten.compiled
+        if self._compiles is not None and rewritten is not whole and not queued:
+            rewritten.compiled[_COMPILE_QUEUED] = True  # on the loop: no race
+            self._queue_compile(rewritten, quick=True)
+        return self._engine_for(rewritten)
+
+    def _run_test_run(self, job: _Run, running: RunningTestRun, engine: str, repeat: int) -> None:
+        pipe = running.pipe
+        maps = job.state.maps if job.state is not None else new_map_set(job.program)
+        self.metrics.in_flight.inc()
+        error: Exception | None = None
+        try:
+            results = run_packets(
+                job.program, job.function, pipe.inputs(), fuel=job.fuel, helpers=job.resolver,
+                limits=self.limits, engine=engine, interrupt=job.interrupt, maps=maps,
+                linux=self._linux, repeat=repeat,
+            )  # fmt: skip
+            for result in results:
+                pipe.add(result)
+            if job.dump_maps:  # read by the loop once the end below has reached it
+                running.maps = {m.spec.name: map_contents(m) for m in maps.maps}
+        except Exception as exc:  # PipeClosed too: the state is stored all the same
+            error = exc
+        finally:
+            self.metrics.in_flight.dec()
+        self._end_worker(job, pipe, error)
+
+    def _end_worker(self, job: _Run, pipe: BatchPipe[Any, Any], error: Exception | None) -> None:
+        """A batch's or test run's worker is done: store its state, then end its results."""
         if job.state is not None:
             self.metrics.state_executions.inc()
             try:
-                self.states.changed(job.state)  # on disk before the batch's end is sent
+                self.states.changed(job.state)  # on disk before the end is sent
             except Exception as exc:
                 error = error or exc
         if not isinstance(error, PipeClosed):  # closed: the call is over, nobody to tell
@@ -648,19 +776,20 @@ class ExecutionService:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-class RunningBatch:
+class RunningBatch(Generic[In, Out]):
     """A batch started by `ExecutionService.start_batch`: feed it inputs, take its results."""
 
-    def __init__(self, pipe: BatchPipe, interrupt: Interrupt, metrics: Metrics) -> None:
+    def __init__(self, pipe: BatchPipe[In, Out], interrupt: Interrupt, metrics: Metrics) -> None:
         self.pipe = pipe
         self.interrupt = interrupt
         self.deadline: asyncio.TimerHandle | None = None
-        self._metrics = metrics
+        self._inputs_counted: Counter = metrics.batch_inputs
+        self._results_counted: Counter | None = metrics.batch_results
         self._results = 0
 
-    async def feed(self, inputs: list[Sequence[Argument]]) -> None:
+    async def feed(self, inputs: list[In]) -> None:
         """Queue inputs; waits while the worker is far enough behind."""
-        self._metrics.batch_inputs.inc(len(inputs))
+        self._inputs_counted.inc(len(inputs))
         await self.pipe.feed(inputs)
 
     async def refuse(self, error: Exception) -> None:
@@ -670,18 +799,22 @@ class RunningBatch:
     async def end_inputs(self) -> None:
         await self.pipe.end_inputs()
 
-    async def results(self) -> AsyncIterator[list[Result]]:
+    async def results(self) -> AsyncIterator[list[Out]]:
         """The results in input order, in chunks; raises the batch's error (an input that
         cannot run, BatchDeadlineExceeded, PipeClosed once `stop`ped)."""
         try:
             async for chunk in self.pipe.results():
                 self._results += len(chunk)
-                self._metrics.batch_results.inc(len(chunk))
+                if self._results_counted is not None:
+                    self._results_counted.inc(len(chunk))
                 yield chunk
         except PipeClosed:
             if self.interrupt.reason is TrapKind.DEADLINE_EXCEEDED:
-                raise BatchDeadlineExceeded(self._results) from None
+                raise self._deadline_exceeded() from None
             raise
+
+    def _deadline_exceeded(self) -> DeadlineExceeded:
+        return BatchDeadlineExceeded(self._results)
 
     def stop(self, reason: TrapKind = TrapKind.CANCELLED) -> None:
         """Interrupt the input running, run no later one, and close the pipe."""
@@ -689,6 +822,35 @@ class RunningBatch:
             self.deadline.cancel()
         self.interrupt.request(reason)
         self.pipe.close()
+
+
+class RunningTestRun(RunningBatch[bytes, PacketResult]):
+    """A test run started by `ExecutionService.start_test_run`: feed it packets, take
+    its results; `program_type` is the program's, `maps` (with `dump_maps`) its maps
+    after the last packet, set once `results` has ended without an error."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        pipe: BatchPipe[bytes, PacketResult],
+        interrupt: Interrupt,
+        metrics: Metrics,
+        program_type: ProgramType,
+    ) -> None:
+        super().__init__(pipe, interrupt, metrics)
+        self._inputs_counted = metrics.test_run_packets
+        self._results_counted = None
+        self.program_type = program_type
+        self.maps: dict[str, MapContents] | None = None
+
+    def _deadline_exceeded(self) -> DeadlineExceeded:
+        return TestRunDeadlineExceeded(self._results)
+
+
+def _packet_result_size(result: PacketResult) -> int:
+    """About the bytes a packet's result takes in its response: its data and log."""
+    return RESULT_OVERHEAD * 2 + len(result.data) + sum(map(len, result.log))
 
 
 # The Linux helpers that operate on a map, and the operation each counts as in

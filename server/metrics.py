@@ -150,6 +150,14 @@ class Metrics:
             "bpfexec_batch_results", "Results of ExecuteBatch inputs handed to their stream.",
             registry=r,
         )  # fmt: skip
+        self.test_runs = Counter(
+            "bpfexec_test_runs",
+            "TestRun calls started (each on one execution slot; docs/test-run.md).",
+            registry=r,
+        )  # fmt: skip
+        self.test_run_packets = Counter(
+            "bpfexec_test_run_packets", "Packets received by TestRun calls.", registry=r
+        )
         self.map_operations = Counter(
             "bpfexec_map_operations",
             "Map operations by operation: programs' map helper calls (`lookup`, `update`, "

@@ -182,7 +182,7 @@ def request_fields(request: Any, response: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if request is not None and request.DESCRIPTOR.name == "ExecuteStreamRequest":
         request = request.start.request if request.WhichOneof("message") == "start" else None
-    if request is not None and request.DESCRIPTOR.name == "ExecuteBatchRequest":
+    if request is not None and request.DESCRIPTOR.name in ("ExecuteBatchRequest", "TestRunRequest"):
         request = request.header if request.HasField("header") else None
     if response is not None and response.DESCRIPTOR.name == "ExecuteStreamResponse":
         response = response.result if response.WhichOneof("message") == "result" else None
@@ -192,6 +192,8 @@ def request_fields(request: Any, response: Any) -> dict[str, Any]:
                 fields["module"] = getattr(source, name) or fields.get("module", "")
     if request is not None and "function" in request.DESCRIPTOR.fields_by_name:
         fields["function"] = request.function
+    if request is not None and request.DESCRIPTOR.name == "TestRunHeader":
+        fields["function"] = request.program  # a function or section name
     if response is not None and response.DESCRIPTOR.name == "ExecuteResponse":
         fields["fuel"] = response.fuel_used
         fields["outcome"] = response.trap.kind if response.HasField("trap") else "OK"

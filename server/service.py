@@ -36,6 +36,7 @@ from bpfexec.server.executor import (
     ModuleNotFound,
     Overloaded,
     RunningBatch,
+    RunningTestRun,
     TooManyRequests,
 )
 from bpfexec.server.remote import (
@@ -70,6 +71,7 @@ from bpfexec.vm import (
 from bpfexec.vm.batch import BatchInputError
 from bpfexec.vm.helpers import Event
 from bpfexec.vm.machine import Argument
+from bpfexec.vm.packet_run import PacketError, PacketResult
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,7 @@ TenantOf = Callable[[grpc.aio.ServicerContext], str]
 SERVICE = pb.DESCRIPTOR.services_by_name["Executor"]
 MAX_HELPER_ERROR_CHARS = 1024  # of a client's HelperResult.error kept in the trap message
 MAX_BATCH_INPUTS_PER_MESSAGE = 4096  # inputs one ExecuteBatchRequest may carry
+MAX_TEST_RUN_PACKETS_PER_MESSAGE = 4096  # packets one TestRunRequest may carry
 
 
 class MalformedMessage(ProtocolViolation):
@@ -109,6 +112,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         max_memory_read_bytes: int = DEFAULT_MAX_READ_BYTES,
         max_stream_outbox_bytes: int = DEFAULT_OUTBOX_BYTES,
         max_batch_inputs_per_message: int = MAX_BATCH_INPUTS_PER_MESSAGE,
+        max_test_run_packets_per_message: int = MAX_TEST_RUN_PACKETS_PER_MESSAGE,
     ) -> None:
         self._service = service
         self._tenant = tenant_of or (lambda context: "")
@@ -117,6 +121,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self.max_memory_read_bytes = max_memory_read_bytes
         self.max_stream_outbox_bytes = max_stream_outbox_bytes
         self.max_batch_inputs_per_message = max_batch_inputs_per_message
+        self.max_test_run_packets_per_message = max_test_run_packets_per_message
 
     def _check_names(self, **names: str) -> None:
         """NameTooLong for the first name beyond `max_name_bytes` (UTF-8 bytes)."""
@@ -348,7 +353,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self,
         first: pb.ExecuteBatchRequest,
         requests: AsyncIterator[pb.ExecuteBatchRequest | _Malformed],
-        batch: RunningBatch,
+        batch: RunningBatch[Sequence[Argument], Result],
     ) -> None:
         """Convert and feed the inputs of every request message; a bad message or input
         ends the inputs with its error, after the inputs before it."""
@@ -382,6 +387,85 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             await batch.refuse(error)
         except (grpc.RpcError, asyncio.InvalidStateError):
             batch.stop()  # the stream broke under the reader
+
+    async def TestRun(
+        self,
+        requests: AsyncIterator[pb.TestRunRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.TestRunResponse]:
+        """A packet program over the packets of the request stream, as BPF_PROG_TEST_RUN
+        runs it; the protocol is in the proto. As ExecuteBatch: a reader task feeds the
+        packets, this generator sends the program's type, then the results."""
+        first: pb.TestRunRequest | _Malformed | None = await anext(aiter(requests), None)
+        if isinstance(first, _Malformed):
+            await _abort(context, first.error)
+        if first is None or not first.HasField("header"):
+            await _abort(context, ProtocolViolation(
+                "the first message of TestRun must carry the `header` (module, program, fuel, "
+                "state, repeat, dump_maps)"
+                + (", got none (the client closed its side)" if first is None else "")
+            ))  # fmt: skip
+        header = first.header
+        try:
+            self._check_names(
+                module_id=header.module_id, program=header.program, state_name=header.state
+            )
+            run = await self._service.start_test_run(
+                header.module_id,
+                header.program or None,
+                header.fuel or None,
+                timeout=context.time_remaining(),
+                tenant=self._tenant(context),
+                state=header.state or None,
+                repeat=header.repeat or 1,
+                dump_maps=header.dump_maps,
+            )
+        except Exception as exc:
+            await _abort(context, exc)
+        reader = asyncio.ensure_future(self._feed_test_run(first, requests, run))
+        try:
+            yield pb.TestRunResponse(program_type=run.program_type.value)
+            try:
+                async for chunk in run.results():
+                    yield pb.TestRunResponse(results=[_packet_result(r) for r in chunk])
+            except Exception as exc:
+                await _abort(context, exc)
+            maps = _dumps(run.maps) if run.maps is not None else None
+            yield pb.TestRunResponse(done=True, maps=maps)
+        finally:
+            # However the call ends (done, client gone, deadline, error), the worker stops.
+            run.stop()
+            reader.cancel()
+
+    async def _feed_test_run(
+        self,
+        first: pb.TestRunRequest,
+        requests: AsyncIterator[pb.TestRunRequest | _Malformed],
+        run: RunningTestRun,
+    ) -> None:
+        """Feed the packets of every request message; a bad message ends the packets
+        with its error, after the packets before it."""
+        message: pb.TestRunRequest | _Malformed | None = first
+        try:
+            while message is not None:
+                if isinstance(message, _Malformed):
+                    raise message.error
+                if message is not first and message.HasField("header"):
+                    raise ProtocolViolation("only the first message of TestRun has a header")
+                if len(message.packets) > self.max_test_run_packets_per_message:
+                    raise LimitError(
+                        f"a message of {len(message.packets)} packets, more than the limit of "
+                        f"{self.max_test_run_packets_per_message} "
+                        "(max_test_run_packets_per_message)"
+                    )
+                if message.packets:
+                    await run.feed(list(message.packets))
+                message = await anext(requests, None)
+            await run.end_inputs()
+        except (RequestError, ProtocolViolation) as error:
+            await run.refuse(error)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            run.stop()  # the stream broke under the reader
 
     async def ListStates(
         self, request: pb.ListStatesRequest, context: grpc.aio.ServicerContext
@@ -595,6 +679,28 @@ def _batch_result(result: Result) -> pb.BatchResult:
     )
 
 
+def _packet_result(result: PacketResult) -> pb.PacketResult:
+    return pb.PacketResult(
+        retval=result.retval,
+        verdict=result.verdict,
+        data=result.data,
+        context=[_context_field(name, value) for name, value in result.context.items()],
+        fuel_used=result.fuel_used,
+        duration_ns=result.duration_ns,
+        trap=_trap(result.trap) if result.trap else None,
+        log=result.log,
+        redirect=pb.Redirect(ifindex=result.redirect[0], ingress=result.redirect[1])
+        if result.redirect is not None
+        else None,
+    )
+
+
+def _context_field(name: str, value: int | list[int]) -> pb.ContextField:
+    if isinstance(value, int):
+        return pb.ContextField(name=name, scalar=value)
+    return pb.ContextField(name=name, array=pb.ContextArray(elements=value))
+
+
 def _dumps(contents: dict[str, MapContents]) -> dict[str, pb.MapDump]:
     return {
         name: pb.MapDump(
@@ -658,6 +764,7 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode, str]] = [
     (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_REQUESTS"),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     (BatchInputError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_BATCH_INPUT"),
+    (PacketError, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PACKET"),
     (LimitError, grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED"),
     (LinkError, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_HELPER"),
     (ShadowedHelper, grpc.StatusCode.INVALID_ARGUMENT, "HELPER_SHADOWED"),
@@ -678,6 +785,8 @@ def status_of(exc: Exception) -> status_pb2.Status | None:
     details = [error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)]
     if isinstance(exc, BatchInputError):  # counted from 0; the message counts from 1
         details[0].metadata["input_index"] = str(exc.index)
+    if isinstance(exc, PacketError):  # the same
+        details[0].metadata["packet_index"] = str(exc.index)
     if isinstance(exc, ModuleNotFound):
         details.append(
             error_details_pb2.ResourceInfo(

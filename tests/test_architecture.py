@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "client/cli.py": VM | LIBRARY | {"bpfexec", "bpfexec.server"},
     "client/cli_remote.py": VM | LIBRARY | {"bpfexec.server"},
     "client/cli_batch.py": VM | LIBRARY,  # --inputs runs locally too
+    "client/cli_test_run.py": VM | LIBRARY,  # test-run runs packet programs locally
     "bpfexec": {"bpfexec.client"},  # __main__: the command line
 }
 

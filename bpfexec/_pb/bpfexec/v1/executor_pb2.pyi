@@ -349,6 +349,95 @@ class ExecuteBatchResponse(_message.Message):
     done: bool
     def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., done: _Optional[bool] = ...) -> None: ...
 
+class TestRunHeader(_message.Message):
+    __slots__ = ("module_id", "program", "fuel", "state", "repeat", "dump_maps")
+    MODULE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_FIELD_NUMBER: _ClassVar[int]
+    FUEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REPEAT_FIELD_NUMBER: _ClassVar[int]
+    DUMP_MAPS_FIELD_NUMBER: _ClassVar[int]
+    module_id: str
+    program: str
+    fuel: int
+    state: str
+    repeat: int
+    dump_maps: bool
+    def __init__(self, module_id: _Optional[str] = ..., program: _Optional[str] = ..., fuel: _Optional[int] = ..., state: _Optional[str] = ..., repeat: _Optional[int] = ..., dump_maps: _Optional[bool] = ...) -> None: ...
+
+class TestRunRequest(_message.Message):
+    __slots__ = ("header", "packets")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PACKETS_FIELD_NUMBER: _ClassVar[int]
+    header: TestRunHeader
+    packets: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, header: _Optional[_Union[TestRunHeader, _Mapping]] = ..., packets: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ContextField(_message.Message):
+    __slots__ = ("name", "scalar", "array")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCALAR_FIELD_NUMBER: _ClassVar[int]
+    ARRAY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scalar: int
+    array: ContextArray
+    def __init__(self, name: _Optional[str] = ..., scalar: _Optional[int] = ..., array: _Optional[_Union[ContextArray, _Mapping]] = ...) -> None: ...
+
+class ContextArray(_message.Message):
+    __slots__ = ("elements",)
+    ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    elements: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, elements: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Redirect(_message.Message):
+    __slots__ = ("ifindex", "ingress")
+    IFINDEX_FIELD_NUMBER: _ClassVar[int]
+    INGRESS_FIELD_NUMBER: _ClassVar[int]
+    ifindex: int
+    ingress: bool
+    def __init__(self, ifindex: _Optional[int] = ..., ingress: _Optional[bool] = ...) -> None: ...
+
+class PacketResult(_message.Message):
+    __slots__ = ("retval", "verdict", "data", "context", "fuel_used", "duration_ns", "trap", "log", "redirect")
+    RETVAL_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    FUEL_USED_FIELD_NUMBER: _ClassVar[int]
+    DURATION_NS_FIELD_NUMBER: _ClassVar[int]
+    TRAP_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
+    REDIRECT_FIELD_NUMBER: _ClassVar[int]
+    retval: int
+    verdict: str
+    data: bytes
+    context: _containers.RepeatedCompositeFieldContainer[ContextField]
+    fuel_used: int
+    duration_ns: int
+    trap: Trap
+    log: _containers.RepeatedScalarFieldContainer[str]
+    redirect: Redirect
+    def __init__(self, retval: _Optional[int] = ..., verdict: _Optional[str] = ..., data: _Optional[bytes] = ..., context: _Optional[_Iterable[_Union[ContextField, _Mapping]]] = ..., fuel_used: _Optional[int] = ..., duration_ns: _Optional[int] = ..., trap: _Optional[_Union[Trap, _Mapping]] = ..., log: _Optional[_Iterable[str]] = ..., redirect: _Optional[_Union[Redirect, _Mapping]] = ...) -> None: ...
+
+class TestRunResponse(_message.Message):
+    __slots__ = ("program_type", "results", "done", "maps")
+    class MapsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: MapDump
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MapDump, _Mapping]] = ...) -> None: ...
+    PROGRAM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    MAPS_FIELD_NUMBER: _ClassVar[int]
+    program_type: str
+    results: _containers.RepeatedCompositeFieldContainer[PacketResult]
+    done: bool
+    maps: _containers.MessageMap[str, MapDump]
+    def __init__(self, program_type: _Optional[str] = ..., results: _Optional[_Iterable[_Union[PacketResult, _Mapping]]] = ..., done: _Optional[bool] = ..., maps: _Optional[_Mapping[str, MapDump]] = ...) -> None: ...
+
 class State(_message.Message):
     __slots__ = ("name", "module_id", "map_bytes", "maps")
     NAME_FIELD_NUMBER: _ClassVar[int]

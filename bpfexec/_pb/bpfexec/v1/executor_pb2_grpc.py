@@ -79,6 +79,11 @@ class ExecutorStub:
                 request_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchRequest.SerializeToString,
                 response_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchResponse.FromString,
                 _registered_method=True)
+        self.TestRun = channel.stream_stream(
+                '/bpfexec.v1.Executor/TestRun',
+                request_serializer=bpfexec_dot_v1_dot_executor__pb2.TestRunRequest.SerializeToString,
+                response_deserializer=bpfexec_dot_v1_dot_executor__pb2.TestRunResponse.FromString,
+                _registered_method=True)
         self.ListStates = channel.unary_unary(
                 '/bpfexec.v1.Executor/ListStates',
                 request_serializer=bpfexec_dot_v1_dot_executor__pb2.ListStatesRequest.SerializeToString,
@@ -203,6 +208,38 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TestRun(self, request_iterator, context):
+        """Run a packet program (XDP, tc, socket filter; its type is its section's, as
+        libbpf names them) of a cached module over a stream of packets, as the
+        kernel's BPF_PROG_TEST_RUN runs it (docs/test-run.md): the same context and
+        packet frame, the same helpers and verdicts. It runs on the batch path (one
+        worker, one execution slot, bounded queues both ways), in-process helpers
+        only. Both sides stream:
+
+        client: TestRunRequest{header, packets...}   (the header first, once)
+        client: TestRunRequest{packets...}           (any number; then half-close)
+        server: TestRunResponse{program_type}        (first, as soon as the run starts)
+        server: TestRunResponse{results...}          (in packet order)
+        server: TestRunResponse{done: true, maps}    (last message; then OK)
+
+        Each packet gets its own context, frame and fuel; the maps are shared by the
+        whole run (the named state's if `state` is set). A trap is that packet's
+        result (verdict "TRAP") and the run goes on. Module, program, state and
+        helper problems, and a context access the kernel's verifier would refuse
+        (INVALID_ARGUMENT, reason INVALID_MODULE), end the call before any packet
+        runs, with Execute's status codes. A packet the kernel's test run refuses
+        (shorter than an Ethernet header, for a packet program) ends the call with
+        INVALID_ARGUMENT (reason INVALID_PACKET) whose message says "packet N" (N
+        counts the packets of the whole stream from 1) and whose ErrorInfo metadata
+        has "packet_index": the same packet counted from 0; the results of the
+        packets before it were sent. The gRPC deadline bounds the whole run; when it
+        passes, or the client cancels, the running packet is stopped and no later
+        one runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListStates(self, request, context):
         """Named states (docs/states.md): the maps of a module kept between
         executions under a name, per tenant and module, as a pinned map is kept by
@@ -289,6 +326,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.ExecuteBatch,
                     request_deserializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchRequest.FromString,
                     response_serializer=bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchResponse.SerializeToString,
+            ),
+            'TestRun': grpc.stream_stream_rpc_method_handler(
+                    servicer.TestRun,
+                    request_deserializer=bpfexec_dot_v1_dot_executor__pb2.TestRunRequest.FromString,
+                    response_serializer=bpfexec_dot_v1_dot_executor__pb2.TestRunResponse.SerializeToString,
             ),
             'ListStates': grpc.unary_unary_rpc_method_handler(
                     servicer.ListStates,
@@ -537,6 +579,33 @@ class Executor:
             '/bpfexec.v1.Executor/ExecuteBatch',
             bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchRequest.SerializeToString,
             bpfexec_dot_v1_dot_executor__pb2.ExecuteBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestRun(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/bpfexec.v1.Executor/TestRun',
+            bpfexec_dot_v1_dot_executor__pb2.TestRunRequest.SerializeToString,
+            bpfexec_dot_v1_dot_executor__pb2.TestRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,116 @@
+"""`bpfexec test-run` (client/cli_test_run.py): the installed command over real capture
+files, its JSON and table, --out captures, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import CompileDirectory
+from test_cli import bpfexec, one_line_error
+from test_packet_run import ethernet, tcp, udp
+
+from bpfexec.client.captures import Packet, read_capture, write_capture
+
+FIXTURES = Path(__file__).parent / "fixtures" / "packets"
+
+
+@pytest.fixture(scope="module")
+def objects(libbpf_objects: CompileDirectory) -> Path:
+    return libbpf_objects(FIXTURES)
+
+
+@pytest.fixture
+def capture(tmp_path: Path) -> Path:
+    """Five packets a microsecond apart: UDP 53, UDP 9, TCP, tagged UDP 9, tagged UDP 53."""
+    path = tmp_path / "in.pcap"
+    packets = [ethernet(udp(53)), ethernet(udp(9)), ethernet(tcp(80))]
+    packets += [ethernet(udp(9), vlan=3), ethernet(udp(53), vlan=4)]
+    write_capture(path, 1, (Packet(p, 1_700_000_000_000_000_123 + n * 1000) for n, p in
+                            enumerate(packets)))  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("engine", ["interpreter", "jit"])
+def test_json_summary_per_packet_results_and_maps(
+    objects: Path, capture: Path, engine: str
+) -> None:
+    proc = bpfexec(
+        "test-run", str(objects / "xdp_count.o"), "--program", "xdp_count", "--pcap",
+        str(capture), "--per-packet", "--dump-maps", "--engine", engine, "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["program_type"] == "xdp"
+    assert shown["packets"] == 5
+    assert shown["verdicts"] == {"XDP_PASS": 3, "XDP_DROP": 2}
+    assert isinstance(shown["duration_ns"], int) and shown["duration_ns"] > 0
+    assert [r["verdict"] for r in shown["results"]] == [
+        "XDP_PASS", "XDP_DROP", "XDP_PASS", "XDP_DROP", "XDP_PASS",
+    ]  # fmt: skip
+    assert [r["retval"] for r in shown["results"]] == [2, 1, 2, 1, 2]
+    assert shown["results"][0]["ctx_out"] == {}
+    assert shown["results"][3]["len"] == len(ethernet(udp(9), vlan=3))
+    protocols = shown["maps"]["protocols"]
+    assert protocols["entries"] == [
+        {"key": "06000000", "value": (1).to_bytes(8, "little").hex()},
+        {"key": "11000000", "value": (4).to_bytes(8, "little").hex()},
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
+def test_out_holds_each_packet_after_its_run(
+    objects: Path, capture: Path, tmp_path: Path, suffix: str
+) -> None:
+    out = tmp_path / f"out{suffix}"
+    proc = bpfexec(
+        "test-run", str(objects / "xdp_count.o"), "--program", "xdp_vlan_strip", "--pcap",
+        str(capture), "--out", str(out), "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with read_capture(capture) as given, read_capture(out) as written:
+        assert written.format == suffix[1:] and written.link_type == 1
+        pairs = list(zip(given, written, strict=True))
+    for before, after in pairs:
+        assert after.timestamp_ns == before.timestamp_ns
+        tagged = before.data[12:14] == b"\x81\x00"
+        assert after.data == (before.data[:12] + before.data[16:] if tagged else before.data)
+    assert json.loads(proc.stdout)["verdicts"] == {"XDP_PASS": 3, "XDP_TX": 2}
+
+
+def test_the_table_without_json(objects: Path, capture: Path) -> None:
+    proc = bpfexec(
+        "test-run", str(objects / "tc_mark.o"), "--program", "tc", "--pcap", str(capture),
+        "--per-packet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("tc (tc): 5 packets, ")
+    assert lines[1].split() == ["verdict", "packets"]
+    assert lines[2].split() == ["TC_ACT_OK", "5"]
+    assert "'mark': 66" in lines[5]  # the TCP packet, marked 0x42
+
+
+def test_bad_inputs_are_one_line_errors(objects: Path, capture: Path, tmp_path: Path) -> None:
+    xdp = str(objects / "xdp_count.o")
+    not_a_capture = tmp_path / "notes.txt"
+    not_a_capture.write_text("hello\n")
+    error = one_line_error(bpfexec("test-run", xdp, "--program", "xdp", "--pcap",
+                                   str(not_a_capture)))  # fmt: skip
+    assert "notes.txt" in error
+    runt = tmp_path / "runt.pcap"
+    write_capture(runt, 1, [Packet(ethernet(tcp(1)), 0), Packet(b"\x00" * 10, 1)])
+    error = one_line_error(bpfexec("test-run", xdp, "--program", "xdp", "--pcap", str(runt)))
+    assert "packet 2: 10 bytes, shorter than an Ethernet header" in error
+    error = one_line_error(bpfexec("test-run", xdp, "--program", "nope", "--pcap",
+                                   str(capture)))  # fmt: skip
+    assert "no function 'nope'" in error
+    bad = str(objects / "bad_context.o")
+    error = one_line_error(bpfexec("test-run", bad, "--program", "xdp_writes_data", "--pcap",
+                                   str(capture)))  # fmt: skip
+    assert "xdp programs may not write the context field data" in error
+    cooked = tmp_path / "cooked.pcap"
+    write_capture(cooked, 113, [Packet(ethernet(tcp(1)), 0)])
+    error = one_line_error(bpfexec("test-run", xdp, "--program", "xdp", "--pcap", str(cooked)))
+    assert "link type 113 is not Ethernet (1)" in error
