@@ -35,7 +35,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from bpfexec.client.cli import EXIT_OK, EXIT_TRAP, UsageError, _positive, parse_fuel
+from bpfexec.client.cli import (
+    _CONNECTION_FLAGS,
+    EXIT_OK,
+    EXIT_TRAP,
+    UsageError,
+    _positive,
+    parse_fuel,
+)
 from bpfexec.client.cli_batch import Progress
 
 DLT_EN10MB = 1  # Ethernet: what XDP, tc and socket programs see
@@ -78,9 +85,6 @@ def add_test_run_parser(sub: Any) -> argparse.ArgumentParser:
         add_connection_arguments(parser)  # with --server
     parser.set_defaults(handler=cmd_test_run)
     return parser
-
-
-_CONNECTION_FLAGS = ("token", "tls", "tls_ca", "tls_cert", "tls_key")  # of cli_remote
 
 
 def _check_mode(args: argparse.Namespace) -> None:
