@@ -49,7 +49,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -611,27 +611,15 @@ class ExecutionService:
              else self._helpers)  # fmt: skip
         if state is not None:
             check_state_name(state)
-        if not self._slots.acquire(blocking=False):
-            self.metrics.rejected.inc()
-            raise Overloaded(self.max_concurrent)
-        loop = asyncio.get_running_loop()
-        try:
-            shared = (
-                self.states.open(StateKey(tenant, module.id, state), program)[0]
-                if state is not None
-                else None
-            )
-            pipe: BatchPipe[Sequence[Argument], Result] = BatchPipe(loop)
-            batch = RunningBatch(pipe, Interrupt(), self.metrics)
+        pipe: BatchPipe[Sequence[Argument], Result] = BatchPipe(asyncio.get_running_loop())
+        batch = RunningBatch(pipe, Interrupt(), self.metrics)
+
+        def submit(shared: State | None) -> Future[None]:
             job = _Run(program, function, (), budget, self._helpers, batch.interrupt, shared, False)
-            work = self._pool.submit(self._run_batch, job, batch.pipe)
-        except BaseException:
-            self._slots.release()
-            raise
-        work.add_done_callback(lambda _: self._slots.release())
+            return self._pool.submit(self._run_batch, job, batch.pipe)
+
+        self._start_worker(batch, module, tenant, state, timeout, submit)
         self.metrics.batches.inc()
-        if timeout is not None:
-            batch.deadline = loop.call_later(timeout, batch.stop, TrapKind.DEADLINE_EXCEEDED)
         return batch
 
     def _run_batch(self, job: _Run, pipe: BatchPipe[Sequence[Argument], Result]) -> None:
@@ -685,31 +673,51 @@ class ExecutionService:
         link(rewritten, self._test_run_helpers(kind, rewritten))  # a missing helper
         if state is not None:
             check_state_name(state)
-        if not self._slots.acquire(blocking=False):
-            self.metrics.rejected.inc()
-            raise Overloaded(self.max_concurrent)
         loop = asyncio.get_running_loop()
-        try:
-            shared = (
-                self.states.open(StateKey(tenant, module.id, state), whole)[0]
-                if state is not None
-                else None
-            )
-            pipe: BatchPipe[bytes, PacketResult] = BatchPipe(loop, size_of=_packet_result_size)
-            running = RunningTestRun(pipe, Interrupt(), self.metrics, kind)
+        pipe: BatchPipe[bytes, PacketResult] = BatchPipe(loop, size_of=_packet_result_size)
+        running = RunningTestRun(pipe, Interrupt(), self.metrics, kind)
+
+        def submit(shared: State | None) -> Future[None]:
             job = _Run(
                 whole, program, (), budget, self._helpers, running.interrupt, shared, dump_maps
             )
             engine = self._test_run_engine(whole, rewritten)
-            work = self._pool.submit(self._run_test_run, job, running, engine, repeat)
+            return self._pool.submit(self._run_test_run, job, running, engine, repeat)
+
+        self._start_worker(running, module, tenant, state, timeout, submit)
+        self.metrics.test_runs.inc()
+        return running
+
+    def _start_worker(
+        self,
+        running: RunningBatch[Any, Any],
+        module: CachedModule,
+        tenant: str,
+        state: str | None,
+        timeout: float | None,
+        submit: Callable[[State | None], Future[None]],
+    ) -> None:
+        """Start a batch's or test run's worker: take an execution slot (Overloaded when
+        none is free), open `state`'s maps, `submit` the worker with them (the slot is
+        given back when it ends), and stop it at `timeout`."""
+        if not self._slots.acquire(blocking=False):
+            self.metrics.rejected.inc()
+            raise Overloaded(self.max_concurrent)
+        try:
+            shared = (
+                self.states.open(StateKey(tenant, module.id, state), module.program)[0]
+                if state is not None
+                else None
+            )
+            work = submit(shared)
         except BaseException:
             self._slots.release()
             raise
         work.add_done_callback(lambda _: self._slots.release())
-        self.metrics.test_runs.inc()
         if timeout is not None:
-            running.deadline = loop.call_later(timeout, running.stop, TrapKind.DEADLINE_EXCEEDED)
-        return running
+            running.deadline = asyncio.get_running_loop().call_later(
+                timeout, running.stop, TrapKind.DEADLINE_EXCEEDED
+            )
 
     def _test_run_helpers(self, kind: ProgramType, program: Program) -> HelperResolver:
         """What `run_packets` resolves a program's helpers against, through `prepare`:
