@@ -121,8 +121,13 @@ class BatchPipe(Generic[In, Out]):
     # The worker's side.
 
     def inputs(self) -> Iterator[In]:
-        """The inputs as they arrive. Before waiting for more, the results so far
-        go out: the client gets them while it sends the rest."""
+        """The inputs as they arrive, one by one (see `chunks`)."""
+        for chunk in self.chunks():
+            yield from chunk
+
+    def chunks(self) -> Iterator[list[In]]:
+        """The inputs as they arrive, in the chunks they were fed in. Before waiting
+        for more, the results so far go out: the client gets them while it sends the rest."""
         while True:
             if self._ready and self._inputs.empty():
                 self._hand_over()
@@ -131,7 +136,7 @@ class BatchPipe(Generic[In, Out]):
                 return
             if isinstance(chunk, Exception):
                 raise chunk
-            yield from chunk
+            yield chunk
 
     def add(self, result: Out) -> None:
         self._ready.append(result)

@@ -85,7 +85,7 @@ from bpfexec.vm import (
     TrapKind,
     execute,
 )
-from bpfexec.vm.batch import run_batch
+from bpfexec.vm.batch import run_chunks
 from bpfexec.vm.callbacks import MAP_NEXT
 from bpfexec.vm.context_access import context_type, with_context
 from bpfexec.vm.helpers import Event, HelperFn, HelperResolver
@@ -596,7 +596,7 @@ class ExecutionService:
         state: str | None = None,
     ) -> RunningBatch[Sequence[Argument], Result]:
         """Start `function` of a cached module over inputs fed to the returned batch,
-        on one pool thread and one execution slot (`bpfexec.vm.batch.run_batch`).
+        on one pool thread and one execution slot (`bpfexec.vm.batch.run_chunks`).
 
         `fuel` is each input's; `timeout` bounds the whole batch; `state` names
         the maps the batch runs on (stored once the batch ends). In-process
@@ -626,8 +626,8 @@ class ExecutionService:
         self.metrics.in_flight.inc()
         error: Exception | None = None
         try:
-            results = run_batch(
-                job.program, job.function, pipe.inputs(), fuel=job.fuel, helpers=job.resolver,
+            results = run_chunks(
+                job.program, job.function, pipe.chunks(), fuel=job.fuel, helpers=job.resolver,
                 limits=self.limits, engine=self._engine_for(job.program),
                 interrupt=job.interrupt, maps=job.state.maps if job.state else None,
                 linux=self._linux,

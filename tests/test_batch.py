@@ -19,7 +19,7 @@ from bpfexec import vm
 from bpfexec.client.cli import main
 from bpfexec.server.app import RunningServer, serve_in_thread
 from bpfexec.server.settings import Settings
-from bpfexec.vm.batch import BatchInputError, run_batch
+from bpfexec.vm.batch import CHUNK, BatchInputError, run_batch
 from bpfexec.vm.errors import TrapKind
 from bpfexec.vm.loader import load
 from bpfexec.vm.machine import Interrupt
@@ -73,6 +73,11 @@ def test_inputs_are_consumed_as_results_are_taken() -> None:
     results = run_batch(program, "example", endless())
     assert [next(results).return_value for _ in range(3)] == [0, 1, 2]
     assert taken == [0, 1, 2]
+    # The JIT's native loop reads a chunk ahead, no more.
+    taken.clear()
+    results = run_batch(program, "example", endless(), engine="jit")
+    assert [next(results).return_value for _ in range(3)] == [0, 1, 2]
+    assert taken == list(range(CHUNK))
 
 
 def test_an_interrupt_stops_the_batch() -> None:

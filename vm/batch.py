@@ -11,13 +11,19 @@ no later input runs.
 Inputs are consumed lazily and results yielded as each input finishes, so a
 batch of a million inputs is never held in memory.
 
-This first form runs each input as `bpfexec.vm.machine.run` does; a native
-loop over packed inputs is the JIT's to add behind the same interface.
+On the JIT, inputs run in chunks on a loop in native code
+(`bpfexec.vm.jit.batch_loop`), which resets what a fresh run would have fresh
+between two inputs without returning to Python; the results are the same as
+input by input. Chunks are what the caller hands `run_chunks` (a server, one
+per request message) or, for `run_batch`, up to `CHUNK` inputs read ahead.
 """
 
 from __future__ import annotations
 
+import itertools
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from bpfexec.vm.errors import RequestError
 from bpfexec.vm.helpers import HelperResolver
@@ -25,6 +31,9 @@ from bpfexec.vm.limits import Limits
 from bpfexec.vm.machine import Argument, Engine, Interrupt, Result, get_engine, prepare, run
 from bpfexec.vm.maps import MapSet
 from bpfexec.vm.program import Program
+
+if TYPE_CHECKING:
+    from bpfexec.vm.jit.batch_loop import NativeBatch
 
 
 class BatchInputError(RequestError):
@@ -34,6 +43,9 @@ class BatchInputError(RequestError):
         super().__init__(f"input {index + 1}: {message}")
         self.index = index
         self.reason = message
+
+
+CHUNK = 256  # inputs `run_batch` reads ahead for the native loop
 
 
 def run_batch(
@@ -53,21 +65,145 @@ def run_batch(
     order, yielding each Result. Raises `BatchInputError` for an input whose
     arguments cannot run (the results before it were yielded), and what
     `execute` raises for the request itself (an unknown function, a missing
-    helper) before the first input runs. `linux` is as `prepare` takes it."""
+    helper) before the first input runs. `linux` is as `prepare` takes it.
+    On the JIT, up to `CHUNK` inputs are read before the first of them runs."""
+    runner = get_engine(engine) if isinstance(engine, str) else engine
+    size = CHUNK if runner.name == "jit" else 1
+    source = iter(inputs)
+    chunks = iter(lambda: list(itertools.islice(source, size)), [])
+    return run_chunks(
+        program, function, chunks, fuel=fuel, helpers=helpers, limits=limits, engine=runner,
+        interrupt=interrupt, maps=maps, linux=linux,
+    )  # fmt: skip
+
+
+def run_chunks(
+    program: Program,
+    function: str | None,
+    chunks: Iterable[Sequence[Sequence[Argument]]],
+    *,
+    fuel: int | None = None,
+    helpers: HelperResolver | None = None,
+    limits: Limits | None = None,
+    engine: str | Engine = "interpreter",
+    interrupt: Interrupt | None = None,
+    maps: MapSet | None = None,
+    linux: HelperResolver | None = None,
+) -> Iterator[Result]:
+    """`run_batch` over inputs that come in chunks: each chunk runs once it is read
+    (on the JIT, in one native loop), its results yielded before the next is read."""
     limits = limits or Limits()
     interrupt = interrupt or Interrupt()
     runner = get_engine(engine) if isinstance(engine, str) else engine
     program.function(function)  # an unknown function is an error before any input
     if maps is None:
         maps = MapSet(program.maps, init=program.map_init)
-    for index, args in enumerate(inputs):
-        if interrupt.reason is not None:
-            return
+    native = _native_batch(
+        program, function, runner, fuel=fuel, helpers=helpers, limits=limits,
+        interrupt=interrupt, maps=maps, linux=linux,
+    )  # fmt: skip
+    index = 0  # of the first input of the chunk
+    try:
+        for chunk in chunks:
+            if native is not None:
+                if interrupt.reason is not None:
+                    return
+                encoded, error = native.encode(chunk)
+                yield from native.results(encoded)
+                if error is not None and interrupt.reason is None:
+                    raise BatchInputError(index + encoded.count, str(error))
+                index += len(chunk)
+                continue
+            for args in chunk:
+                if interrupt.reason is not None:
+                    return
+                try:
+                    machine = prepare(
+                        program, function, args, fuel=fuel, helpers=helpers, limits=limits,
+                        interrupt=interrupt, maps=maps, linux=linux,
+                    )  # fmt: skip
+                except RequestError as exc:  # not LinkError (a missing helper): the request's
+                    raise BatchInputError(index, str(exc)) from None
+                yield run(machine, runner)
+                index += 1
+    finally:
+        if native is not None:
+            native.close()
+
+
+PACKED_INPUT_WORDS = 5  # r1..r5 of each input of `run_packed`
+PACKED_RESULT_WORDS = 3  # r0, fuel used, and the trap's `TrapKind.code` (0: none)
+
+
+def run_packed(
+    program: Program,
+    function: str | None,
+    inputs: array[int],
+    *,
+    fuel: int | None = None,
+    helpers: HelperResolver | None = None,
+    limits: Limits | None = None,
+    engine: str | Engine = "jit",
+    interrupt: Interrupt | None = None,
+    maps: MapSet | None = None,
+    linux: HelperResolver | None = None,
+) -> array[int]:
+    """Integer inputs packed, results packed: `inputs` holds PACKED_INPUT_WORDS
+    unsigned 64-bit words an input (r1..r5; 0 where the function takes fewer
+    arguments), the array returned PACKED_RESULT_WORDS an input, in order: r0 (0
+    after a trap), the fuel used, and 0 or the trap's `TrapKind.code`. No Python
+    object is made per input on the JIT, whose native loop runs them all; logs
+    and trap messages are not kept (`run_batch` has them). An interrupt ends
+    the results early: the input it stopped is the last, with its trap."""
+    if inputs.typecode != "Q" or len(inputs) % PACKED_INPUT_WORDS:
+        raise RequestError(
+            f"packed inputs are an array('Q') of {PACKED_INPUT_WORDS} words an input, "
+            f"got array({inputs.typecode!r}) of {len(inputs)}"
+        )
+    limits = limits or Limits()
+    interrupt = interrupt or Interrupt()
+    runner = get_engine(engine) if isinstance(engine, str) else engine
+    program.function(function)
+    if maps is None:
+        maps = MapSet(program.maps, init=program.map_init)
+    options: dict[str, Any] = dict(
+        fuel=fuel, helpers=helpers, limits=limits, interrupt=interrupt, maps=maps, linux=linux
+    )
+    count = len(inputs) // PACKED_INPUT_WORDS
+    out = array("Q", bytes(8 * PACKED_RESULT_WORDS * count))
+    native = _native_batch(program, function, runner, **options)
+    if native is not None:
         try:
-            machine = prepare(
-                program, function, args, fuel=fuel, helpers=helpers, limits=limits,
-                interrupt=interrupt, maps=maps, linux=linux,
-            )  # fmt: skip
-        except RequestError as exc:  # not LinkError (a missing helper): the request's
-            raise BatchInputError(index, str(exc)) from None
-        yield run(machine, runner)
+            done = native.packed(inputs, out)
+        finally:
+            native.close()
+        del out[PACKED_RESULT_WORDS * done :]
+        return out
+    for index in range(count):
+        if interrupt.reason is not None:
+            del out[PACKED_RESULT_WORDS * index :]
+            break
+        args = inputs[PACKED_INPUT_WORDS * index : PACKED_INPUT_WORDS * (index + 1)].tolist()
+        result = run(prepare(program, function, args, **options), runner)
+        code = result.trap.kind.code if result.trap else 0
+        words = array("Q", (result.return_value, result.fuel_used, code))
+        out[PACKED_RESULT_WORDS * index : PACKED_RESULT_WORDS * (index + 1)] = words
+    return out
+
+
+def _native_batch(
+    program: Program,
+    function: str | None,
+    runner: Engine,
+    **options: Any,
+) -> NativeBatch | None:
+    """The native loop for this batch, when the engine is the JIT and its code runs
+    the program natively (a missing helper raises here, before any input)."""
+    machine = prepare(program, function, (), **options)
+    if runner.name != "jit":
+        return None
+    from bpfexec.vm.jit import best_compiled, compile_best
+    from bpfexec.vm.jit.batch_loop import native_batch
+
+    compiled = best_compiled(program) or compile_best(program)
+    return native_batch(compiled, machine)

@@ -82,6 +82,15 @@ class TrapKind(str, Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
 
+    @property
+    def code(self) -> int:
+        """The kind as a small number (never 0, which packed results use for no trap)."""
+        return list(TrapKind).index(self) + 1
+
+    @classmethod
+    def from_code(cls, code: int) -> TrapKind:
+        return list(cls)[code - 1]
+
 
 class Trap(VmError):
     """The program stopped abnormally.

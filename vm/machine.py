@@ -186,6 +186,33 @@ def link(program: Program, resolver: HelperResolver | None) -> dict[int, Helper]
     return bound
 
 
+def encode_arguments(args: Sequence[Argument], limits: Limits) -> tuple[list[int], list[bytearray]]:
+    """r1..r5 for `args` (ints as they are, each buffer as the address of its region)
+    and the buffers, in order; RequestError or LimitError for arguments that cannot run."""
+    if len(args) > 5:
+        raise RequestError(f"at most 5 arguments (r1..r5), got {len(args)}")
+    registers = [0] * 5
+    buffers: list[bytearray] = []
+    for i, arg in enumerate(args, start=1):
+        if isinstance(arg, (bytes, bytearray)):
+            if len(buffers) >= limits.max_buffers:
+                raise LimitError(f"at most {limits.max_buffers} argument buffers")
+            if len(arg) > limits.max_buffer_bytes:
+                raise LimitError(
+                    f"argument {i}: buffer of {len(arg)} bytes exceeds the maximum of "
+                    f"{limits.max_buffer_bytes}"
+                )
+            registers[i - 1] = buffer_base(len(buffers))
+            buffers.append(bytearray(arg))
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            if not -(1 << 63) <= arg < 1 << 64:
+                raise RequestError(f"argument {i}: {arg} does not fit in 64 bits")
+            registers[i - 1] = arg & MASK64
+        else:
+            raise RequestError(f"argument {i}: expected int or bytes, got {type(arg).__name__}")
+    return registers, buffers
+
+
 def prepare(
     program: Program,
     function: str | None = None,
@@ -205,28 +232,9 @@ def prepare(
     Linux helper set (`bpfexec.vm.linux_helpers`; a server passes a counted copy)."""
     limits = limits or Limits()
     fn = program.function(function)
-    if len(args) > 5:
-        raise RequestError(f"at most 5 arguments (r1..r5), got {len(args)}")
     budget = limits.fuel(fuel)
     registers = [0] * NUM_REGISTERS
-    buffers: list[bytearray] = []
-    for i, arg in enumerate(args, start=1):
-        if isinstance(arg, (bytes, bytearray)):
-            if len(buffers) >= limits.max_buffers:
-                raise LimitError(f"at most {limits.max_buffers} argument buffers")
-            if len(arg) > limits.max_buffer_bytes:
-                raise LimitError(
-                    f"argument {i}: buffer of {len(arg)} bytes exceeds the maximum of "
-                    f"{limits.max_buffer_bytes}"
-                )
-            registers[i] = buffer_base(len(buffers))
-            buffers.append(bytearray(arg))
-        elif isinstance(arg, int) and not isinstance(arg, bool):
-            if not -(1 << 63) <= arg < 1 << 64:
-                raise RequestError(f"argument {i}: {arg} does not fit in 64 bits")
-            registers[i] = arg & MASK64
-        else:
-            raise RequestError(f"argument {i}: expected int or bytes, got {type(arg).__name__}")
+    registers[1:6], buffers = encode_arguments(args, limits)
     if program.kernel_helpers:
         if linux is None:
             from bpfexec.vm.linux_helpers import linux_helpers

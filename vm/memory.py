@@ -108,6 +108,18 @@ class Memory:
         # The regions that exist, in order: what a run maps (most of the 73 do not).
         self.mapped = tuple(n for n, region in enumerate(self.regions) if region is not None)
 
+    def with_buffers(self, buffers: list[bytearray] | list[memoryview]) -> Memory:
+        """The same regions (the very stores), but these argument buffers."""
+        other = Memory.__new__(Memory)
+        other.regions = list(self.regions)
+        other.writable = list(self.writable)
+        for n in range(MAX_BUFFERS):
+            store = buffers[n] if n < len(buffers) else None
+            other.regions[Region.BUFFER0 + n] = store  # type: ignore[assignment]
+            other.writable[Region.BUFFER0 + n] = store is not None
+        other.mapped = tuple(n for n, region in enumerate(other.regions) if region is not None)
+        return other
+
     def fault(self, address: int, size: int, access: str) -> Trap:
         region = address >> REGION_SHIFT
         store = self.regions[region] if region < len(self.regions) else None

@@ -192,9 +192,14 @@ class _Run:
     helper_ops: dict[int, Op]
     error: BaseException | None = None
 
+    def current(self) -> Machine:
+        """The machine of the execution running now (a batch has one per input)."""
+        return self.machine
+
     def helper_context(self) -> HelperContext:
-        context = self.machine.context
-        context.helper = self.machine.helpers.get(self.ctx.trap_pc)  # set before the call
+        machine = self.current()
+        context = machine.context
+        context.helper = machine.helpers.get(self.ctx.trap_pc)  # set before the call
         return context
 
     def trap(self, trap: Trap) -> None:
@@ -215,7 +220,7 @@ def _dispatch(ctx_address: int, pc: int) -> int:
     `callx`, or a `call` at the helper call limit."""
     run = _RUNS[ctx_address]
     try:
-        machine, ctx = run.machine, run.ctx
+        machine, ctx = run.current(), run.ctx
         registers = machine.registers
         registers[:] = ctx.regs
         machine.fuel = ctx.fuel
@@ -242,7 +247,7 @@ def _call(ctx_address: int, pc: int, fuel: int, r1: int, r2: int, r3: int, r4: i
     call needs crosses: the fuel left and r1..r5 in, r0 out, the fuel back only if
     the helper charged some. A trap is recorded and the context's status set."""
     run = _RUNS[ctx_address]
-    machine = run.machine
+    machine = run.current()
     machine.fuel = fuel
     try:
         value = machine.helper_value(machine.helpers[pc], r1, r2, r3, r4, r5)
@@ -610,10 +615,13 @@ def _empty_tables(
     return (ctypes.c_void_p * max(1, sites))(), (ctypes.c_int64 * max(1, sites))()
 
 
-def run_native(compiled: CompiledProgram, machine: Machine) -> int:
-    """Run `machine` on native code (see `runs_natively`); return r0 or raise Trap."""
-    code = compiled.code_for(machine)
-    assert code is not None, "run_native without runs_natively"
+def native_context(
+    machine: Machine, code: NativeCode
+) -> tuple[Context, ctypes.c_int64, list[object], list[object]]:
+    """The context that runs `machine` on `code`: its registers, fuel, limits and
+    region table filled in; the interrupt flag word it points at; what must stay
+    alive while it runs; and the helper tables (`_native_helper_tables`, the call
+    counts last)."""
     ctx = Context()
     ctx.regs[:] = machine.registers
     ctx.fuel = machine.fuel
@@ -625,9 +633,17 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
     keep = _map_regions(ctx, machine)
     tables = _native_helper_tables(ctx, machine, code)
     keep.extend(tables)
-    max_calls = machine.limits.max_helper_calls
-    ctx.helper_calls_left = max_calls - machine.helper_calls
+    ctx.helper_calls_left = machine.limits.max_helper_calls - machine.helper_calls
     ctx.api = API_ADDRESS
+    return ctx, flag, keep, tables
+
+
+def run_native(compiled: CompiledProgram, machine: Machine) -> int:
+    """Run `machine` on native code (see `runs_natively`); return r0 or raise Trap."""
+    code = compiled.code_for(machine)
+    assert code is not None, "run_native without runs_natively"
+    ctx, flag, keep, tables = native_context(machine, code)
+    max_calls = machine.limits.max_helper_calls
     address = ctypes.addressof(ctx)
     run = _Run(machine, ctx, code.helper_ops)
     interrupt = machine.interrupt
@@ -660,7 +676,7 @@ def run_native(compiled: CompiledProgram, machine: Machine) -> int:
 
 def _trap(status: Status, ctx: Context, run: _Run) -> Trap:
     """The Trap the interpreter raises for what native code recorded in `ctx`."""
-    machine = run.machine
+    machine = run.current()
     pc = ctx.trap_pc
     if status == Status.OUT_OF_FUEL:
         return Trap(
