@@ -6,17 +6,21 @@ Two programs: the seed's `example(a, b)` (tests/fixtures/obj/example-O2.o, a few
 instructions) and a compute-heavy one, `collatz(n)` of bench/programs/compute.c
 (compiled with clang, thousands of instructions an input). For each, the rows
 are: `run_batch` locally on the interpreter (a hundredth of the inputs) and on
-the JIT; through a server (its own process, JIT engine) one unary `Execute` per
-input; and, when the client has it, one `ExecuteBatch` stream for all inputs.
-Each figure is the best of `--repeat` runs; the table is markdown. Goals
-(issue 19): 5 million small inputs a second locally on the JIT, and a server
-batch 100 times the unary rate.
+the JIT (a Result object an input); `run_packed` on the JIT (packed words in and
+out, the native loop alone); the same function compiled natively (cc -O2) in a
+C loop over the same packed inputs (bench/programs/batch_driver.c), the
+function's own run time; through a server (its own process, JIT engine) one
+unary `Execute` per input; and, when the client has it, one `ExecuteBatch`
+stream for all inputs. Each figure is the best of `--repeat` runs; the table is
+markdown. Goals (issue 19): 5 million small inputs a second locally on the JIT,
+and a server batch 100 times the unary rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import functools
 import multiprocessing
 import shutil
@@ -24,17 +28,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bpfexec.client.client import Client
 from bpfexec.vm import Program, load
-from bpfexec.vm.batch import run_batch
+from bpfexec.vm.batch import PACKED_INPUT_WORDS, run_batch, run_packed
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "tests" / "fixtures" / "obj" / "example-O2.o"
+EXAMPLE_C = ROOT / "tests" / "fixtures" / "c" / "example.c"
 COMPUTE = ROOT / "bench" / "programs" / "compute.c"
+DRIVER = ROOT / "bench" / "programs" / "batch_driver.c"
 
 
 def compile_compute(out: Path) -> Path | None:
@@ -45,6 +52,44 @@ def compile_compute(out: Path) -> Path | None:
     flags = ["-O2", "-target", "bpf", "-mcpu=v3", "-ffreestanding"]
     subprocess.run([clang, *flags, "-c", str(COMPUTE), "-o", str(obj)], check=True)
     return obj
+
+
+def compile_native(out: Path) -> ctypes.CDLL | None:
+    """example, collatz and their C loops as one shared library (None without a C compiler)."""
+    cc = shutil.which("cc") or shutil.which("clang")
+    if cc is None:
+        return None
+    lib = out / "batch_native.so"
+    sources = [str(EXAMPLE_C), str(COMPUTE), str(DRIVER)]
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", *sources, "-o", str(lib)], check=True)
+    return ctypes.CDLL(str(lib))
+
+
+def packed(inputs: Iterator[list[int]]) -> array[int]:
+    words = array("Q")
+    for args in inputs:
+        words.extend(args + [0] * (PACKED_INPUT_WORDS - len(args)))
+    return words
+
+
+def local_packed(program: Program, function: str, words: array[int]) -> Callable[[], int]:
+    def run() -> int:
+        return len(run_packed(program, function, words, engine="jit")) // 3
+
+    return run
+
+
+def native_c(library: ctypes.CDLL, function: str, words: array[int]) -> Callable[[], int]:
+    count = len(words) // PACKED_INPUT_WORDS
+    results = array("Q", bytes(8 * count))
+    loop = getattr(library, f"run_{function}")
+    loop.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+
+    def run() -> int:
+        loop(words.buffer_info()[0], results.buffer_info()[0], count)
+        return count
+
+    return run
 
 
 def example_inputs(count: int) -> Iterator[list[int]]:
@@ -129,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         compute = compile_compute(Path(scratch))
+        native = compile_native(Path(scratch))
         cases: list[tuple[str, bytes, str, Callable[[int], Iterator[list[int]]]]] = [
             ("example", EXAMPLE.read_bytes(), "example", example_inputs)
         ]
@@ -137,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             print("clang not found: the compute-heavy row is skipped", file=sys.stderr)
         process, address = start_server()
-        rows = []
+        rows: list[tuple[str, str, float, float, float | None]] = []
         try:
             with Client(address, timeout=600) as client:
                 for name, code, function, make in cases:
@@ -153,22 +199,31 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "local, JIT": best_rate(
                             local(program, function, functools.partial(make, n), "jit"), args.repeat
                         ),
+                        "local, JIT, run_packed": best_rate(
+                            local_packed(program, function, packed(make(n))), args.repeat
+                        ),
                         "server, unary Execute": best_rate(
                             unary(client, code, function, functools.partial(make, m)), args.repeat
                         ),
                     }
+                    if native is not None:
+                        rates["native C (cc -O2), a C loop"] = best_rate(
+                            native_c(native, function, packed(make(n))), args.repeat
+                        )
                     batch = streamed(client, code, function, functools.partial(make, n))
                     if batch is not None:
                         rates["server, ExecuteBatch"] = best_rate(batch, args.repeat)
                     unary_rate = rates["server, unary Execute"]
+                    native_rate = rates.get("native C (cc -O2), a C loop")
                     for how, rate in rates.items():
-                        rows.append((name, how, rate, rate / unary_rate))
+                        rows.append((name, how, rate, rate / unary_rate, native_rate))
         finally:
             process.kill()
-    print("| program | how | inputs/s | µs/input | x unary Execute |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for name, how, rate, ratio in rows:
-        print(f"| {name} | {how} | {rate:,.0f} | {1e6 / rate:.2f} | {ratio:,.1f} |")
+    print("| program | how | inputs/s | ns/input | rate, x unary Execute | time, x native C |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for name, how, rate, ratio, native_rate in rows:
+        slower = f"{native_rate / rate:,.1f}" if native_rate else "-"
+        print(f"| {name} | {how} | {rate:,.0f} | {1e9 / rate:,.0f} | {ratio:,.1f} | {slower} |")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from bpfexec.client.client import (
     batch_input,
     batch_input_error,
     batch_requests,
+    batch_results,
     bearer_metadata,
     called_helper,
     can_reload,
@@ -227,8 +228,8 @@ class AsyncClient:
         writer = asyncio.ensure_future(_write_batch(stream, header, inputs, stopped))
         try:
             while (message := await stream.read()) is not grpc.aio.EOF:
-                for result in message.results:
-                    yield Result.from_batch_pb(result)
+                for result in batch_results(message):
+                    yield result
                 if message.done:
                     break
             await writer

@@ -7,7 +7,9 @@ every field is documented.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import sys
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
@@ -235,6 +237,19 @@ class Result:
             log=tuple(message.log),
             buffers=tuple(message.buffers),
         )
+
+    @classmethod
+    def from_packed_pb(cls, message: pb.PackedResults) -> Iterator[Result]:
+        """The results of a PackedResults (packed inputs' results: no buffers)."""
+        words = array("Q")
+        words.frombytes(message.words)
+        if sys.byteorder != "little":
+            words.byteswap()
+        traps = [Trap.from_pb(trap) for trap in message.traps]
+        logs = {log.index: tuple(log.lines) for log in message.logs}
+        for index in range(len(words) // 3):
+            value, used, trap = words[3 * index], words[3 * index + 1], words[3 * index + 2]
+            yield cls(value, used, traps[trap - 1] if trap else None, logs.get(index, ()), ())
 
     def to_dict(self) -> dict[str, object]:
         """The JSON shape of `bpfexec run` (buffers in hex), the same for local and remote runs."""

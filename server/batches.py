@@ -2,14 +2,14 @@
 
 The event loop feeds chunks of inputs in (`feed`, waiting for room: the
 servicer reads the next request message only then) and takes chunks of results
-out (`results`); the pool thread running the work (`bpfexec.vm.batch.run_batch`
+out (`results`); the pool thread running the work (`bpfexec.vm.batch.run_chunks`
 for an ExecuteBatch, `bpfexec.vm.packet_run.run_packets` for a TestRun) takes
-the inputs (`inputs`) and hands the results over (`add`, `finish`), blocking
+the chunks of inputs (`chunks`) and hands the results over (`add`, `finish`), blocking
 while the results queue is full, so a client that stops reading stops the
 worker instead of growing the server's memory. `close` (the call ended, was
 cancelled or its deadline passed) wakes both sides for good.
 
-A pipe is generic in its inputs and results (`BatchPipe[In, Out]`); `size_of`
+A pipe is generic in its chunks of inputs and its results (`BatchPipe[Chunk, Out]`); `size_of`
 says how many bytes a result takes in its response message (default: a
 `Result`'s buffers and log), which bounds a chunk together with its count.
 
@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sized
 from typing import Any, Generic, TypeVar, cast
 
 from bpfexec.vm import Result
+from bpfexec.vm.batch import PackedResults
 
 T = TypeVar("T")
-In = TypeVar("In")  # one input: an ExecuteBatch's arguments, a TestRun's packet
+# A chunk of inputs, as one request message brings them: an ExecuteBatch's list of
+# arguments or its PackedInputs, a TestRun's list of packets.
+Chunk = TypeVar("Chunk", bound=Sized)
 Out = TypeVar("Out")  # one result: a Result, a PacketResult
 
 MAX_RESULTS_PER_CHUNK = 1024  # results in one chunk (one response message)
@@ -37,8 +40,12 @@ QUEUED_RESULT_CHUNKS = 4  # response chunks the worker may be ahead of the clien
 RESULT_OVERHEAD = 32  # bytes a result takes besides its buffers and log
 
 
-def result_size(result: Result) -> int:
-    """About the bytes a batch's result takes in its response: buffers and log lines."""
+def result_size(result: Result | PackedResults) -> int:
+    """About the bytes a batch's result takes in its response: buffers and log lines
+    (PackedResults: its words, and its log lines)."""
+    if isinstance(result, PackedResults):
+        lines = sum(len(line) for log in result.logs.values() for line in log)
+        return RESULT_OVERHEAD + 8 * len(result.words) + lines
     return RESULT_OVERHEAD + sum(map(len, result.buffers)) + sum(map(len, result.log))
 
 
@@ -54,7 +61,7 @@ _END = _End()
 _CLOSED = PipeClosed()
 
 
-class BatchPipe(Generic[In, Out]):
+class BatchPipe(Generic[Chunk, Out]):
     """Inputs in and results out of one batch (or test run), across the loop and the
     worker thread. `size_of(result)`: its bytes in a response (default: `result_size`,
     for `Result`s)."""
@@ -73,7 +80,7 @@ class BatchPipe(Generic[In, Out]):
         self._size_of = size_of or cast(Callable[[Out], int], result_size)
         # Unbounded queues whose room the semaphores count: `close` can always add its
         # marker, however full they are.
-        self._inputs: asyncio.Queue[list[In] | Exception | _End] = asyncio.Queue()
+        self._inputs: asyncio.Queue[Chunk | Exception | _End] = asyncio.Queue()
         self._input_room = asyncio.Semaphore(QUEUED_INPUT_CHUNKS)
         self._results: asyncio.Queue[list[Out] | Exception | _End] = asyncio.Queue()
         self._result_room = asyncio.Semaphore(QUEUED_RESULT_CHUNKS)
@@ -85,7 +92,7 @@ class BatchPipe(Generic[In, Out]):
 
     # The event loop's side.
 
-    async def feed(self, chunk: list[In] | Exception) -> None:
+    async def feed(self, chunk: Chunk | Exception) -> None:
         """Queue inputs (or the error that ends them, raised in the worker when it
         gets there); waits while `QUEUED_INPUT_CHUNKS` chunks are queued."""
         await self._input_room.acquire()
@@ -120,12 +127,7 @@ class BatchPipe(Generic[In, Out]):
 
     # The worker's side.
 
-    def inputs(self) -> Iterator[In]:
-        """The inputs as they arrive, one by one (see `chunks`)."""
-        for chunk in self.chunks():
-            yield from chunk
-
-    def chunks(self) -> Iterator[list[In]]:
+    def chunks(self) -> Iterator[Chunk]:
         """The inputs as they arrive, in the chunks they were fed in. Before waiting
         for more, the results so far go out: the client gets them while it sends the rest."""
         while True:
@@ -160,7 +162,7 @@ class BatchPipe(Generic[In, Out]):
             self.results_queued += len(chunk)
         self._results.put_nowait(chunk)
 
-    async def _take_inputs(self) -> list[In] | Exception | _End:
+    async def _take_inputs(self) -> Chunk | Exception | _End:
         chunk = await self._inputs.get()
         self._input_room.release()
         return chunk

@@ -45,10 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -85,7 +86,7 @@ from bpfexec.vm import (
     TrapKind,
     execute,
 )
-from bpfexec.vm.batch import run_chunks
+from bpfexec.vm.batch import PackedInputs, PackedResults, run_chunks
 from bpfexec.vm.callbacks import MAP_NEXT
 from bpfexec.vm.context_access import context_type, with_context
 from bpfexec.vm.helpers import Event, HelperFn, HelperResolver
@@ -104,8 +105,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-In = TypeVar("In")
+Chunk = TypeVar("Chunk", bound=Sized)
 Out = TypeVar("Out")
+# What an ExecuteBatch's pipe carries: chunks of arguments in, results out.
+BatchChunk = list[Sequence[Argument]] | PackedInputs
+BatchOut = Result | PackedResults
 
 # Fuel of the slice a helper-free program first runs on the event loop (about
 # 0.2 ms of interpretation: less than the hand-off to a pool thread costs).
@@ -594,7 +598,7 @@ class ExecutionService:
         timeout: float | None = None,
         tenant: str = "",
         state: str | None = None,
-    ) -> RunningBatch[Sequence[Argument], Result]:
+    ) -> RunningBatch[BatchChunk, BatchOut]:
         """Start `function` of a cached module over inputs fed to the returned batch,
         on one pool thread and one execution slot (`bpfexec.vm.batch.run_chunks`).
 
@@ -611,7 +615,7 @@ class ExecutionService:
              else self._helpers)  # fmt: skip
         if state is not None:
             check_state_name(state)
-        pipe: BatchPipe[Sequence[Argument], Result] = BatchPipe(asyncio.get_running_loop())
+        pipe: BatchPipe[BatchChunk, BatchOut] = BatchPipe(asyncio.get_running_loop())
         batch = RunningBatch(pipe, Interrupt(), self.metrics)
 
         def submit(shared: State | None) -> Future[None]:
@@ -622,7 +626,7 @@ class ExecutionService:
         self.metrics.batches.inc()
         return batch
 
-    def _run_batch(self, job: _Run, pipe: BatchPipe[Sequence[Argument], Result]) -> None:
+    def _run_batch(self, job: _Run, pipe: BatchPipe[BatchChunk, BatchOut]) -> None:
         self.metrics.in_flight.inc()
         error: Exception | None = None
         try:
@@ -674,7 +678,7 @@ class ExecutionService:
         if state is not None:
             check_state_name(state)
         loop = asyncio.get_running_loop()
-        pipe: BatchPipe[bytes, PacketResult] = BatchPipe(loop, size_of=_packet_result_size)
+        pipe: BatchPipe[list[bytes], PacketResult] = BatchPipe(loop, size_of=_packet_result_size)
         running = RunningTestRun(pipe, Interrupt(), self.metrics, kind)
 
         def submit(shared: State | None) -> Future[None]:
@@ -743,8 +747,9 @@ class ExecutionService:
         self.metrics.in_flight.inc()
         error: Exception | None = None
         try:
+            packets = itertools.chain.from_iterable(pipe.chunks())
             results = run_packets(
-                job.program, job.function, pipe.inputs(), fuel=job.fuel, helpers=job.resolver,
+                job.program, job.function, packets, fuel=job.fuel, helpers=job.resolver,
                 limits=self.limits, engine=engine, interrupt=job.interrupt, maps=maps,
                 linux=self._linux, repeat=repeat,
             )  # fmt: skip
@@ -784,10 +789,10 @@ class ExecutionService:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-class RunningBatch(Generic[In, Out]):
+class RunningBatch(Generic[Chunk, Out]):
     """A batch started by `ExecutionService.start_batch`: feed it inputs, take its results."""
 
-    def __init__(self, pipe: BatchPipe[In, Out], interrupt: Interrupt, metrics: Metrics) -> None:
+    def __init__(self, pipe: BatchPipe[Chunk, Out], interrupt: Interrupt, metrics: Metrics) -> None:
         self.pipe = pipe
         self.interrupt = interrupt
         self.deadline: asyncio.TimerHandle | None = None
@@ -795,7 +800,7 @@ class RunningBatch(Generic[In, Out]):
         self._results_counted: Counter | None = metrics.batch_results
         self._results = 0
 
-    async def feed(self, inputs: list[In]) -> None:
+    async def feed(self, inputs: Chunk) -> None:
         """Queue inputs; waits while the worker is far enough behind."""
         self._inputs_counted.inc(len(inputs))
         await self.pipe.feed(inputs)
@@ -812,9 +817,10 @@ class RunningBatch(Generic[In, Out]):
         cannot run, BatchDeadlineExceeded, PipeClosed once `stop`ped)."""
         try:
             async for chunk in self.pipe.results():
-                self._results += len(chunk)
+                count = sum(len(r) if isinstance(r, PackedResults) else 1 for r in chunk)
+                self._results += count
                 if self._results_counted is not None:
-                    self._results_counted.inc(len(chunk))
+                    self._results_counted.inc(count)
                 yield chunk
         except PipeClosed:
             if self.interrupt.reason is TrapKind.DEADLINE_EXCEEDED:
@@ -832,7 +838,7 @@ class RunningBatch(Generic[In, Out]):
         self.pipe.close()
 
 
-class RunningTestRun(RunningBatch[bytes, PacketResult]):
+class RunningTestRun(RunningBatch[list[bytes], PacketResult]):
     """A test run started by `ExecutionService.start_test_run`: feed it packets, take
     its results; `program_type` is the program's, `maps` (with `dump_maps`) its maps
     after the last packet, set once `results` has ended without an error."""
@@ -841,7 +847,7 @@ class RunningTestRun(RunningBatch[bytes, PacketResult]):
 
     def __init__(
         self,
-        pipe: BatchPipe[bytes, PacketResult],
+        pipe: BatchPipe[list[bytes], PacketResult],
         interrupt: Interrupt,
         metrics: Metrics,
         program_type: ProgramType,

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import sys
+from array import array
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -30,6 +32,8 @@ from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
 from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 from bpfexec.server.cache import CachedModule
 from bpfexec.server.executor import (
+    BatchChunk,
+    BatchOut,
     DeadlineExceeded,
     Execution,
     ExecutionService,
@@ -68,7 +72,13 @@ from bpfexec.vm import (
     Result,
     Trap,
 )
-from bpfexec.vm.batch import BatchInputError
+from bpfexec.vm.batch import (
+    PACKED_INPUT_WORDS,
+    PACKED_RESULT_WORDS,
+    BatchInputError,
+    PackedInputs,
+    PackedResults,
+)
 from bpfexec.vm.helpers import Event
 from bpfexec.vm.machine import Argument
 from bpfexec.vm.packet_run import PacketError, PacketResult
@@ -340,7 +350,8 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         try:
             try:
                 async for chunk in batch.results():
-                    yield pb.ExecuteBatchResponse(results=[_batch_result(r) for r in chunk])
+                    for message in _batch_responses(chunk):
+                        yield message
             except Exception as exc:
                 await _abort(context, exc)
             yield pb.ExecuteBatchResponse(done=True)
@@ -353,7 +364,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         self,
         first: pb.ExecuteBatchRequest,
         requests: AsyncIterator[pb.ExecuteBatchRequest | _Malformed],
-        batch: RunningBatch[Sequence[Argument], Result],
+        batch: RunningBatch[BatchChunk, BatchOut],
     ) -> None:
         """Convert and feed the inputs of every request message; a bad message or input
         ends the inputs with its error, after the inputs before it."""
@@ -365,9 +376,11 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                     raise message.error
                 if message is not first and message.HasField("header"):
                     raise ProtocolViolation("only the first message of ExecuteBatch has a header")
-                if len(message.inputs) > self.max_batch_inputs_per_message:
+                words = message.packed.words
+                count = len(message.inputs) + len(words) // (8 * PACKED_INPUT_WORDS)
+                if count > self.max_batch_inputs_per_message:
                     raise LimitError(
-                        f"a message of {len(message.inputs)} inputs, more than the limit of "
+                        f"a message of {count} inputs, more than the limit of "
                         f"{self.max_batch_inputs_per_message} (max_batch_inputs_per_message)"
                     )
                 inputs: list[Sequence[Argument]] = []
@@ -381,6 +394,10 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                     index += 1
                 if inputs:
                     await batch.feed(inputs)
+                if words:
+                    packed = _packed_inputs(words, index)  # after the inputs before it
+                    await batch.feed(packed)
+                    index += len(packed)
                 message = await anext(requests, None)
             await batch.end_inputs()
         except (RequestError, ProtocolViolation) as error:
@@ -667,6 +684,52 @@ def response(done: Execution | Result, *, with_events: bool = True) -> pb.Execut
         else None,
         ring_buffer=result.events is not None,
     )
+
+
+def _packed_inputs(words: bytes, index: int) -> PackedInputs:
+    """The PackedInputs of a request message (its first input is input `index`)."""
+    size = 8 * PACKED_INPUT_WORDS
+    if len(words) % size:
+        raise BatchInputError(
+            index + len(words) // size,
+            f"packed inputs of {len(words)} bytes: not a whole number of {size}-byte inputs",
+        )
+    unpacked = array("Q")
+    unpacked.frombytes(words)
+    if sys.byteorder != "little":
+        unpacked.byteswap()
+    return PackedInputs(unpacked)
+
+
+def _batch_responses(chunk: list[BatchOut]) -> Iterator[pb.ExecuteBatchResponse]:
+    """The response messages of a chunk of results, in order: a run of Results in
+    one message, each PackedResults in one of its own."""
+    results: list[pb.BatchResult] = []
+    for item in chunk:
+        if not isinstance(item, PackedResults):
+            results.append(_batch_result(item))
+            continue
+        if results:
+            yield pb.ExecuteBatchResponse(results=results)
+            results = []
+        yield pb.ExecuteBatchResponse(packed=_packed_results(item))
+    if results:
+        yield pb.ExecuteBatchResponse(results=results)
+
+
+def _packed_results(packed: PackedResults) -> pb.PackedResults:
+    words = packed.words
+    traps = []
+    if packed.traps:
+        words = array("Q", words)
+        for position, (index, trap) in enumerate(sorted(packed.traps.items()), start=1):
+            words[PACKED_RESULT_WORDS * index + 2] = position
+            traps.append(_trap(trap))
+    if sys.byteorder != "little":
+        words = array("Q", words)
+        words.byteswap()
+    logs = [pb.PackedLog(index=i, lines=lines) for i, lines in sorted(packed.logs.items())]
+    return pb.PackedResults(words=words.tobytes(), traps=traps, logs=logs)
 
 
 def _batch_result(result: Result) -> pb.BatchResult:

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import threading
 import time
+from array import array
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -230,3 +231,75 @@ def test_concurrent_batches_each_take_one_slot(server: RunningServer, client: Cl
     for thread in threads:
         thread.join(TIMEOUT)
     assert sorted(answers) == [list(range(k * 1000, k * 1000 + 1000)) for k in range(4)]
+
+
+# -- packed inputs and results (integer inputs, without a message each) ----------------------
+
+# Logs "hi" with bpf_trace_printk (helper 6), then returns r6, the first argument.
+PRINTK = b"""
+    r6 = r1
+    r1 = 0x6968
+    *(u64 *)(r10 - 8) = r1
+    r1 = r10
+    r1 += -8
+    r2 = 3
+    call 6
+    r0 = r6
+    exit
+"""
+
+
+def test_mixed_inputs_keep_their_order_and_traps_their_details(client: Client) -> None:
+    module = client.load(LOAD)
+    inputs: list[list[int | bytes]] = [[b"\x07"], [0], [5], [-1], [b"\x09"], [3, 4]] * 700
+    remote = list(client.execute_batch(module, None, inputs))
+    local = list(run_batch(load(LOAD), None, inputs))
+    assert len(remote) == len(inputs)
+    for got, want in zip(remote, local, strict=True):
+        assert (got.return_value, got.fuel_used, got.buffers) == (
+            want.return_value, want.fuel_used, want.buffers,
+        )  # fmt: skip
+        assert (got.trap is None) == (want.trap is None)
+        if got.trap is not None and want.trap is not None:
+            assert (got.trap.kind, got.trap.message, got.trap.pc) == (
+                want.trap.kind.value, want.trap.message, want.trap.pc,
+            )  # fmt: skip
+
+
+def packed_call(
+    server: RunningServer, module_id: str, words: bytes
+) -> list[pb.ExecuteBatchResponse]:
+    header = pb.BatchHeader(module_id=module_id)
+    request = pb.ExecuteBatchRequest(header=header, packed=pb.PackedInputs(words=words))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ExecutorStub(channel)
+        return list(stub.ExecuteBatch(iter([request]), timeout=TIMEOUT))
+
+
+def test_packed_inputs_are_answered_packed(server: RunningServer, client: Client) -> None:
+    module = client.load(LOAD)
+    words = array("Q", [0, 0, 0, 0, 0, 5, 0, 0, 0, 0]).tobytes()
+    responses = packed_call(server, module.id, words)
+    packed = [r.packed for r in responses if r.HasField("packed")]
+    assert len(packed) == 1 and not any(r.results for r in responses) and responses[-1].done
+    results = array("Q")
+    results.frombytes(packed[0].words)
+    assert results.tolist() == [0, 2, 1, 0, 2, 2]  # r0, fuel used, trap 1; r0, fuel used, trap 2
+    assert [t.message for t in packed[0].traps] == [
+        "read of 1 bytes at 0x0 (unmapped address)", "read of 1 bytes at 0x5 (unmapped address)",
+    ]  # fmt: skip
+    assert [t.pc for t in packed[0].traps] == [0, 0]
+
+
+def test_packed_results_carry_their_logs(client: Client) -> None:
+    module = client.load(PRINTK)
+    results = list(client.execute_batch(module, None, [[n] for n in range(3)]))
+    assert [(r.return_value, r.log) for r in results] == [(n, ("hi",)) for n in range(3)]
+
+
+def test_packed_inputs_must_be_whole_inputs(server: RunningServer, client: Client) -> None:
+    module = client.load(LOAD)
+    with pytest.raises(grpc.RpcError) as failed:
+        packed_call(server, module.id, bytes(41))
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 2: packed inputs of 41 bytes" in failed.value.details()

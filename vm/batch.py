@@ -1,4 +1,4 @@
-"""One function over a stream of inputs: `run_batch`.
+"""One function over a stream of inputs: `run_batch`, `run_chunks`, `run_packed`.
 
 A batch is what `BPF_PROG_TEST_RUN`'s repeat is for one input, for many: the
 program is linked and its engine chosen once, the maps are shared by every
@@ -16,6 +16,8 @@ On the JIT, inputs run in chunks on a loop in native code
 between two inputs without returning to Python; the results are the same as
 input by input. Chunks are what the caller hands `run_chunks` (a server, one
 per request message) or, for `run_batch`, up to `CHUNK` inputs read ahead.
+Integer inputs may come packed (`PackedInputs`, `run_packed`: 64-bit words,
+no Python object per input) and their results go out packed (`PackedResults`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from __future__ import annotations
 import itertools
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
-from bpfexec.vm.errors import RequestError
+from bpfexec.vm.errors import RequestError, Trap
 from bpfexec.vm.helpers import HelperResolver
 from bpfexec.vm.limits import Limits
 from bpfexec.vm.machine import Argument, Engine, Interrupt, Result, get_engine, prepare, run
@@ -71,16 +74,17 @@ def run_batch(
     size = CHUNK if runner.name == "jit" else 1
     source = iter(inputs)
     chunks = iter(lambda: list(itertools.islice(source, size)), [])
-    return run_chunks(
+    results = run_chunks(
         program, function, chunks, fuel=fuel, helpers=helpers, limits=limits, engine=runner,
         interrupt=interrupt, maps=maps, linux=linux,
     )  # fmt: skip
+    return cast(Iterator[Result], results)  # lists of inputs: Results only
 
 
 def run_chunks(
     program: Program,
     function: str | None,
-    chunks: Iterable[Sequence[Sequence[Argument]]],
+    chunks: Iterable[Sequence[Sequence[Argument]] | PackedInputs],
     *,
     fuel: int | None = None,
     helpers: HelperResolver | None = None,
@@ -89,9 +93,11 @@ def run_chunks(
     interrupt: Interrupt | None = None,
     maps: MapSet | None = None,
     linux: HelperResolver | None = None,
-) -> Iterator[Result]:
+) -> Iterator[Result | PackedResults]:
     """`run_batch` over inputs that come in chunks: each chunk runs once it is read
-    (on the JIT, in one native loop), its results yielded before the next is read."""
+    (on the JIT, in one native loop), its results yielded before the next is read:
+    a Result per input of a list, one PackedResults for PackedInputs (fewer results
+    than inputs when interrupted)."""
     limits = limits or Limits()
     interrupt = interrupt or Interrupt()
     runner = get_engine(engine) if isinstance(engine, str) else engine
@@ -105,6 +111,18 @@ def run_chunks(
     index = 0  # of the first input of the chunk
     try:
         for chunk in chunks:
+            if isinstance(chunk, PackedInputs):
+                if interrupt.reason is not None:
+                    return
+                if native is not None:
+                    yield native.packed_results(chunk.words)
+                else:
+                    yield _packed_results(
+                        program, function, chunk, runner, fuel=fuel, helpers=helpers,
+                        limits=limits, interrupt=interrupt, maps=maps, linux=linux,
+                    )  # fmt: skip
+                index += len(chunk)
+                continue
             if native is not None:
                 if interrupt.reason is not None:
                     return
@@ -133,6 +151,29 @@ def run_chunks(
 
 PACKED_INPUT_WORDS = 5  # r1..r5 of each input of `run_packed`
 PACKED_RESULT_WORDS = 3  # r0, fuel used, and the trap's `TrapKind.code` (0: none)
+
+
+@dataclass(frozen=True)
+class PackedInputs:
+    """A chunk of integer inputs for `run_chunks`: PACKED_INPUT_WORDS words an input."""
+
+    words: array[int]
+
+    def __len__(self) -> int:
+        return len(self.words) // PACKED_INPUT_WORDS
+
+
+@dataclass(frozen=True)
+class PackedResults:
+    """The results of PackedInputs: PACKED_RESULT_WORDS words a result (r0, fuel used,
+    `TrapKind.code` or 0), and by position in the chunk the traps and the logs."""
+
+    words: array[int]
+    traps: dict[int, Trap]
+    logs: dict[int, tuple[str, ...]]
+
+    def __len__(self) -> int:
+        return len(self.words) // PACKED_RESULT_WORDS
 
 
 def run_packed(
@@ -169,26 +210,41 @@ def run_packed(
     options: dict[str, Any] = dict(
         fuel=fuel, helpers=helpers, limits=limits, interrupt=interrupt, maps=maps, linux=linux
     )
+    native = _native_batch(program, function, runner, **options)
+    if native is None:
+        return _packed_results(program, function, PackedInputs(inputs), runner, **options).words
     count = len(inputs) // PACKED_INPUT_WORDS
     out = array("Q", bytes(8 * PACKED_RESULT_WORDS * count))
-    native = _native_batch(program, function, runner, **options)
-    if native is not None:
-        try:
-            done = native.packed(inputs, out)
-        finally:
-            native.close()
-        del out[PACKED_RESULT_WORDS * done :]
-        return out
-    for index in range(count):
-        if interrupt.reason is not None:
-            del out[PACKED_RESULT_WORDS * index :]
-            break
-        args = inputs[PACKED_INPUT_WORDS * index : PACKED_INPUT_WORDS * (index + 1)].tolist()
-        result = run(prepare(program, function, args, **options), runner)
-        code = result.trap.kind.code if result.trap else 0
-        words = array("Q", (result.return_value, result.fuel_used, code))
-        out[PACKED_RESULT_WORDS * index : PACKED_RESULT_WORDS * (index + 1)] = words
+    try:
+        done = native.packed(inputs, out)
+    finally:
+        native.close()
+    del out[PACKED_RESULT_WORDS * done :]
     return out
+
+
+def _packed_results(
+    program: Program, function: str | None, inputs: PackedInputs, runner: Engine, **options: Any
+) -> PackedResults:
+    """PackedInputs run one by one (`prepare` and `run`), their results packed."""
+    interrupt: Interrupt = options["interrupt"]
+    words = inputs.words
+    out = array("Q")
+    traps: dict[int, Trap] = {}
+    logs: dict[int, tuple[str, ...]] = {}
+    for index in range(len(inputs)):
+        if interrupt.reason is not None:
+            break
+        args = words[PACKED_INPUT_WORDS * index : PACKED_INPUT_WORDS * (index + 1)].tolist()
+        result = run(prepare(program, function, args, **options), runner)
+        out.extend(
+            (result.return_value, result.fuel_used, result.trap.kind.code if result.trap else 0)
+        )
+        if result.trap is not None:
+            traps[index] = result.trap
+        if result.log:
+            logs[index] = result.log
+    return PackedResults(out, traps, logs)
 
 
 def _native_batch(

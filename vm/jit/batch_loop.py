@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from bpfexec.vm import isa
+from bpfexec.vm.batch import PackedResults
 from bpfexec.vm.builtin_helpers import bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_trace_printk
 from bpfexec.vm.callbacks import bpf_tail_call
 from bpfexec.vm.errors import RequestError, Trap, TrapKind
@@ -492,14 +493,13 @@ class NativeBatch:
         loop.count = chunk.count
         run.chunk, run.view, run.machines, run.error = chunk, memoryview(arena), {}, None
         out = chunk.results
-        program = self.template.program
         start = 0
         try:
             while start < chunk.count:
                 loop.first = start
                 done = self._function(ctypes.addressof(loop))
                 for index in range(start, done):
-                    yield self._result(index, out, chunk, arena, program)
+                    yield self._result(index, out, chunk, arena)
                 if done == chunk.count:
                     return
                 if done == start or not out[RESULT_WORDS * (done - 1) + 2]:
@@ -510,10 +510,27 @@ class NativeBatch:
             del view
             self._report_calls()
 
-    def packed(self, inputs: array[int], out: array[int]) -> int:
+    def packed_results(self, inputs: array[int]) -> PackedResults:
+        """`packed`, with each trap and log line kept."""
+        count = len(inputs) // INPUT_WORDS
+        out = array("Q", bytes(8 * RESULT_WORDS * count))
+        traps: dict[int, Trap] = {}
+        logs: dict[int, tuple[str, ...]] = {}
+        done = self.packed(inputs, out, traps, logs)
+        del out[RESULT_WORDS * done :]
+        return PackedResults(out, traps, logs)
+
+    def packed(
+        self,
+        inputs: array[int],
+        out: array[int],
+        traps: dict[int, Trap] | None = None,
+        logs: dict[int, tuple[str, ...]] | None = None,
+    ) -> int:
         """Run the inputs of `inputs` (INPUT_WORDS an input, no buffers), writing
         RESULT_WORDS an input to `out`: r0, fuel used, and 0 or the trap's
-        `TrapKind.code`. Returns how many inputs ran (fewer when interrupted)."""
+        `TrapKind.code`. Returns how many inputs ran (fewer when interrupted).
+        With `traps` and `logs`, each input's Trap and log lines go there."""
         count = len(inputs) // INPUT_WORDS
         loop, run = self.loop, self.run
         loop.inputs, loop.buffers = inputs.buffer_info()[0], None
@@ -526,16 +543,34 @@ class NativeBatch:
             while start < count:
                 loop.first = start
                 done = self._function(ctypes.addressof(loop))
+                if logs is not None:
+                    logs.update((i, tuple(m.log)) for i, m in run.machines.items() if m.log)
                 at = RESULT_WORDS * done - 1
                 if done == start or not out[at]:
                     return done  # all of them, or interrupted before input `done`
-                out[at] = self._trap_kind(Status(out[at])).code  # input done - 1 trapped
+                status = Status(out[at])  # input done - 1 trapped
+                if traps is not None:
+                    trap = self._trap(done - 1, out[at - 1], status)
+                    traps[done - 1] = trap
+                    out[at] = trap.kind.code
+                else:
+                    out[at] = self._trap_kind(status).code
                 run.machines, run.error = {}, None
                 start = done
             return count
         finally:
             run.chunk, run.view, run.machines = None, None, {}
             self._report_calls()
+
+    def _trap(self, index: int, used: int, status: Status) -> Trap:
+        """The Trap the interpreter raises for input `index`, which native code stopped
+        with `status` after using `used` fuel."""
+        self.loop.current = index
+        machine = self.run.current()
+        machine.fuel = self.template.budget - used
+        trap = locate_trap(_trap(status, self.ctx, self.run), self.template.program)
+        self.run.error = None
+        return trap
 
     def _trap_kind(self, status: Status) -> TrapKind:
         if status == Status.INTERRUPTED:
@@ -553,18 +588,10 @@ class NativeBatch:
         if calls is not None:
             ctypes.memset(calls, 0, ctypes.sizeof(calls))  # type: ignore[arg-type]
 
-    def _result(
-        self, index: int, out: array[int], chunk: _Chunk, arena: bytearray, program: Program
-    ) -> Result:
+    def _result(self, index: int, out: array[int], chunk: _Chunk, arena: bytearray) -> Result:
         at = RESULT_WORDS * index
         value, used, status = out[at], out[at + 1], out[at + 2]
-        trap: Trap | None = None
-        if status:
-            self.loop.current = index
-            machine = self.run.current()
-            machine.fuel = self.template.budget - used
-            trap = locate_trap(_trap(Status(status), self.ctx, self.run), program)
-            self.run.error = None
+        trap = self._trap(index, used, Status(status)) if status else None
         machine_now = self.run.machines.get(index)
         return Result(
             return_value=value,

@@ -320,12 +320,20 @@ class BatchInput(_message.Message):
     def __init__(self, args: _Optional[_Iterable[_Union[Argument, _Mapping]]] = ...) -> None: ...
 
 class ExecuteBatchRequest(_message.Message):
-    __slots__ = ("header", "inputs")
+    __slots__ = ("header", "inputs", "packed")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     header: BatchHeader
     inputs: _containers.RepeatedCompositeFieldContainer[BatchInput]
-    def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[BatchInput, _Mapping]]] = ...) -> None: ...
+    packed: PackedInputs
+    def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[BatchInput, _Mapping]]] = ..., packed: _Optional[_Union[PackedInputs, _Mapping]] = ...) -> None: ...
+
+class PackedInputs(_message.Message):
+    __slots__ = ("words",)
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    words: bytes
+    def __init__(self, words: _Optional[bytes] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("return_value", "fuel_used", "trap", "buffers", "log")
@@ -342,12 +350,32 @@ class BatchResult(_message.Message):
     def __init__(self, return_value: _Optional[int] = ..., fuel_used: _Optional[int] = ..., trap: _Optional[_Union[Trap, _Mapping]] = ..., buffers: _Optional[_Iterable[bytes]] = ..., log: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecuteBatchResponse(_message.Message):
-    __slots__ = ("results", "done")
+    __slots__ = ("results", "done", "packed")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[BatchResult]
     done: bool
-    def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., done: _Optional[bool] = ...) -> None: ...
+    packed: PackedResults
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., done: _Optional[bool] = ..., packed: _Optional[_Union[PackedResults, _Mapping]] = ...) -> None: ...
+
+class PackedResults(_message.Message):
+    __slots__ = ("words", "traps", "logs")
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    TRAPS_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
+    words: bytes
+    traps: _containers.RepeatedCompositeFieldContainer[Trap]
+    logs: _containers.RepeatedCompositeFieldContainer[PackedLog]
+    def __init__(self, words: _Optional[bytes] = ..., traps: _Optional[_Iterable[_Union[Trap, _Mapping]]] = ..., logs: _Optional[_Iterable[_Union[PackedLog, _Mapping]]] = ...) -> None: ...
+
+class PackedLog(_message.Message):
+    __slots__ = ("index", "lines")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    lines: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, index: _Optional[int] = ..., lines: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TestRunHeader(_message.Message):
     __slots__ = ("module_id", "program", "fuel", "state", "repeat", "dump_maps")
