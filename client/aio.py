@@ -26,20 +26,18 @@ import grpc
 from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
 from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 from bpfexec.client.client import (
-    BATCH_INPUTS_PER_MESSAGE,
     BPF_ANY,
     DEFAULT_MAX_MESSAGE_BYTES,
     MASK64,
     TEST_RUN_MESSAGE_BYTES,
     TEST_RUN_PACKETS_PER_MESSAGE,
     Arg,
+    BatchMessages,
     Entries,
     HelperKey,
     Helpers,
     PathLike,
     batch_header,
-    batch_input,
-    batch_input_error,
     batch_requests,
     batch_results,
     bearer_metadata,
@@ -496,21 +494,14 @@ async def _write_batch(
 ) -> None:
     """Send the inputs as `batch_requests` packs them, then half-close."""
     if isinstance(inputs, AsyncIterable):
-        message = pb.ExecuteBatchRequest(header=header)
-        index = 0
+        messages = BatchMessages(header)
         try:
             async for args in inputs:
-                try:
-                    message.inputs.append(batch_input(args))
-                except InvalidArgument as exc:
-                    raise batch_input_error(index, str(exc)) from None
-                index += 1
-                if len(message.inputs) >= BATCH_INPUTS_PER_MESSAGE:
+                for message in messages.add(args):
                     await stream.write(message)
-                    message = pb.ExecuteBatchRequest()
         except Exception as exc:  # raised by the caller after the results before it
             stopped.append(exc)
-        if message.inputs or message.HasField("header"):
+        for message in messages.end():
             await stream.write(message)
     else:
         for message in batch_requests(header, inputs, stopped):

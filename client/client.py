@@ -654,27 +654,58 @@ def batch_requests(
     `BATCH_INPUTS_PER_MESSAGE` inputs a message, packed as they are read. Arguments
     that cannot be sent, or an exception of `inputs`, end the stream (the inputs
     before go) and are put in `stopped` for the caller to raise after their results."""
-    message = pb.ExecuteBatchRequest(header=header)
-    words = array("Q")  # the message's packed inputs, after its `inputs`
-    count = 0  # inputs in the message
+    messages = BatchMessages(header)
     try:
-        for index, args in enumerate(inputs):
-            if not _pack(words, args):
-                if words:  # packed inputs go after a message's others: send them first
-                    yield _with_packed(message, words)
-                    message, words, count = pb.ExecuteBatchRequest(), array("Q"), 0
-                try:
-                    message.inputs.append(batch_input(args))
-                except InvalidArgument as exc:
-                    raise batch_input_error(index, str(exc)) from None
-            count += 1
-            if count >= BATCH_INPUTS_PER_MESSAGE:
-                yield _with_packed(message, words)
-                message, words, count = pb.ExecuteBatchRequest(), array("Q"), 0
+        for args in inputs:
+            yield from messages.add(args)
     except Exception as exc:  # raised by the caller, in its thread, after the results before
         stopped.append(exc)
-    if count or message.HasField("header"):
-        yield _with_packed(message, words)
+    yield from messages.end()
+
+
+class BatchMessages:
+    """Inputs into ExecuteBatchRequest messages: the header in the first, then
+    `BATCH_INPUTS_PER_MESSAGE` inputs a message; integer inputs packed (after a
+    message's `inputs`, so one that is not comes in a message of its own after)."""
+
+    def __init__(self, header: pb.BatchHeader) -> None:
+        self._message = pb.ExecuteBatchRequest(header=header)
+        self._words = array("Q")  # the message's packed inputs
+        self._count = 0  # inputs in the message
+        self._index = 0  # of the next input, from 0
+
+    def add(self, args: Sequence[Arg]) -> list[pb.ExecuteBatchRequest]:
+        """The messages complete once `args` is added (InvalidArgument naming the
+        input if it cannot be sent)."""
+        ready = []
+        if not _pack(self._words, args):
+            try:
+                given = batch_input(args)
+            except InvalidArgument as exc:
+                raise batch_input_error(self._index, str(exc)) from None
+            if self._words:
+                ready.append(self._take())
+            self._message.inputs.append(given)
+        self._index += 1
+        self._count += 1
+        if self._count >= BATCH_INPUTS_PER_MESSAGE:
+            ready.append(self._take())
+        return ready
+
+    def end(self) -> list[pb.ExecuteBatchRequest]:
+        """The last message, if there is anything left to send."""
+        if self._count or self._message.HasField("header"):
+            return [self._take()]
+        return []
+
+    def _take(self) -> pb.ExecuteBatchRequest:
+        message, words = self._message, self._words
+        if words:
+            if sys.byteorder != "little":
+                words.byteswap()
+            message.packed.words = words.tobytes()
+        self._message, self._words, self._count = pb.ExecuteBatchRequest(), array("Q"), 0
+        return message
 
 
 _PADDING = [(0,) * (PACKED_INPUT_WORDS - n) for n in range(PACKED_INPUT_WORDS + 1)]
@@ -692,14 +723,6 @@ def _pack(words: array[int], args: Sequence[Arg]) -> bool:
     words.extend(args)  # type: ignore[arg-type]
     words.extend(_PADDING[len(args)])
     return True
-
-
-def _with_packed(message: pb.ExecuteBatchRequest, words: array[int]) -> pb.ExecuteBatchRequest:
-    if words:
-        if sys.byteorder != "little":
-            words.byteswap()
-        message.packed.words = words.tobytes()
-    return message
 
 
 def batch_results(message: pb.ExecuteBatchResponse) -> Iterator[Result]:
