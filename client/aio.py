@@ -218,6 +218,13 @@ class AsyncClient:
         """The results of `function` on each input, in order; see `Client.execute_batch`.
         `inputs` may be a plain or an async iterable; they are sent by a task of their own
         while the results are read."""
+        if isinstance(module, Module) and module.code:  # uploaded again if evicted
+            try:
+                await self.get_module(module.id)
+            except NotFound as exc:
+                if not can_reload(module, exc):
+                    raise
+                await self.load(module.code, module.name)
         header = batch_header(module, function, fuel, state)
         stream = self._stub.ExecuteBatch(
             timeout=self.timeout if timeout is None else timeout, metadata=self._metadata

@@ -267,8 +267,17 @@ class Client:
         results before them are yielded (`batch_input_index` gives which input);
         an exception raised by `inputs` itself is raised at the same point.
         Stopping the iteration early (or `close()`) cancels the batch. In-process
-        helpers only, and no module re-upload: a module the server lacks is NotFound.
+        helpers only. A `Module` (from `load`) the server no longer has is uploaded
+        again before the batch starts (`GetModule` first: one round trip); one
+        evicted in the instant between the two is NotFound, as a module id is.
         """
+        if isinstance(module, Module) and module.code:
+            try:
+                self.get_module(module.id)
+            except NotFound as exc:
+                if not can_reload(module, exc):
+                    raise
+                self.load(module.code, module.name)
         header = batch_header(module, function, fuel, state)
         stopped: list[BaseException] = []  # what ended `inputs` early, raised in order
         responses = self._stub.ExecuteBatch(

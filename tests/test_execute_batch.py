@@ -19,7 +19,7 @@ from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
 from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 from bpfexec.client.aio import AsyncClient
 from bpfexec.client.client import Client, batch_input_index
-from bpfexec.client.errors import DeadlineExceeded, InvalidArgument
+from bpfexec.client.errors import DeadlineExceeded, InvalidArgument, NotFound
 from bpfexec.server.app import RunningServer, serve_in_thread
 from bpfexec.server.service import MAX_BATCH_INPUTS_PER_MESSAGE
 from bpfexec.server.settings import Settings
@@ -303,3 +303,18 @@ def test_packed_inputs_must_be_whole_inputs(server: RunningServer, client: Clien
         packed_call(server, module.id, bytes(41))
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input 2: packed inputs of 41 bytes" in failed.value.details()
+
+
+def test_an_evicted_module_is_uploaded_again(server: RunningServer, client: Client) -> None:
+    module = client.load(EXAMPLE.read_bytes(), "example.o")
+    client.delete_module(module)  # as the cache's eviction would
+    assert [r.return_value for r in client.execute_batch(module, "example", [[4, 9]])] == [9]
+    client.delete_module(module)
+    with pytest.raises(NotFound):  # an id alone cannot be uploaded again
+        list(client.execute_batch(module.id, "example", [[4, 9]]))
+
+    async def main() -> list[int]:
+        async with AsyncClient(server.address, timeout=TIMEOUT) as bpf:
+            return [r.return_value async for r in bpf.execute_batch(module, "example", [[4, 8]])]
+
+    assert asyncio.run(main()) == [8]
