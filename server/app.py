@@ -38,7 +38,8 @@ from bpfexec.server.service import ExecutorServicer, add_to_server
 from bpfexec.server.settings import Settings
 from bpfexec.server.state_files import StateFiles
 from bpfexec.server.states import StateRegistry
-from bpfexec.server.store import ModuleStore
+from bpfexec.server.store import ModuleStorage, ModuleStore
+from bpfexec.server.store_redis import RedisModuleStore, StoreUnavailable, is_redis_url, redacted
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ async def start(settings: Settings, worker: int | None = None) -> RunningServer:
         cache_max_modules=settings.cache_max_modules,
         cache_max_bytes=settings.cache_max_bytes,
         remote_helper_timeout=settings.remote_helper_timeout,
-        store=ModuleStore(settings.store, metrics) if settings.store else None,
+        store=open_module_store(settings.store, metrics),
         # Without authentication every caller is the same tenant.
         shared_modules=settings.shared_modules or authenticator is None,
         jit_compile_workers=settings.jit_compile_workers,
@@ -123,15 +124,20 @@ async def start(settings: Settings, worker: int | None = None) -> RunningServer:
             max_state_bytes=settings.max_state_bytes,
             max_states_bytes=settings.max_states_bytes,
             max_states=settings.max_states,
-            files=StateFiles(state_directory(settings.store, worker)) if settings.store else None,
+            files=StateFiles(state_directory(settings.store, worker))
+            if settings.store and not is_redis_url(settings.store)
+            else None,
         ),
     )
     if service.store is not None:
-        restored = await asyncio.to_thread(service.restore)
-        states = await asyncio.to_thread(service.restore_states)
-        log.info(
-            "store %s: %d modules and %d named states restored", settings.store, restored, states
-        )
+        try:
+            restored = await asyncio.to_thread(service.restore)
+            states = await asyncio.to_thread(service.restore_states)
+        except StoreUnavailable as exc:  # modules are read from it on demand once it is back
+            log.warning("%s; starting with no module restored", exc)
+        else:
+            log.info("store %s: %d modules and %d named states restored",
+                     _redacted_store(settings.store), restored, states)  # fmt: skip
     tenant_of = authenticator.tenant_of if authenticator is not None else None
     # Order matters: the metrics interceptor caches handlers by method, so it
     # must come after (inside) the one that may refuse a call. The request
@@ -207,6 +213,26 @@ async def start(settings: Settings, worker: int | None = None) -> RunningServer:
     return RunningServer(
         settings, server, service, health, metrics, port, metrics_http, authenticator
     )
+
+
+def open_module_store(location: str, metrics: Metrics) -> ModuleStorage | None:
+    """The module store of `--store`: a directory, or Redis (`redis://`, `rediss://`,
+    `unix://`); None when empty. An unreachable Redis is logged, not fatal: requests
+    that need the store are UNAVAILABLE until it is back."""
+    if not location:
+        return None
+    if not is_redis_url(location):
+        return ModuleStore(location, metrics)
+    store = RedisModuleStore(location, metrics)
+    try:
+        store.check()
+    except StoreUnavailable as exc:
+        log.warning("%s", exc)
+    return store
+
+
+def _redacted_store(location: str) -> str:
+    return redacted(location) if is_redis_url(location) else location
 
 
 def state_directory(store: str, worker: int | None = None) -> Path:

@@ -31,8 +31,9 @@ thread is only given back once the program has actually stopped.
 Modules belong to the tenants that uploaded them: every module method takes
 the caller's `tenant`, and a module another tenant uploaded is, to this
 caller, a module that does not exist (unless `shared_modules`). With a
-`ModuleStore`, every accepted module is written to disk before the upload
-returns, and a module missing from the cache is read back from the store.
+module store (a directory, or Redis shared by replicas), every accepted module
+is stored before the upload returns, and a module missing from the cache is
+read back from the store.
 
 An execution naming a state runs on that state's maps (`bpfexec.server.states`,
 created on first use) and its change is written to the store, if any, before
@@ -69,7 +70,7 @@ from bpfexec.server.states import (
     map_contents,
     new_map_set,
 )
-from bpfexec.server.store import ModuleStore
+from bpfexec.server.store import ModuleStorage
 from bpfexec.vm import (
     Helper,
     HelperChain,
@@ -218,7 +219,7 @@ class ExecutionService:
         cache_max_modules: int = 1024,
         cache_max_bytes: int = 256 << 20,
         remote_helper_timeout: float = 10.0,
-        store: ModuleStore | None = None,
+        store: ModuleStorage | None = None,
         shared_modules: bool = True,
         jit_compile_workers: int = 2,
         jit_compile_timeout: float = 60.0,

@@ -62,6 +62,7 @@ from bpfexec.server.states import (
     StateNotFound,
     StateNotSaved,
 )
+from bpfexec.server.store_redis import StoreUnavailable
 from bpfexec.vm import (
     Helper,
     HelperRef,
@@ -818,6 +819,7 @@ def _helper(helper: Helper) -> pb.Helper:
 # subclasses (LimitError is a RequestError) come before their bases.
 _STATUS: list[tuple[type[Exception], grpc.StatusCode, str]] = [
     (ModuleNotFound, grpc.StatusCode.NOT_FOUND, "MODULE_NOT_FOUND"),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
     (StateNotFound, grpc.StatusCode.NOT_FOUND, "STATE_NOT_FOUND"),
     (MapNotFound, grpc.StatusCode.NOT_FOUND, "MAP_NOT_FOUND"),
     (StateLimit, grpc.StatusCode.RESOURCE_EXHAUSTED, "STATE_LIMIT"),

@@ -129,7 +129,9 @@ class Settings:
     max_message_bytes: int = _knob(64 << 20, "largest gRPC message accepted or sent, in bytes")
     store: str = _knob(
         "",
-        "directory keeping every accepted module and named state on disk (empty: memory only)",
+        "directory keeping every accepted module and named state on disk, or a Redis URL "
+        "(redis://[user:password@]HOST:PORT/DB, rediss:// with TLS) keeping the modules, "
+        "shared by every replica (empty: memory only)",
     )
     max_state_bytes: int = _knob(
         64 << 20,

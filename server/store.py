@@ -31,6 +31,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from bpfexec.server.metrics import Metrics
 from bpfexec.vm.program import content_id
@@ -56,6 +57,23 @@ class StoredModule:
         if tenant is None:
             return self.name
         return self.names.get(tenant, self.name)
+
+
+class ModuleStorage(Protocol):
+    """What the service needs of a module store: `ModuleStore` (a directory) or
+    `bpfexec.server.store_redis.RedisModuleStore`."""
+
+    def ids(self) -> list[str]: ...
+    def has(self, module_id: str) -> bool: ...
+    def read(self, module_id: str) -> StoredModule | None: ...
+    def tenants(self, module_id: str) -> frozenset[str]: ...
+    def save(
+        self, module_id: str, code: bytes, name: str | None, tenants: Iterable[str]
+    ) -> None: ...
+    def add_tenant(self, module_id: str, code: bytes, name: str | None, tenant: str) -> None: ...
+    def remove_tenant(self, module_id: str, tenant: str) -> None: ...
+    def set_tenants(self, module_id: str, name: str | None, tenants: Iterable[str]) -> None: ...
+    def delete(self, module_id: str) -> bool: ...
 
 
 class ModuleStore:
