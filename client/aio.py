@@ -16,6 +16,7 @@ execution, as the protocol requires.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -26,9 +27,11 @@ import grpc
 from bpfexec._pb.bpfexec.v1 import executor_pb2 as pb
 from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 from bpfexec.client.client import (
+    BATCH_WINDOW,
     BPF_ANY,
     DEFAULT_MAX_MESSAGE_BYTES,
     MASK64,
+    PACKED_INPUT_WORDS,
     TEST_RUN_MESSAGE_BYTES,
     TEST_RUN_PACKETS_PER_MESSAGE,
     Arg,
@@ -38,6 +41,7 @@ from bpfexec.client.client import (
     Helpers,
     PathLike,
     batch_header,
+    batch_request,
     batch_requests,
     batch_results,
     bearer_metadata,
@@ -214,10 +218,11 @@ class AsyncClient:
         *,
         state: str | None = None,
         timeout: float | None = None,
+        helpers: Helpers | None = None,
     ) -> AsyncIterator[Result]:
         """The results of `function` on each input, in order; see `Client.execute_batch`.
         `inputs` may be a plain or an async iterable; they are sent by a task of their own
-        while the results are read."""
+        while the results are read. Helper fns may be `async def`."""
         if isinstance(module, Module) and module.code:  # uploaded again if evicted
             try:
                 await self.get_module(module.id)
@@ -229,6 +234,11 @@ class AsyncClient:
         stream = self._stub.ExecuteBatch(
             timeout=self.timeout if timeout is None else timeout, metadata=self._metadata
         )
+        if helpers is not None:
+            answering = _answering_batch(stream, header, inputs, helper_table(helpers))
+            async for result in answering:
+                yield result
+            return
         stopped: list[BaseException] = []
         writer = asyncio.ensure_future(_write_batch(stream, header, inputs, stopped))
         try:
@@ -514,6 +524,121 @@ async def _write_batch(
         for message in batch_requests(header, inputs, stopped):
             await stream.write(message)
     await stream.done_writing()
+
+
+class _AsyncWindow:
+    """`bpfexec.client.client._Window` for a task: inputs at most `BATCH_WINDOW` ahead."""
+
+    def __init__(self) -> None:
+        self._condition = asyncio.Condition()
+        self._sent = 0
+        self._received = 0
+
+    async def wait_for_room(self, count: int) -> None:
+        async with self._condition:
+            await self._condition.wait_for(
+                lambda: self._sent + count - self._received <= BATCH_WINDOW
+            )
+            self._sent += count
+
+    async def received(self, count: int) -> None:
+        async with self._condition:
+            self._received += count
+            self._condition.notify_all()
+
+
+class _BatchStream:
+    """A batch's stream as an AsyncHelperCall uses it: writes (ExecuteStream requests,
+    turned into batch requests) one at a time, reads of helper messages only (the
+    results that come meanwhile are kept for the batch's loop)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.lock = asyncio.Lock()  # one write at a time: the inputs' task and the answers
+        self.waiting: collections.deque[pb.ExecuteBatchResponse] = collections.deque()
+
+    async def send(self, request: pb.ExecuteBatchRequest) -> None:
+        async with self.lock:
+            await self.stream.write(request)
+
+    async def write(self, request: pb.ExecuteStreamRequest) -> None:
+        await self.send(batch_request(request))
+
+    async def read(self) -> Any:
+        while True:
+            message = await self.stream.read()
+            if message is grpc.aio.EOF or message.WhichOneof("message") is not None:
+                return message
+            self.waiting.append(message)
+
+    async def next(self) -> Any:
+        """The next message for the batch's loop."""
+        return self.waiting.popleft() if self.waiting else await self.stream.read()
+
+
+async def _answering_batch(
+    stream: Any,
+    header: pb.BatchHeader,
+    inputs: Iterable[Sequence[Arg]] | AsyncIterable[Sequence[Arg]],
+    table: dict[HelperKey, Callable[..., Any]],
+) -> AsyncIterator[Result]:
+    """`execute_batch` with helpers: a task sends the inputs within the window, this
+    generator answers helper calls and yields results."""
+    header.helper_numbers.extend(key for key in table if isinstance(key, int))
+    header.helper_names.extend(key for key in table if isinstance(key, str))
+    batch = _BatchStream(stream)
+    window = _AsyncWindow()
+    stopped: list[BaseException] = []
+
+    async def send_inputs() -> None:
+        messages = BatchMessages(header)
+
+        async def send(ready: list[pb.ExecuteBatchRequest]) -> None:
+            for message in ready:
+                count = len(message.inputs) + len(message.packed.words) // (8 * PACKED_INPUT_WORDS)
+                await window.wait_for_room(count)
+                await batch.send(message)
+
+        try:
+            if isinstance(inputs, AsyncIterable):
+                async for args in inputs:
+                    await send(messages.add(args))
+            else:
+                for args in inputs:
+                    await send(messages.add(args))
+        except Exception as exc:  # raised by the caller after the results before it
+            stopped.append(exc)
+        await send(messages.end())
+        await batch.send(pb.ExecuteBatchRequest(end_of_inputs=True))
+
+    writer = asyncio.ensure_future(send_inputs())
+    try:
+        while (message := await batch.next()) is not grpc.aio.EOF:
+            if message.WhichOneof("message") == "helper_call":
+                call = AsyncHelperCall(message.helper_call, batch)
+                answer = await _answer(call, table)
+                for line in call.lines:
+                    log = pb.HelperLog(call_id=call.call_id, text=line)
+                    await batch.send(pb.ExecuteBatchRequest(log=log))
+                await batch.write(answer)
+                continue
+            results = list(batch_results(message))
+            await window.received(len(results))
+            for result in results:
+                yield result
+            if message.done:
+                break
+        await writer
+        async with batch.lock:
+            await stream.done_writing()
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None
+    finally:
+        writer.cancel()
+        if not stream.done():
+            stream.cancel()
+    if stopped:
+        raise stopped[0]
 
 
 async def _read_to_end(stream: Any) -> None:

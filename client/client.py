@@ -19,9 +19,11 @@ server or the VM.
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import sys
+import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -255,6 +257,7 @@ class Client:
         *,
         state: str | None = None,
         timeout: float | None = None,
+        helpers: Helpers | None = None,
     ) -> Iterator[Result]:
         """Run `function` of a module on each input (its arguments, as `execute` takes
         them) over one `ExecuteBatch` stream; the results in input order (docs/batch.md).
@@ -266,10 +269,12 @@ class Client:
         input's Result. Arguments that cannot run raise InvalidArgument once the
         results before them are yielded (`batch_input_index` gives which input);
         an exception raised by `inputs` itself is raised at the same point.
-        Stopping the iteration early (or `close()`) cancels the batch. In-process
-        helpers only. A `Module` (from `load`) the server no longer has is uploaded
-        again before the batch starts (`GetModule` first: one round trip); one
-        evicted in the instant between the two is NotFound, as a module id is.
+        Stopping the iteration early (or `close()`) cancels the batch. `helpers`
+        are answered by this client, as `execute` answers them: the inputs are then
+        read on a thread of their own, at most `BATCH_WINDOW` ahead of the results.
+        A `Module` (from `load`) the server no longer has is uploaded again before
+        the batch starts (`GetModule` first: one round trip); one evicted in the
+        instant between the two is NotFound, as a module id is.
         """
         if isinstance(module, Module) and module.code:
             try:
@@ -279,6 +284,9 @@ class Client:
                     raise
                 self.load(module.code, module.name)
         header = batch_header(module, function, fuel, state)
+        if helpers is not None:
+            yield from self._batch_answering(header, inputs, helper_table(helpers), timeout)
+            return
         stopped: list[BaseException] = []  # what ended `inputs` early, raised in order
         responses = self._stub.ExecuteBatch(
             batch_requests(header, inputs, stopped),
@@ -293,6 +301,52 @@ class Client:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         finally:
+            if responses.is_active():
+                responses.cancel()
+        if stopped:
+            raise stopped[0]
+
+    def _batch_answering(
+        self,
+        header: pb.BatchHeader,
+        inputs: Iterable[Sequence[Arg]],
+        table: dict[HelperKey, Callable[..., Any]],
+        timeout: float | None,
+    ) -> Iterator[Result]:
+        """`execute_batch` with helpers: a thread sends the inputs within the window,
+        this one answers helper calls and yields results."""
+        header.helper_numbers.extend(key for key in table if isinstance(key, int))
+        header.helper_names.extend(key for key in table if isinstance(key, str))
+        outbox: queue.SimpleQueue[pb.ExecuteBatchRequest | None] = queue.SimpleQueue()
+        window = _Window()
+        stopped: list[BaseException] = []
+        sender = threading.Thread(
+            target=_send_within_window, args=(header, inputs, outbox, window, stopped),
+            name="bpfexec-batch-inputs", daemon=True,
+        )  # fmt: skip
+        responses = self._stub.ExecuteBatch(
+            iter(outbox.get, None),
+            timeout=self.timeout if timeout is None else timeout,
+            metadata=self._metadata,
+        )
+        sender.start()
+        answers = _BatchAnswers(responses)
+        try:
+            for message in answers:
+                if message.WhichOneof("message") == "helper_call":
+                    call = HelperCall(message.helper_call, _BatchOutbox(outbox), answers.calls())
+                    outbox.put(batch_request(helper_result(call, table)))
+                    continue
+                results = list(batch_results(message))
+                window.received(len(results))
+                yield from results
+                if message.done:
+                    break
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            window.close()
+            outbox.put(None)  # ends the request stream
             if responses.is_active():
                 responses.cancel()
         if stopped:
@@ -494,8 +548,8 @@ class HelperCall:
     def __init__(
         self,
         message: pb.HelperCall,
-        outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None],
-        responses: Iterator[pb.ExecuteStreamResponse],
+        outbox: queue.SimpleQueue[pb.ExecuteStreamRequest | None] | _BatchOutbox,
+        responses: Iterator[pb.ExecuteStreamResponse] | Iterator[pb.ExecuteBatchResponse],
     ) -> None:
         self.call_id: int = message.call_id
         self.helper: HelperKey = called_helper(message)
@@ -529,12 +583,12 @@ class HelperCall:
             call_id=self.call_id, address=addr & MASK64, size=size, until_nul=until_nul
         )
         self._outbox.put(pb.ExecuteStreamRequest(memory_read=read))
-        answer = self._answer("memory_read_result").memory_read_result
+        answer: pb.MemoryReadResult = self._answer("memory_read_result").memory_read_result
         if answer.WhichOneof("outcome") == "error":
             raise MemoryFault(answer.error, _INVALID)
         return answer.data
 
-    def _answer(self, kind: str) -> pb.ExecuteStreamResponse:
+    def _answer(self, kind: str) -> Any:
         message = next(self._responses, None)
         if message is None or message.WhichOneof("message") != kind:
             got = message.WhichOneof("message") if message is not None else "the end of the stream"
@@ -732,6 +786,100 @@ def _pack(words: array[int], args: Sequence[Arg]) -> bool:
     words.extend(args)  # type: ignore[arg-type]
     words.extend(_PADDING[len(args)])
     return True
+
+
+BATCH_WINDOW = 8192  # inputs sent beyond the results received, when helpers are offered
+
+
+class _Window:
+    """How far the inputs may run ahead of the results (`BATCH_WINDOW`)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._sent = 0
+        self._received = 0
+        self._closed = False
+
+    def wait_for_room(self, count: int) -> bool:
+        """Wait until `count` more inputs fit; False once the batch is over."""
+        with self._condition:
+            self._condition.wait_for(
+                lambda: self._closed or self._sent + count - self._received <= BATCH_WINDOW
+            )
+            self._sent += count
+            return not self._closed
+
+    def received(self, count: int) -> None:
+        with self._condition:
+            self._received += count
+            self._condition.notify_all()
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+
+
+def _send_within_window(
+    header: pb.BatchHeader,
+    inputs: Iterable[Sequence[Arg]],
+    outbox: queue.SimpleQueue[pb.ExecuteBatchRequest | None],
+    window: _Window,
+    stopped: list[BaseException],
+) -> None:
+    """The sender thread of a batch with helpers: messages of inputs, each once the
+    window has room for it, then `end_of_inputs` (the stream stays open for answers)."""
+    messages = batch_requests(header, inputs, stopped)
+    for message in messages:
+        count = len(message.inputs) + len(message.packed.words) // (8 * PACKED_INPUT_WORDS)
+        if not window.wait_for_room(count):
+            return
+        outbox.put(message)
+    outbox.put(pb.ExecuteBatchRequest(end_of_inputs=True))
+
+
+class _BatchAnswers:
+    """A batch's responses, for the caller's loop and for a HelperCall waiting for the
+    answer to a memory access: results that come meanwhile wait for the loop."""
+
+    def __init__(self, responses: Iterator[pb.ExecuteBatchResponse]) -> None:
+        self._responses = responses
+        self._waiting: collections.deque[pb.ExecuteBatchResponse] = collections.deque()
+
+    def __iter__(self) -> Iterator[pb.ExecuteBatchResponse]:
+        while True:
+            if self._waiting:
+                yield self._waiting.popleft()
+                continue
+            message = next(self._responses, None)
+            if message is None:
+                return
+            yield message
+
+    def calls(self) -> Iterator[pb.ExecuteBatchResponse]:
+        """The responses a helper call reads: helper messages, the results set aside."""
+        for message in self._responses:
+            if message.WhichOneof("message") is None:
+                self._waiting.append(message)
+                continue
+            yield message
+
+
+class _BatchOutbox:
+    """A HelperCall's outbox on a batch: its ExecuteStream requests, as batch requests."""
+
+    def __init__(self, outbox: queue.SimpleQueue[pb.ExecuteBatchRequest | None]) -> None:
+        self._outbox = outbox
+
+    def put(self, request: pb.ExecuteStreamRequest) -> None:
+        self._outbox.put(batch_request(request))
+
+
+def batch_request(request: pb.ExecuteStreamRequest) -> pb.ExecuteBatchRequest:
+    """A helper answer of ExecuteStream's as the same answer on an ExecuteBatch."""
+    kind = request.WhichOneof("message")
+    assert kind is not None
+    return pb.ExecuteBatchRequest(**{kind: getattr(request, kind)})
 
 
 def batch_results(message: pb.ExecuteBatchResponse) -> Iterator[Result]:

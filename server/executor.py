@@ -599,28 +599,31 @@ class ExecutionService:
         timeout: float | None = None,
         tenant: str = "",
         state: str | None = None,
+        helpers: HelperResolver | None = None,
     ) -> RunningBatch[BatchChunk, BatchOut]:
         """Start `function` of a cached module over inputs fed to the returned batch,
         on one pool thread and one execution slot (`bpfexec.vm.batch.run_chunks`).
 
         `fuel` is each input's; `timeout` bounds the whole batch; `state` names
-        the maps the batch runs on (stored once the batch ends). In-process
-        helpers only. Request problems raise as for `execute`, before any input.
+        the maps the batch runs on (stored once the batch ends); `helpers` adds
+        helpers after the in-process ones (a client's, `RemoteHelpers`). Request
+        problems raise as for `execute`, before any input.
         """
         module = await self.get(module_id, tenant)
         program = module.program
         budget = self.limits.fuel(fuel)
         program.function(function)  # an unknown function: before any input
+        resolver = self._helpers if helpers is None else HelperChain(self._helpers, helpers)
         # A missing helper: the same error as Execute's, before any input.
-        link(program, HelperChain(self._linux, self._helpers) if program.kernel_helpers
-             else self._helpers)  # fmt: skip
+        link(program, HelperChain(self._linux, resolver) if program.kernel_helpers
+             else resolver)  # fmt: skip
         if state is not None:
             check_state_name(state)
         pipe: BatchPipe[BatchChunk, BatchOut] = BatchPipe(asyncio.get_running_loop())
         batch = RunningBatch(pipe, Interrupt(), self.metrics)
 
         def submit(shared: State | None) -> Future[None]:
-            job = _Run(program, function, (), budget, self._helpers, batch.interrupt, shared, False)
+            job = _Run(program, function, (), budget, resolver, batch.interrupt, shared, False)
             return self._pool.submit(self._run_batch, job, batch.pipe)
 
         self._start_worker(batch, module, tenant, state, timeout, submit)
@@ -800,6 +803,11 @@ class RunningBatch(Generic[Chunk, Out]):
         self._inputs_counted: Counter = metrics.batch_inputs
         self._results_counted: Counter | None = metrics.batch_results
         self._results = 0
+
+    @property
+    def results_sent(self) -> int:
+        """Results handed to the stream so far."""
+        return self._results
 
     async def feed(self, inputs: Chunk) -> None:
         """Queue inputs; waits while the worker is far enough behind."""

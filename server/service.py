@@ -321,7 +321,9 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         """One function over the inputs of the request stream; the protocol is in the proto.
 
         A reader task feeds the inputs to the batch (reading the next request only
-        when the batch has room for it); this generator sends its results.
+        when the batch has room for it); this generator sends its results. With
+        helpers offered, the reader reads every message as it comes (an answer must
+        never wait behind inputs) and every message out goes through one outbox.
         """
         first: pb.ExecuteBatchRequest | _Malformed | None = await anext(aiter(requests), None)
         if isinstance(first, _Malformed):
@@ -333,10 +335,27 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 + (", got none (the client closed its side)" if first is None else "")
             ))  # fmt: skip
         header = first.header
+        outbox: Outbox[pb.ExecuteBatchResponse | Exception | None] = Outbox(
+            self.max_stream_outbox_bytes
+        )
+        session: RemoteHelpers | None = None
         try:
             self._check_names(
                 module_id=header.module_id, function=header.function, state_name=header.state
             )
+            if header.helper_numbers or header.helper_names:
+                session = RemoteHelpers(
+                    header.helper_numbers,
+                    header.helper_names,
+                    shadows=self._service.provides,
+                    timeout=self._service.remote_helper_timeout,
+                    metrics=self._service.metrics,
+                    send=lambda call: outbox.put_nowait(
+                        pb.ExecuteBatchResponse(helper_call=_helper_call(call).helper_call)
+                    ),
+                    loop=asyncio.get_running_loop(),
+                    max_read=self.max_memory_read_bytes,
+                )
             batch = await self._service.start_batch(
                 header.module_id,
                 header.function or None,
@@ -344,15 +363,29 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 timeout=context.time_remaining(),
                 tenant=self._tenant(context),
                 state=header.state or None,
+                helpers=session,
             )
         except Exception as exc:
             await _abort(context, exc)
-        reader = asyncio.ensure_future(self._feed_batch(first, requests, batch))
+        if session is None:
+            reader = asyncio.ensure_future(self._feed_batch(first, requests, batch))
+            pump = None
+        else:
+            reader = asyncio.ensure_future(
+                self._feed_answering(first, requests, batch, session, outbox)
+            )
+            pump = asyncio.ensure_future(_pump_results(batch, outbox))
         try:
             try:
-                async for chunk in batch.results():
-                    for message in _batch_responses(chunk):
-                        yield message
+                if pump is None:
+                    async for chunk in batch.results():
+                        for message in _batch_responses(chunk):
+                            yield message
+                else:
+                    while (out := await outbox.get()) is not None:
+                        if isinstance(out, Exception):
+                            raise out
+                        yield out
             except Exception as exc:
                 await _abort(context, exc)
             yield pb.ExecuteBatchResponse(done=True)
@@ -360,6 +393,38 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             # However the call ends (done, client gone, deadline, error), the worker stops.
             batch.stop()
             reader.cancel()
+            if session is not None and pump is not None:
+                session.cancel()
+                pump.cancel()
+
+    def _batch_chunks(
+        self, message: pb.ExecuteBatchRequest, index: int
+    ) -> tuple[list[BatchChunk], Exception | None]:
+        """The chunks of inputs of one request message, whose first input is input
+        `index`: those before a bad one, and its error (else None)."""
+        words = message.packed.words
+        count = len(message.inputs) + len(words) // (8 * PACKED_INPUT_WORDS)
+        if count > self.max_batch_inputs_per_message:
+            return [], LimitError(
+                f"a message of {count} inputs, more than the limit of "
+                f"{self.max_batch_inputs_per_message} (max_batch_inputs_per_message)"
+            )
+        chunks: list[BatchChunk] = []
+        inputs: list[Sequence[Argument]] = []
+        for given in message.inputs:
+            try:
+                inputs.append(arguments(given.args))
+            except RequestError as exc:
+                return [inputs] if inputs else [], BatchInputError(index, str(exc))
+            index += 1
+        if inputs:
+            chunks.append(inputs)
+        if words:
+            try:
+                chunks.append(_packed_inputs(words, index))
+            except BatchInputError as exc:
+                return chunks, exc
+        return chunks, None
 
     async def _feed_batch(
         self,
@@ -373,38 +438,83 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         message: pb.ExecuteBatchRequest | _Malformed | None = first
         try:
             while message is not None:
-                if isinstance(message, _Malformed):
-                    raise message.error
-                if message is not first and message.HasField("header"):
-                    raise ProtocolViolation("only the first message of ExecuteBatch has a header")
-                words = message.packed.words
-                count = len(message.inputs) + len(words) // (8 * PACKED_INPUT_WORDS)
-                if count > self.max_batch_inputs_per_message:
-                    raise LimitError(
-                        f"a message of {count} inputs, more than the limit of "
-                        f"{self.max_batch_inputs_per_message} (max_batch_inputs_per_message)"
+                message = _checked_batch_message(message, first)
+                if message.WhichOneof("message") is not None:
+                    raise ProtocolViolation(
+                        f"a {message.WhichOneof('message')} on a batch that offered no helpers"
                     )
-                inputs: list[Sequence[Argument]] = []
-                for given in message.inputs:
-                    try:
-                        inputs.append(arguments(given.args))
-                    except RequestError as exc:
-                        if inputs:
-                            await batch.feed(inputs)
-                        raise BatchInputError(index, str(exc)) from None
-                    index += 1
-                if inputs:
-                    await batch.feed(inputs)
-                if words:
-                    packed = _packed_inputs(words, index)  # after the inputs before it
-                    await batch.feed(packed)
-                    index += len(packed)
+                chunks, error = self._batch_chunks(message, index)
+                for chunk in chunks:
+                    await batch.feed(chunk)
+                    index += len(chunk)
+                if error is not None:
+                    raise error
+                if message.end_of_inputs:
+                    break
                 message = await anext(requests, None)
             await batch.end_inputs()
         except (RequestError, ProtocolViolation) as error:
             await batch.refuse(error)
         except (grpc.RpcError, asyncio.InvalidStateError):
             batch.stop()  # the stream broke under the reader
+
+    async def _feed_answering(
+        self,
+        first: pb.ExecuteBatchRequest,
+        requests: AsyncIterator[pb.ExecuteBatchRequest | _Malformed],
+        batch: RunningBatch[BatchChunk, BatchOut],
+        session: RemoteHelpers,
+        outbox: Outbox[pb.ExecuteBatchResponse | Exception | None],
+    ) -> None:
+        """`_feed_batch` for a batch whose client answers helpers: every message is
+        read as it comes, answers go to `session` at once, inputs to a queue a feeder
+        task hands on to the batch; a client further ahead than its window is refused."""
+        queued: asyncio.Queue[BatchChunk | Exception | None] = asyncio.Queue()
+        feeder = asyncio.ensure_future(_feed_queued(queued, batch))
+        index = 0  # of the next input
+        ended = False  # the inputs are over (end_of_inputs, or an error)
+        message: pb.ExecuteBatchRequest | _Malformed | None = first
+        try:
+            while message is not None:
+                message = _checked_batch_message(message, first)
+                kind = message.WhichOneof("message")
+                if kind is not None:
+                    if message.inputs or message.packed.words or message.end_of_inputs:
+                        raise ProtocolViolation(f"a message with a {kind} carries no inputs")
+                    await _serve_helper_message(
+                        message, kind, session, outbox, pb.ExecuteBatchResponse
+                    )
+                elif not ended:
+                    chunks, error = self._batch_chunks(message, index)
+                    for chunk in chunks:
+                        queued.put_nowait(chunk)
+                        index += len(chunk)
+                    ahead = index - batch.results_sent
+                    if ahead > BATCH_WINDOW + self.max_batch_inputs_per_message:
+                        # At once, not after the inputs before: the worker may be waiting
+                        # for an answer the client will not send.
+                        outbox.put_nowait(LimitError(
+                            f"{ahead} inputs sent and not yet answered: a client that offers "
+                            f"helpers keeps at most {BATCH_WINDOW} ahead"
+                        ))  # fmt: skip
+                        return
+                    if error is not None or message.end_of_inputs:
+                        queued.put_nowait(error)
+                        ended = True
+                elif message.inputs or message.packed.words:
+                    raise ProtocolViolation("inputs after the end of the inputs")
+                message = await anext(requests, None)
+            if not ended:
+                queued.put_nowait(None)
+            session.client_done()
+            await feeder
+        except (RequestError, ProtocolViolation) as violation:  # at once: see the window
+            outbox.put_nowait(violation)
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            session.cancel()
+            batch.stop()
+        finally:
+            feeder.cancel()
 
     async def TestRun(
         self,
@@ -588,49 +698,61 @@ async def _serve_client(
             if isinstance(message, _Malformed):  # bytes that did not parse (`_lenient`)
                 raise message.error
             kind = message.WhichOneof("message")
-            if kind == "helper_result":
-                result = message.helper_result
-                outcome = result.WhichOneof("outcome")
-                if outcome is None:
-                    raise ProtocolViolation(
-                        f"HelperResult for call_id {result.call_id} sets neither value nor error"
-                    )
-                session.answer(
-                    result.call_id,
-                    result.value if outcome == "value" else None,
-                    _clipped(result.error) if outcome == "error" else None,
-                )
-            elif kind == "memory_read":
-                read = message.memory_read
-                answer = pb.MemoryReadResult(call_id=read.call_id)
-                try:
-                    answer.data = await session.read_async(
-                        read.call_id, read.address, read.size, read.until_nul
-                    )
-                except Trap as fault:
-                    answer.error = fault.message
-                size = len(answer.data) + len(answer.error) + MESSAGE_OVERHEAD
-                await outbox.put(pb.ExecuteStreamResponse(memory_read_result=answer), size)
-            elif kind == "memory_write":
-                write = message.memory_write
-                done = pb.MemoryWriteResult(call_id=write.call_id)
-                try:
-                    session.write(write.call_id, write.address, write.data)
-                except Trap as fault:
-                    done.error = fault.message
-                size = len(done.error) + MESSAGE_OVERHEAD
-                await outbox.put(pb.ExecuteStreamResponse(memory_write_result=done), size)
-            elif kind == "log":
-                session.log(message.log.call_id, message.log.text)
-            else:
+            if kind is None or kind == "start":
                 raise ProtocolViolation(
                     f"unexpected {_kind(message)}: an ExecuteStream has one `start`, first"
                 )
+            await _serve_helper_message(message, kind, session, outbox, pb.ExecuteStreamResponse)
         session.client_done()
     except ProtocolViolation as violation:
         outbox.put_nowait(violation)
     except (grpc.RpcError, asyncio.InvalidStateError):
         session.cancel()  # the stream broke under the reader: the generator is cancelled too
+
+
+async def _serve_helper_message(
+    message: pb.ExecuteStreamRequest | pb.ExecuteBatchRequest,
+    kind: str,
+    session: RemoteHelpers,
+    outbox: Outbox[Any],
+    respond: Callable[..., Message],
+) -> None:
+    """One message of a client answering a helper call (`kind`: helper_result,
+    memory_read, memory_write or log); a memory answer goes to `outbox` as
+    `respond(memory_..._result=...)`, once it has room."""
+    if kind == "helper_result":
+        result = message.helper_result
+        outcome = result.WhichOneof("outcome")
+        if outcome is None:
+            raise ProtocolViolation(
+                f"HelperResult for call_id {result.call_id} sets neither value nor error"
+            )
+        session.answer(
+            result.call_id,
+            result.value if outcome == "value" else None,
+            _clipped(result.error) if outcome == "error" else None,
+        )
+    elif kind == "memory_read":
+        read = message.memory_read
+        answer = pb.MemoryReadResult(call_id=read.call_id)
+        try:
+            answer.data = await session.read_async(
+                read.call_id, read.address, read.size, read.until_nul
+            )
+        except Trap as fault:
+            answer.error = fault.message
+        size = len(answer.data) + len(answer.error) + MESSAGE_OVERHEAD
+        await outbox.put(respond(memory_read_result=answer), size)
+    elif kind == "memory_write":
+        write = message.memory_write
+        done = pb.MemoryWriteResult(call_id=write.call_id)
+        try:
+            session.write(write.call_id, write.address, write.data)
+        except Trap as fault:
+            done.error = fault.message
+        await outbox.put(respond(memory_write_result=done), len(done.error) + MESSAGE_OVERHEAD)
+    elif kind == "log":
+        session.log(message.log.call_id, message.log.text)
 
 
 def _clipped(text: str, limit: int = MAX_HELPER_ERROR_CHARS) -> str:
@@ -700,6 +822,51 @@ def _packed_inputs(words: bytes, index: int) -> PackedInputs:
     if sys.byteorder != "little":
         unpacked.byteswap()
     return PackedInputs(unpacked)
+
+
+BATCH_WINDOW = 8192  # inputs a client offering helpers may send beyond its results
+
+
+def _checked_batch_message(
+    message: pb.ExecuteBatchRequest | _Malformed, first: pb.ExecuteBatchRequest
+) -> pb.ExecuteBatchRequest:
+    """`message`, or raise what is wrong with it as a whole."""
+    if isinstance(message, _Malformed):
+        raise message.error
+    if message is not first and message.HasField("header"):
+        raise ProtocolViolation("only the first message of ExecuteBatch has a header")
+    return message
+
+
+async def _feed_queued(
+    queued: asyncio.Queue[BatchChunk | Exception | None],
+    batch: RunningBatch[BatchChunk, BatchOut],
+) -> None:
+    """Hand queued chunks on to the batch as it has room; None ends the inputs, an
+    exception ends them with that error."""
+    while True:
+        item = await queued.get()
+        if item is None:
+            await batch.end_inputs()
+            return
+        if isinstance(item, Exception):
+            await batch.refuse(item)
+            return
+        await batch.feed(item)
+
+
+async def _pump_results(
+    batch: RunningBatch[BatchChunk, BatchOut],
+    outbox: Outbox[pb.ExecuteBatchResponse | Exception | None],
+) -> None:
+    """The batch's results into `outbox` (waiting for room), then None; or its error."""
+    try:
+        async for chunk in batch.results():
+            for message in _batch_responses(chunk):
+                await outbox.put(message, message.ByteSize())
+        outbox.put_nowait(None)
+    except Exception as exc:
+        outbox.put_nowait(exc)
 
 
 def _batch_responses(chunk: list[BatchOut]) -> Iterator[pb.ExecuteBatchResponse]:

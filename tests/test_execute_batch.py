@@ -20,10 +20,12 @@ from bpfexec._pb.bpfexec.v1 import executor_pb2_grpc as pb_grpc
 from bpfexec.client.aio import AsyncClient
 from bpfexec.client.client import Client, batch_input_index
 from bpfexec.client.errors import DeadlineExceeded, InvalidArgument, NotFound
+from bpfexec.client.types import Result as ClientResult
 from bpfexec.server.app import RunningServer, serve_in_thread
 from bpfexec.server.service import MAX_BATCH_INPUTS_PER_MESSAGE
 from bpfexec.server.settings import Settings
 from bpfexec.vm.batch import run_batch
+from bpfexec.vm.helpers import HelperRegistry
 from bpfexec.vm.loader import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,3 +320,86 @@ def test_an_evicted_module_is_uploaded_again(server: RunningServer, client: Clie
             return [r.return_value async for r in bpf.execute_batch(module, "example", [[4, 8]])]
 
     assert asyncio.run(main()) == [8]
+
+
+# -- remote helpers in a batch ---------------------------------------------------------------
+
+# r0 = peek(r1, r2), helper 100, answered by the client; 3 * r1 without it when r2 is 0.
+PEEK = b"if r2 == 0 goto plain\ncall 100\nexit\nplain:\nr0 = r1\nr0 *= 3\nexit\n"
+
+
+def peek(ctx, addr: int, size: int, *_: int) -> int:  # type: ignore[no-untyped-def]
+    """Reads `size` bytes at `addr` (logging them, marking the first), or triples `addr`."""
+    if not size:
+        return addr * 3
+    data = ctx.read(addr, size)
+    ctx.log(f"peek {data.hex()}")
+    ctx.write(addr, b"!")
+    return sum(data)
+
+
+def peek_inputs() -> list[list[int | bytes]]:
+    inputs: list[list[int | bytes]] = []
+    for n in range(30_000):  # beyond the window: the sender waits for results
+        inputs.append([b"ab%d" % n, 3] if n % 500 == 0 else [5, 4] if n % 777 == 0 else [n, 0])
+    return inputs
+
+
+def assert_peeked(remote: list[ClientResult], inputs: list[list[int | bytes]]) -> None:
+    """`remote` is what the same batch gives locally, with the helper in-process."""
+    registry = HelperRegistry()
+    registry.register(peek, id=100)
+    local = list(run_batch(load(PEEK), None, inputs, helpers=registry))
+    assert len(remote) == len(inputs)
+    for got, want in zip(remote, local, strict=True):
+        assert (got.return_value, got.fuel_used, got.log, got.buffers) == (
+            want.return_value, want.fuel_used, want.log, want.buffers,
+        )  # fmt: skip
+        assert (got.trap and got.trap.kind) == (want.trap and want.trap.kind.value)
+    assert remote[500].buffers == (b"!b500",) and remote[777].trap is not None
+
+
+def test_remote_helpers_answer_a_batch_in_order(client: Client) -> None:
+    module = client.load(PEEK)
+    inputs = peek_inputs()
+    assert_peeked(
+        list(client.execute_batch(module, None, iter(inputs), helpers={100: peek})), inputs
+    )
+
+
+def test_the_async_client_answers_helpers_in_a_batch(server: RunningServer) -> None:
+    async def apeek(call, addr: int, size: int, *_: int) -> int:  # type: ignore[no-untyped-def]
+        if not size:
+            return addr * 3
+        data = await call.read(addr, size)
+        call.log(f"peek {data.hex()}")
+        await call.write(addr, b"!")
+        return sum(data)
+
+    inputs = peek_inputs()
+
+    async def main() -> list[ClientResult]:
+        async with AsyncClient(server.address, timeout=TIMEOUT) as bpf:
+            module = await bpf.load(PEEK)
+            batch = bpf.execute_batch(module, None, inputs, helpers={100: apeek})
+            return [result async for result in batch]
+
+    assert_peeked(asyncio.run(main()), inputs)
+
+
+def test_a_batch_offering_helpers_refuses_a_client_too_far_ahead(
+    server: RunningServer, client: Client
+) -> None:
+    module = client.load(PEEK)
+    header = pb.BatchHeader(module_id=module.id, helper_numbers=[100])
+    words = array("Q", [1, 0, 0, 0, 0] * 4096).tobytes()
+    requests = [pb.ExecuteBatchRequest(header=header)]
+    requests += [pb.ExecuteBatchRequest(packed=pb.PackedInputs(words=words))] * 4
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ExecutorStub(channel)
+        calls = stub.ExecuteBatch(iter(requests), timeout=TIMEOUT)  # never answers a call
+        with pytest.raises(grpc.RpcError) as failed:
+            for message in calls:
+                assert message.WhichOneof("message") in (None, "helper_call")
+    assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "keeps at most 8192 ahead" in failed.value.details()

@@ -302,16 +302,20 @@ class MemoryWriteResult(_message.Message):
     def __init__(self, call_id: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class BatchHeader(_message.Message):
-    __slots__ = ("module_id", "function", "fuel", "state")
+    __slots__ = ("module_id", "function", "fuel", "state", "helper_numbers", "helper_names")
     MODULE_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     FUEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    HELPER_NUMBERS_FIELD_NUMBER: _ClassVar[int]
+    HELPER_NAMES_FIELD_NUMBER: _ClassVar[int]
     module_id: str
     function: str
     fuel: int
     state: str
-    def __init__(self, module_id: _Optional[str] = ..., function: _Optional[str] = ..., fuel: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    helper_numbers: _containers.RepeatedScalarFieldContainer[int]
+    helper_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, module_id: _Optional[str] = ..., function: _Optional[str] = ..., fuel: _Optional[int] = ..., state: _Optional[str] = ..., helper_numbers: _Optional[_Iterable[int]] = ..., helper_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BatchInput(_message.Message):
     __slots__ = ("args",)
@@ -320,14 +324,24 @@ class BatchInput(_message.Message):
     def __init__(self, args: _Optional[_Iterable[_Union[Argument, _Mapping]]] = ...) -> None: ...
 
 class ExecuteBatchRequest(_message.Message):
-    __slots__ = ("header", "inputs", "packed")
+    __slots__ = ("header", "inputs", "packed", "end_of_inputs", "helper_result", "memory_read", "memory_write", "log")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    END_OF_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    HELPER_RESULT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_READ_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_WRITE_FIELD_NUMBER: _ClassVar[int]
+    LOG_FIELD_NUMBER: _ClassVar[int]
     header: BatchHeader
     inputs: _containers.RepeatedCompositeFieldContainer[BatchInput]
     packed: PackedInputs
-    def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[BatchInput, _Mapping]]] = ..., packed: _Optional[_Union[PackedInputs, _Mapping]] = ...) -> None: ...
+    end_of_inputs: bool
+    helper_result: HelperResult
+    memory_read: MemoryRead
+    memory_write: MemoryWrite
+    log: HelperLog
+    def __init__(self, header: _Optional[_Union[BatchHeader, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[BatchInput, _Mapping]]] = ..., packed: _Optional[_Union[PackedInputs, _Mapping]] = ..., end_of_inputs: _Optional[bool] = ..., helper_result: _Optional[_Union[HelperResult, _Mapping]] = ..., memory_read: _Optional[_Union[MemoryRead, _Mapping]] = ..., memory_write: _Optional[_Union[MemoryWrite, _Mapping]] = ..., log: _Optional[_Union[HelperLog, _Mapping]] = ...) -> None: ...
 
 class PackedInputs(_message.Message):
     __slots__ = ("words",)
@@ -350,14 +364,20 @@ class BatchResult(_message.Message):
     def __init__(self, return_value: _Optional[int] = ..., fuel_used: _Optional[int] = ..., trap: _Optional[_Union[Trap, _Mapping]] = ..., buffers: _Optional[_Iterable[bytes]] = ..., log: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecuteBatchResponse(_message.Message):
-    __slots__ = ("results", "done", "packed")
+    __slots__ = ("results", "done", "packed", "helper_call", "memory_read_result", "memory_write_result")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    HELPER_CALL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_READ_RESULT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_WRITE_RESULT_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[BatchResult]
     done: bool
     packed: PackedResults
-    def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., done: _Optional[bool] = ..., packed: _Optional[_Union[PackedResults, _Mapping]] = ...) -> None: ...
+    helper_call: HelperCall
+    memory_read_result: MemoryReadResult
+    memory_write_result: MemoryWriteResult
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., done: _Optional[bool] = ..., packed: _Optional[_Union[PackedResults, _Mapping]] = ..., helper_call: _Optional[_Union[HelperCall, _Mapping]] = ..., memory_read_result: _Optional[_Union[MemoryReadResult, _Mapping]] = ..., memory_write_result: _Optional[_Union[MemoryWriteResult, _Mapping]] = ...) -> None: ...
 
 class PackedResults(_message.Message):
     __slots__ = ("words", "traps", "logs")
