@@ -301,3 +301,41 @@ def test_a_syscall_program_gets_the_packet_as_its_context() -> None:
     prog = load(b"r0 = *(u8 *)(r1 + 2)\n*(u8 *)(r1 + 0) = r0\nexit\n")
     (result,) = run_packets(prog, None, [b"\x01\x02\x03"])
     assert (result.retval, result.verdict, result.data) == (3, "3", b"\x03\x02\x03")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tc_pops_vlan_tags_as_the_kernel_does(objects: Path, engine: str) -> None:
+    prog = program(objects, "tc_vlan")
+    payload = bytes(range(30))
+    tagged = ethernet(payload, vlan=5)
+    qinq = DST + SRC + struct.pack("!HHHH", 0x88A8, 10, 0x8100, 5) + b"\x08\x00" + payload
+    plain = ethernet(payload)
+    short = DST + SRC + b"\x81\x00\x00\x05"
+    results = run(prog, "vlan_pop", [tagged, qinq, plain, short], engine)
+    ip, q = 0x0008, 0x0081  # ETH_P_IP, ETH_P_8021Q as the __sk_buff holds them (network order)
+    # [result, vlan_present, vlan_tci, vlan_proto, protocol]
+    assert [r.context["cb"] for r in results] == [
+        [0, 0, 0, 0, ip],
+        [0, 1, 5, q, ip],  # the outer tag out of the data, the inner one into the sk_buff
+        [0, 0, 0, 0, ip],
+        [-12 & 0xFFFFFFFF, 0, 0, 0, q],  # -ENOMEM: shorter than a VLAN Ethernet header
+    ]
+    assert [r.data for r in results] == [plain, plain, plain, short]
+    assert [r.verdict for r in results] == ["TC_ACT_OK"] * 4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tc_pushes_vlan_tags_the_second_into_the_packet(objects: Path, engine: str) -> None:
+    prog = program(objects, "tc_vlan")
+    payload = bytes(range(30))
+    (pushed,) = run(prog, "vlan_push", [ethernet(payload)], engine)
+    # The first push only sets the sk_buff's tag; the second moves it into the data.
+    assert pushed.context["cb"] == [0, 1, 9, 0xA888, 0x0081]
+    assert pushed.data == ethernet(payload, vlan=7)
+    assert pushed.context["mark"] == len(ethernet(payload)) + 4  # skb->len grew
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tc_pull_data_fails_only_beyond_the_packet(objects: Path, engine: str) -> None:
+    (pulled,) = run(program(objects, "tc_vlan"), "pull", [ethernet(bytes(30))], engine)
+    assert pulled.context["cb"] == [0, 0, 12, 0, 0]  # -ENOMEM for len + 1

@@ -14,11 +14,14 @@ frame's size never changes during a run, so a helper never remaps memory.
 | number | helper | types |
 | --- | --- | --- |
 | 9 | `bpf_skb_store_bytes(skb, offset, from, len, flags)` | tc |
+| 18 | `bpf_skb_vlan_push(skb, vlan_proto, vlan_tci)` | tc |
+| 19 | `bpf_skb_vlan_pop(skb)` | tc |
 | 10 | `bpf_l3_csum_replace(skb, offset, from, to, flags)` | tc |
 | 11 | `bpf_l4_csum_replace(skb, offset, from, to, flags)` | tc |
 | 23 | `bpf_redirect(ifindex, flags)`: recorded, not sent | xdp, tc |
 | 26 | `bpf_skb_load_bytes(skb, offset, to, len)` | tc, socket |
 | 28 | `bpf_csum_diff(from, from_size, to, to_size, seed)` | xdp, tc |
+| 39 | `bpf_skb_pull_data(skb, len)`: the data is all linear already | tc |
 | 44 | `bpf_xdp_adjust_head(xdp, delta)` | xdp |
 | 54 | `bpf_xdp_adjust_meta(xdp, delta)` | xdp |
 | 65 | `bpf_xdp_adjust_tail(xdp, delta)` | xdp |
@@ -42,11 +45,12 @@ from bpfexec.vm.program_types import (
     PACKET_DATA,
     REDIRECT,
     REDIRECTED,
+    SK_BUFF,
     ProgramType,
 )
 
 MASK64 = (1 << 64) - 1
-EFAULT, EINVAL, EACCES = 14, 22, 13
+ENOMEM, EFAULT, EINVAL, EACCES = 12, 14, 22, 13
 ETH_HLEN = 14
 CONTEXT = buffer_base(0)  # where a test run puts the context
 PACKET = 1  # ...and the packet's frame: argument buffer 1
@@ -197,6 +201,113 @@ def bpf_l4_csum_replace(ctx: HelperContext, skb: int, offset: int, old: int, new
     return checksum.l4_csum_replace(packet.bytes(), offset & MASK64, old, new, flags) & MASK64
 
 
+# VLAN tags: a tag "present" is the one the sk_buff carries outside its data
+# (skb->vlan_proto and vlan_tci, the hardware-accelerated tag), as the kernel's
+# skb_vlan_push and skb_vlan_pop keep it; a tag in the data follows the MACs.
+VLAN_HLEN = 4
+ETH_ALEN = 6
+_FIELD = {field.name: field.offset for field in SK_BUFF}
+
+
+def _network(ethertype: int) -> int:
+    """An ethertype as an __sk_buff field holds it: in network byte order."""
+    return int.from_bytes(ethertype.to_bytes(2, "big"), "little")
+
+
+_VLAN_TYPES = (_network(0x8100), _network(0x88A8))  # ETH_P_8021Q, ETH_P_8021AD
+
+
+class _Skb(_Packet):
+    """A tc packet and its __sk_buff fields."""
+
+    def field(self, name: str) -> int:
+        return int.from_bytes(self.ctx.read(CONTEXT + _FIELD[name], 4), "little")
+
+    def set(self, name: str, value: int) -> None:
+        self.ctx.write(CONTEXT + _FIELD[name], (value & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def store(self) -> None:
+        super().store()
+        self.set("len", self.length)
+
+    def put_tag(self, proto: int, tci: int) -> None:
+        """`__vlan_hwaccel_put_tag`."""
+        self.set("vlan_proto", proto)
+        self.set("vlan_tci", tci)
+        self.set("vlan_present", 1 if proto or tci else 0)
+
+    def pop_data_tag(self) -> int:
+        """`__skb_vlan_pop`: the tag after the MACs out of the data (its TCI), and
+        skb->protocol from what it encapsulated; or a negative errno."""
+        if self.length < ETH_HLEN + VLAN_HLEN:
+            return -ENOMEM
+        frame, data = self.frame, self.data
+        tci = int.from_bytes(frame[data + ETH_HLEN : data + ETH_HLEN + 2], "big")
+        encapsulated = frame[data + ETH_HLEN + 2 : data + ETH_HLEN + 4]
+        following = frame[data + ETH_HLEN + 4 : data + ETH_HLEN + 6]
+        frame[data + VLAN_HLEN : data + VLAN_HLEN + 2 * ETH_ALEN] = frame[
+            data : data + 2 * ETH_ALEN
+        ]
+        self.data += VLAN_HLEN
+        self.meta = self.data
+        if int.from_bytes(encapsulated, "big") >= 0x0600:  # vlan_set_encap_proto
+            self.set("protocol", int.from_bytes(encapsulated, "little"))
+        elif following == b"\xff\xff":
+            self.set("protocol", _network(0x0001))  # ETH_P_802_3
+        else:
+            self.set("protocol", _network(0x0004))  # ETH_P_802_2
+        return tci
+
+
+def bpf_skb_vlan_push(ctx: HelperContext, skb: int, vlan_proto: int, vlan_tci: int,
+                      *_: int) -> int:  # fmt: skip
+    packet = _Skb(ctx, skb)
+    proto = vlan_proto & 0xFFFF
+    if proto not in _VLAN_TYPES:
+        proto = _VLAN_TYPES[0]
+    if packet.field("vlan_present"):  # the tag present goes into the data first
+        if packet.data < VLAN_HLEN:
+            return _errno(ENOMEM)
+        frame, data = packet.frame, packet.data - VLAN_HLEN
+        frame[data : data + 2 * ETH_ALEN] = frame[data + VLAN_HLEN : data + VLAN_HLEN + 12]
+        old = packet.field("vlan_proto")
+        frame[data + 12 : data + 14] = (old & 0xFFFF).to_bytes(2, "little")
+        frame[data + 14 : data + 16] = (packet.field("vlan_tci") & 0xFFFF).to_bytes(2, "big")
+        packet.data = packet.meta = data
+        packet.set("protocol", old)
+    packet.put_tag(proto, vlan_tci & 0xFFFF)
+    packet.store()
+    return 0
+
+
+def bpf_skb_vlan_pop(ctx: HelperContext, skb: int, *_: int) -> int:
+    packet = _Skb(ctx, skb)
+    if packet.field("vlan_present"):
+        packet.put_tag(0, 0)
+    elif packet.field("protocol") not in _VLAN_TYPES:
+        return 0
+    else:
+        popped = packet.pop_data_tag()
+        if popped < 0:
+            return _errno(-popped)
+    # The next tag in the data, if any, becomes the one present.
+    proto = packet.field("protocol")
+    if proto in _VLAN_TYPES:
+        tci = packet.pop_data_tag()
+        if tci < 0:
+            packet.store()
+            return _errno(-tci)
+        packet.put_tag(proto, tci)
+    packet.store()
+    return 0
+
+
+def bpf_skb_pull_data(ctx: HelperContext, skb: int, size: int, *_: int) -> int:
+    """The test run's packet is linear: only a length beyond it fails."""
+    packet = _Skb(ctx, skb)
+    return _errno(ENOMEM) if size & 0xFFFFFFFF > packet.length else 0
+
+
 # -- every packet type ---------------------------------------------------------------
 
 
@@ -236,9 +347,12 @@ def packet_helpers(kind: ProgramType) -> HelperRegistry:
         registry.register(bpf_skb_store_bytes, id=9)
         registry.register(bpf_l3_csum_replace, id=10)
         registry.register(bpf_l4_csum_replace, id=11)
+        registry.register(bpf_skb_vlan_push, id=18)
+        registry.register(bpf_skb_vlan_pop, id=19)
         registry.register(_redirect(TC_ACT_REDIRECT, TC_ACT_SHOT), id=23, name="bpf_redirect")
         registry.register(bpf_skb_load_bytes, id=26)
         registry.register(bpf_csum_diff, id=28)
+        registry.register(bpf_skb_pull_data, id=39)
     elif kind is ProgramType.SOCKET:
         registry.register(bpf_skb_load_bytes, id=26)
     return registry
