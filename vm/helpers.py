@@ -267,6 +267,12 @@ class HelperContext:
         store, offset = self._memory._locate(addr, size, "write" if write else "read", write)
         return memoryview(store)[offset : offset + size]
 
+    def region_view(self, addr: int) -> memoryview:
+        """The whole writable region `addr` lies in, as a memoryview (a packet
+        helper's frame); a read-only or unmapped address traps."""
+        store, _ = self._memory._locate(addr, 0, "write", True)
+        return memoryview(store)
+
     def write(self, addr: int, data: bytes) -> None:
         """Store `data` at virtual address `addr`; a bad or read-only range traps."""
         self._memory.write(addr, bytes(data))

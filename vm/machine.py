@@ -24,6 +24,14 @@ from bpfexec.vm.memory import STACK_BASE, Memory, buffer_base
 from bpfexec.vm.program import Program
 
 Argument = int | bytes | bytearray
+
+
+class Unpassed(bytes):
+    """An argument buffer mapped as any other, its register left 0: memory the
+    program reaches only through another argument (a test run's packet frame,
+    whose address the context holds)."""
+
+
 TraceFn = Callable[[str], None]
 
 
@@ -202,7 +210,7 @@ def encode_arguments(args: Sequence[Argument], limits: Limits) -> tuple[list[int
                     f"argument {i}: buffer of {len(arg)} bytes exceeds the maximum of "
                     f"{limits.max_buffer_bytes}"
                 )
-            registers[i - 1] = buffer_base(len(buffers))
+            registers[i - 1] = 0 if isinstance(arg, Unpassed) else buffer_base(len(buffers))
             buffers.append(bytearray(arg))
         elif isinstance(arg, int) and not isinstance(arg, bool):
             if not -(1 << 63) <= arg < 1 << 64:

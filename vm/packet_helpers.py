@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import cast
 
 from bpfexec.vm import checksum
 from bpfexec.vm.errors import Trap, TrapKind
@@ -90,7 +89,7 @@ class _Packet:
         pointers = _POINTERS.unpack(ctx.read(CONTEXT + PACKET_DATA, _POINTERS.size))
         data, end, meta = (int(value) for value in pointers)
         self.base: int = data & ~OFFSET_MASK
-        self.frame = cast(bytearray, ctx.view(buffer_base(PACKET), 0, write=True).obj)
+        self.frame = ctx.region_view(buffer_base(PACKET))
         self.data, self.end, self.meta = data - self.base, end - self.base, meta - self.base
 
     @property
@@ -252,7 +251,7 @@ class _Skb(_Packet):
         self.meta = self.data
         if int.from_bytes(encapsulated, "big") >= 0x0600:  # vlan_set_encap_proto
             self.set("protocol", int.from_bytes(encapsulated, "little"))
-        elif following == b"\xff\xff":
+        elif bytes(following) == b"\xff\xff":
             self.set("protocol", _network(0x0001))  # ETH_P_802_3
         else:
             self.set("protocol", _network(0x0004))  # ETH_P_802_2

@@ -26,21 +26,26 @@ The frames, as the kernel's test run lays them out:
 
 With `repeat`, each packet runs `repeat` times on fresh copies of its frame
 (the maps going on), and the last run is reported, with the mean duration.
+The runs are a batch (`bpfexec.vm.batch.run_chunks`): on the JIT, chunks of
+packets run in its native loop, and a run's duration is the mean of its chunk.
 The kernel reruns on the same buffer, so an XDP program that moves its head
 would see it move again; a copy per run keeps every repetition alike.
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
+from bpfexec.vm.batch import CHUNK, run_chunks
 from bpfexec.vm.context_access import context_type, with_context
 from bpfexec.vm.errors import RequestError, Trap
 from bpfexec.vm.helpers import HelperChain, HelperResolver
 from bpfexec.vm.limits import Limits
-from bpfexec.vm.machine import Engine, Interrupt, Result, get_engine, prepare, run
+from bpfexec.vm.machine import Argument, Engine, Interrupt, Result, Unpassed, get_engine
 from bpfexec.vm.maps import MapSet
 from bpfexec.vm.memory import buffer_base
 from bpfexec.vm.packet_helpers import (
@@ -135,8 +140,6 @@ def run_packets(
         raise RequestError(f"repeat must be at least 1, got {repeat}")
     kind = context_type(program, function)
     rewritten = with_context(program, function)
-    limits = limits or Limits()
-    interrupt = interrupt or Interrupt()
     runner = get_engine(engine) if isinstance(engine, str) else engine
     if maps is None:
         maps = MapSet(program.maps, init=program.map_init)
@@ -144,27 +147,51 @@ def run_packets(
         from bpfexec.vm.linux_helpers import linux_helpers
 
         linux = HelperChain(packet_helpers(kind), linux or linux_helpers())
-    for index, packet in enumerate(packets):
-        if kind is not ProgramType.SYSCALL and len(packet) < ETH_HLEN:
-            raise PacketError(
-                index, f"{len(packet)} bytes, shorter than an Ethernet header ({ETH_HLEN})"
-            )
-        total = 0
-        for _ in range(repeat):
-            if interrupt.reason is not None:
-                return
-            args = list(_arguments(kind, packet))
-            machine = prepare(
-                rewritten, function, args, fuel=fuel, helpers=helpers, limits=limits,
-                interrupt=interrupt, maps=maps, linux=linux,
-            )  # fmt: skip
-            machine.registers[2] = 0  # the frame's address is the context's to give
-            result = run(machine, runner)
-            total += result.duration_ns
-        yield _outcome(kind, result, total // repeat)
+    refused: list[PacketError] = []  # a packet the kernel refuses: raised after those before
+    chunks = _chunks(kind, packets, repeat, CHUNK if runner.name == "jit" else 1, refused)
+    results = run_chunks(
+        rewritten, function, chunks, fuel=fuel, helpers=helpers, limits=limits, engine=runner,
+        interrupt=interrupt, maps=maps, linux=linux,
+    )  # fmt: skip
+    runs: list[Result] = []
+    for result in cast(Iterator[Result], results):  # lists of arguments: Results
+        runs.append(result)
+        if len(runs) == repeat:
+            yield _outcome(kind, result, sum(r.duration_ns for r in runs) // repeat)
+            runs = []
+    if runs:  # interrupted during a packet's repetitions: its last run is its result
+        yield _outcome(kind, runs[-1], sum(r.duration_ns for r in runs) // len(runs))
+    if refused:
+        raise refused[0]
 
 
-def _arguments(kind: ProgramType, packet: bytes) -> tuple[bytes, ...]:
+def _chunks(
+    kind: ProgramType,
+    packets: Iterable[bytes],
+    repeat: int,
+    size: int,
+    refused: list[PacketError],
+) -> Iterator[list[Sequence[Argument]]]:
+    """The arguments of each run, `size` packets (each `repeat` times) a chunk; a
+    packet shorter than an Ethernet header ends them, its error in `refused`."""
+    source = iter(packets)
+    index = 0
+    while True:
+        chunk: list[Sequence[Argument]] = []
+        for packet in itertools.islice(source, size):
+            if kind is not ProgramType.SYSCALL and len(packet) < ETH_HLEN:
+                message = f"{len(packet)} bytes, shorter than an Ethernet header ({ETH_HLEN})"
+                refused.append(PacketError(index, message))
+                break
+            chunk.extend([_arguments(kind, packet)] * repeat)
+            index += 1
+        if chunk:
+            yield chunk
+        if refused or len(chunk) < size * repeat:
+            return
+
+
+def _arguments(kind: ProgramType, packet: bytes) -> tuple[Argument, ...]:
     """The context and the frame of a packet's run (the packet alone for syscall)."""
     if kind is ProgramType.SYSCALL:
         return (packet,)
@@ -189,7 +216,7 @@ def _arguments(kind: ProgramType, packet: bytes) -> tuple[bytes, ...]:
     frame[start : start + len(packet)] = packet
     pointers = (base + data, base + start + len(packet), base + data)
     context[PACKET_DATA : PACKET_DATA + _POINTERS.size] = _POINTERS.pack(*pointers)
-    return bytes(context), bytes(frame)
+    return bytes(context), Unpassed(frame)  # the frame's address is the context's to give
 
 
 def _put(context: bytearray, offset: int, value: int) -> None:

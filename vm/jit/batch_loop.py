@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -497,9 +498,11 @@ class NativeBatch:
         try:
             while start < chunk.count:
                 loop.first = start
+                began = time.perf_counter_ns()
                 done = self._function(ctypes.addressof(loop))
+                mean = (time.perf_counter_ns() - began) // max(1, done - start)
                 for index in range(start, done):
-                    yield self._result(index, out, chunk, arena)
+                    yield self._result(index, out, chunk, arena, mean)
                 if done == chunk.count:
                     return
                 if done == start or not out[RESULT_WORDS * (done - 1) + 2]:
@@ -588,7 +591,10 @@ class NativeBatch:
         if calls is not None:
             ctypes.memset(calls, 0, ctypes.sizeof(calls))  # type: ignore[arg-type]
 
-    def _result(self, index: int, out: array[int], chunk: _Chunk, arena: bytearray) -> Result:
+    def _result(
+        self, index: int, out: array[int], chunk: _Chunk, arena: bytearray, duration: int
+    ) -> Result:
+        """Input `index`'s Result; its duration is the mean of the loop's run it was in."""
         at = RESULT_WORDS * index
         value, used, status = out[at], out[at + 1], out[at + 2]
         trap = self._trap(index, used, Status(status)) if status else None
@@ -601,4 +607,5 @@ class NativeBatch:
             buffers=tuple(
                 bytes(arena[offset : offset + length]) for offset, length in chunk.spans[index]
             ),
+            duration_ns=duration,
         )
