@@ -339,3 +339,16 @@ def test_tc_pushes_vlan_tags_the_second_into_the_packet(objects: Path, engine: s
 def test_tc_pull_data_fails_only_beyond_the_packet(objects: Path, engine: str) -> None:
     (pulled,) = run(program(objects, "tc_vlan"), "pull", [ethernet(bytes(30))], engine)
     assert pulled.context["cb"] == [0, 0, 12, 0, 0]  # -ENOMEM for len + 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tc_changes_its_packets_tail(objects: Path, engine: str) -> None:
+    prog = program(objects, "tc_vlan")
+    packet = ethernet(bytes(range(1, 31)))
+    (grown,) = run(prog, "grow", [packet], engine)
+    assert (grown.context["mark"], grown.data) == (0, packet + bytes(6))  # zero-filled
+    (resized,) = run(prog, "resize", [packet], engine)
+    size = len(packet)
+    # grow by 100, trim to 10 below the start, then 70000 and 10 bytes: -EINVAL
+    assert resized.context["cb"] == [0, size + 100, 0, size - 10, 22]
+    assert (resized.context["mark"], resized.data) == (22, packet[: size - 10])

@@ -21,6 +21,7 @@ frame's size never changes during a run, so a helper never remaps memory.
 | 23 | `bpf_redirect(ifindex, flags)`: recorded, not sent | xdp, tc |
 | 26 | `bpf_skb_load_bytes(skb, offset, to, len)` | tc, socket |
 | 28 | `bpf_csum_diff(from, from_size, to, to_size, seed)` | xdp, tc |
+| 38 | `bpf_skb_change_tail(skb, len, flags)` | tc |
 | 39 | `bpf_skb_pull_data(skb, len)`: the data is all linear already | tc |
 | 44 | `bpf_xdp_adjust_head(xdp, delta)` | xdp |
 | 54 | `bpf_xdp_adjust_meta(xdp, delta)` | xdp |
@@ -301,6 +302,29 @@ def bpf_skb_vlan_pop(ctx: HelperContext, skb: int, *_: int) -> int:
     return 0
 
 
+BPF_SKB_CHANGE_TAIL = 38
+# __bpf_skb_max_len of the test run's device, the loopback: its MTU and header.
+MAX_SKB_LEN = 65536 + ETH_HLEN
+
+
+def bpf_skb_change_tail(ctx: HelperContext, skb: int, size: int, flags: int, *_: int) -> int:
+    """Trim or grow (zero-filled) the packet to `size` bytes, between its network
+    header (the test run's `__bpf_skb_min_len`) and MAX_SKB_LEN; a test run gives
+    a program that calls this a frame with room for MAX_SKB_LEN bytes."""
+    packet = _Skb(ctx, skb)
+    size &= 0xFFFFFFFF
+    if flags or size > MAX_SKB_LEN or size < ETH_HLEN:
+        return _errno(EINVAL)
+    end = packet.data + size
+    if end > len(packet.frame) - SHARED_INFO:  # a frame without the room (not a test run's)
+        return _errno(ENOMEM)
+    if end > packet.end:
+        packet.frame[packet.end : end] = bytes(end - packet.end)
+    packet.end = end
+    packet.store()
+    return 0
+
+
 def bpf_skb_pull_data(ctx: HelperContext, skb: int, size: int, *_: int) -> int:
     """The test run's packet is linear: only a length beyond it fails."""
     packet = _Skb(ctx, skb)
@@ -351,6 +375,7 @@ def packet_helpers(kind: ProgramType) -> HelperRegistry:
         registry.register(_redirect(TC_ACT_REDIRECT, TC_ACT_SHOT), id=23, name="bpf_redirect")
         registry.register(bpf_skb_load_bytes, id=26)
         registry.register(bpf_csum_diff, id=28)
+        registry.register(bpf_skb_change_tail, id=BPF_SKB_CHANGE_TAIL)
         registry.register(bpf_skb_pull_data, id=39)
     elif kind is ProgramType.SOCKET:
         registry.register(bpf_skb_load_bytes, id=26)

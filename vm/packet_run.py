@@ -49,7 +49,9 @@ from bpfexec.vm.machine import Argument, Engine, Interrupt, Result, Unpassed, ge
 from bpfexec.vm.maps import MapSet
 from bpfexec.vm.memory import buffer_base
 from bpfexec.vm.packet_helpers import (
+    BPF_SKB_CHANGE_TAIL,
     ETH_HLEN,
+    MAX_SKB_LEN,
     PACKET,
     SHARED_INFO,
     SKB_HEADROOM,
@@ -148,7 +150,11 @@ def run_packets(
 
         linux = HelperChain(packet_helpers(kind), linux or linux_helpers())
     refused: list[PacketError] = []  # a packet the kernel refuses: raised after those before
-    chunks = _chunks(kind, packets, repeat, CHUNK if runner.name == "jit" else 1, refused)
+    # A program that may grow its packet gets the room the kernel would give it.
+    grows = any(ref.number == BPF_SKB_CHANGE_TAIL for ref in rewritten.helper_calls.values())
+    tailroom = MAX_SKB_LEN if grows and kind is ProgramType.TC else 0
+    size = CHUNK if runner.name == "jit" else 1
+    chunks = _chunks(kind, packets, repeat, size, tailroom, refused)
     results = run_chunks(
         rewritten, function, chunks, fuel=fuel, helpers=helpers, limits=limits, engine=runner,
         interrupt=interrupt, maps=maps, linux=linux,
@@ -170,6 +176,7 @@ def _chunks(
     packets: Iterable[bytes],
     repeat: int,
     size: int,
+    tailroom: int,
     refused: list[PacketError],
 ) -> Iterator[list[Sequence[Argument]]]:
     """The arguments of each run, `size` packets (each `repeat` times) a chunk; a
@@ -183,7 +190,7 @@ def _chunks(
                 message = f"{len(packet)} bytes, shorter than an Ethernet header ({ETH_HLEN})"
                 refused.append(PacketError(index, message))
                 break
-            chunk.extend([_arguments(kind, packet)] * repeat)
+            chunk.extend([_arguments(kind, packet, tailroom)] * repeat)
             index += 1
         if chunk:
             yield chunk
@@ -191,8 +198,9 @@ def _chunks(
             return
 
 
-def _arguments(kind: ProgramType, packet: bytes) -> tuple[Argument, ...]:
-    """The context and the frame of a packet's run (the packet alone for syscall)."""
+def _arguments(kind: ProgramType, packet: bytes, tailroom: int = 0) -> tuple[Argument, ...]:
+    """The context and the frame of a packet's run (the packet alone for syscall); a
+    tc frame has room for a packet of `tailroom` bytes, if that is more."""
     if kind is ProgramType.SYSCALL:
         return (packet,)
     base = buffer_base(PACKET)
@@ -203,7 +211,7 @@ def _arguments(kind: ProgramType, packet: bytes) -> tuple[Argument, ...]:
         data = XDP_HEADROOM
         _put(context, _XDP_FIELDS["ingress_ifindex"].offset, LOOPBACK)
     else:
-        frame = bytearray(SKB_HEADROOM + len(packet) + SHARED_INFO)
+        frame = bytearray(SKB_HEADROOM + max(len(packet), tailroom) + SHARED_INFO)
         data = SKB_HEADROOM + (ETH_HLEN if kind is ProgramType.SOCKET else 0)
         _put(context, _FIELDS["len"].offset, len(packet) - (data - SKB_HEADROOM))
         _put(context, _FIELDS["pkt_type"].offset, _packet_type(packet))
