@@ -199,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.inputs is not None:
         given = [flag for flag, on in (
             ("--arg", args.arg), ("--repeat", args.repeat != 1), ("--dump-maps", args.dump_maps),
-            ("--trace", args.trace), ("--remote-helpers", args.remote_helpers),
+            ("--trace", args.trace),
         ) if on]  # fmt: skip
         if given:
             raise UsageError(f"--inputs takes the arguments from its file, not with {given[0]}")

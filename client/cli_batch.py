@@ -131,7 +131,7 @@ def _remote(args: argparse.Namespace, inputs: Lines) -> Iterator[dict[str, Any]]
     try:
         for _, arguments, result in remote_batch(
             code, Path(args.file).name, args.server, args.function, inputs, args.fuel,
-            state=args.state, **options,
+            state=args.state, remote_helpers=args.remote_helpers or (), **options,
         ):  # fmt: skip
             yield shown(result, arguments)
     except InputError as exc:

@@ -220,6 +220,7 @@ def remote_batch(
     fuel: int | None,
     *,
     state: str | None = None,
+    remote_helpers: Sequence[str] = (),
     token: str | None = None,
     tls: bool | PathLike = False,
     tls_cert: PathLike | None = None,
@@ -227,7 +228,9 @@ def remote_batch(
 ) -> Iterator[tuple[int, Sequence[int | bytes], dict[str, Any]]]:
     """Upload `code` once and run `function` on each (line, arguments) of `inputs`,
     in order, over one ExecuteBatch stream: (line, arguments, the result as a local
-    run's dict). Arguments the server refuses raise `InputError` naming their line."""
+    run's dict), this process answering the helpers of `remote_helpers` (MODULE:ATTR
+    registries). Arguments the server refuses raise `InputError` naming their line."""
+    helpers = _remote_registry(remote_helpers) if remote_helpers else None
     given: deque[tuple[int, Sequence[int | bytes]]] = deque()  # sent, not yet answered
     answered = 0
 
@@ -239,7 +242,10 @@ def remote_batch(
     with Client(server, token=token, tls=tls, tls_cert=tls_cert, tls_key=tls_key) as client:
         module = client.load(code, name)
         try:
-            for result in client.execute_batch(module, function, arguments(), fuel, state=state):
+            batch = client.execute_batch(
+                module, function, arguments(), fuel, state=state, helpers=helpers
+            )
+            for result in batch:
                 line, args = given.popleft()
                 answered += 1
                 yield line, args, result.to_dict()

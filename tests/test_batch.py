@@ -206,3 +206,18 @@ def test_a_server_batch_on_a_state_shares_its_maps(server: RunningServer, tmp_pa
     status, out, _ = run_cli(*argv, "--server", server.address, "--state", "batch")
     assert status == 0
     assert [json.loads(line)["return_value"] for line in out.splitlines()] == [1, 2, 1]
+
+
+def test_the_cli_answers_remote_helpers_of_a_server_batch(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    program = tmp_path / "mul.s"
+    program.write_text("call 42\nexit\n")  # mul(r1, r2), helper 42 of seed_helpers
+    inputs = write_inputs(tmp_path / "in.jsonl", [[n, 3] for n in range(50)])
+    argv = ("run", str(program), "--inputs", str(inputs))
+    local = run_cli(*argv, "--helpers", "seed_helpers:registry")
+    remote = run_cli(*argv, "--server", server.address, "--remote-helpers", "seed_helpers:registry")
+    assert remote == local
+    assert [json.loads(line)["return_value"] for line in local[1].splitlines()] == [
+        3 * n for n in range(50)
+    ]
