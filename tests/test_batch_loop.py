@@ -23,7 +23,7 @@ from seed_helpers import helper_max, helper_mul
 from support import FIB, SPIN
 
 from bpfexec import vm
-from bpfexec.vm.batch import run_batch, run_packed
+from bpfexec.vm.batch import CHUNK, run_batch, run_packed
 from bpfexec.vm.builtin_helpers import standard_helpers
 from bpfexec.vm.errors import RequestError, TrapKind
 from bpfexec.vm.helpers import HelperRegistry, HelperResolver
@@ -316,3 +316,17 @@ def test_an_interrupt_ends_packed_results_early() -> None:
     packed = run_packed(program, None, array("Q", [40, 0, 0, 0, 0] * 10), interrupt=interrupt,
                         limits=limits, fuel=1 << 40)  # fmt: skip
     assert len(packed) == 3 and TrapKind.from_code(packed[2]) == TrapKind.CANCELLED
+
+
+def test_a_chunk_without_buffers_sees_no_buffer_of_the_chunk_before() -> None:
+    # Reads the first byte of argument buffer 0 by its address, given one or not.
+    program = load(b"r1 = 0x400000000 ll\nr0 = *(u8 *)(r1 + 0)\nexit\n")
+    # A chunk (CHUNK inputs) with buffers, two without, then buffers again.
+    inputs: list[list[int | bytes]] = [[b"\x2a"]] * CHUNK + [[]] * 2 * CHUNK + [[b"\x07"]] * 3
+    results = same_as_alone(program, None, inputs)
+    assert results[0].return_value == 42 and results[-1].return_value == 7
+    faults = [r.trap.kind if r.trap else None for r in results[CHUNK : 3 * CHUNK]]
+    assert faults == [TrapKind.MEMORY_FAULT] * 2 * CHUNK
+    words = array("Q", [0, 0, 0, 0, 0] * 10)  # packed inputs never have buffers
+    packed = run_packed(program, None, words, engine="jit")
+    assert {TrapKind.from_code(code) for code in packed[2::3]} == {TrapKind.MEMORY_FAULT}

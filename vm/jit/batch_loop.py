@@ -488,6 +488,7 @@ class NativeBatch:
                     if length:
                         table[index * BUFFER_WORDS + 2 * k] = base + offset
                         table[index * BUFFER_WORDS + 2 * k + 1] = length
+        self._unmap_buffers()
         loop.inputs = chunk.inputs.buffer_info()[0]
         loop.buffers = chunk.buffers.buffer_info()[0] if chunk.buffers is not None else None
         loop.results = chunk.results.buffer_info()[0]
@@ -509,6 +510,7 @@ class NativeBatch:
                     return  # interrupted before input `done`: no later input runs
                 start = done  # input done - 1 trapped: on with the next
         finally:
+            self._unmap_buffers()
             run.chunk, run.view, run.machines = None, None, {}
             del view
             self._report_calls()
@@ -536,6 +538,7 @@ class NativeBatch:
         With `traps` and `logs`, each input's Trap and log lines go there."""
         count = len(inputs) // INPUT_WORDS
         loop, run = self.loop, self.run
+        self._unmap_buffers()
         loop.inputs, loop.buffers = inputs.buffer_info()[0], None
         loop.results, loop.count = out.buffer_info()[0], count
         spans: list[list[tuple[int, int]]] = [[]] * count
@@ -574,6 +577,15 @@ class NativeBatch:
         trap = locate_trap(_trap(status, self.ctx, self.run), self.template.program)
         self.run.error = None
         return trap
+
+    def _unmap_buffers(self) -> None:
+        """Unmap the argument buffer regions: a chunk without buffers leaves them as
+        they are, and the last chunk's arena may be gone."""
+        ctx = self.ctx
+        for region in range(Region.BUFFER0, Region.BUFFER0 + MAX_BUFFERS):
+            ctx.region_base[region] = None
+            ctx.region_read_len[region] = 0
+            ctx.region_write_len[region] = 0
 
     def _trap_kind(self, status: Status) -> TrapKind:
         if status == Status.INTERRUPTED:
