@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from bpfexec.vm import isa
-from bpfexec.vm.batch import PackedResults
+from bpfexec.vm.batch import PACKED_INPUT_WORDS, PACKED_RESULT_WORDS, PackedResults
 from bpfexec.vm.builtin_helpers import bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_trace_printk
 from bpfexec.vm.callbacks import bpf_tail_call
 from bpfexec.vm.errors import RequestError, Trap, TrapKind
@@ -75,9 +75,9 @@ from bpfexec.vm.native import CALLS
 from bpfexec.vm.program import Program
 
 LOOP_SYMBOL = "bpfexec_batch_loop"
-INPUT_WORDS = 5  # r1..r5 of an input
+INPUT_WORDS = PACKED_INPUT_WORDS  # r1..r5 of an input
 BUFFER_WORDS = 2 * MAX_BUFFERS  # (host address, length) of each argument buffer
-RESULT_WORDS = 3  # r0, fuel used, and the Status of a trap (else 0)
+RESULT_WORDS = PACKED_RESULT_WORDS  # r0, fuel used, and the Status of a trap (else 0)
 
 # Helpers that never write the program's stack or globals (they may write maps,
 # which a batch shares anyway): a run that calls only these, and stores only at
