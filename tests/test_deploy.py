@@ -103,3 +103,34 @@ def test_compose_scrapes_the_metrics_port() -> None:
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     (job,) = prometheus["scrape_configs"]
     assert job["static_configs"][0]["targets"] == [f"bpfexec:{Settings().metrics_port}"]
+
+
+REDIS_OVERLAY = KUBERNETES / "redis"
+
+
+def test_the_redis_overlay_matches_the_kubernetes_schema() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = load(REDIS_OVERLAY / "redis.yaml")
+    assert sorted(doc["kind"] for doc in docs) == ["Service", "StatefulSet"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_redis_overlay_points_the_replicas_at_a_durable_redis() -> None:
+    kustomization = yaml.safe_load((REDIS_OVERLAY / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["..", "redis.yaml"]
+    assert kustomization["patches"] == [{"path": "store.yaml"}]
+    (patch,) = load(REDIS_OVERLAY / "store.yaml")
+    assert (patch["kind"], patch["metadata"]["name"]) == (
+        "Deployment",
+        resource("Deployment")["metadata"]["name"],
+    )
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert "BPFEXEC_STORE" in {f"BPFEXEC_{name.upper()}" for name in Settings.__dataclass_fields__}
+    service, statefulset = sorted(load(REDIS_OVERLAY / "redis.yaml"), key=lambda d: d["kind"])
+    port = service["spec"]["ports"][0]["port"]
+    assert env["BPFEXEC_STORE"] == f"redis://{service['metadata']['name']}:{port}/0"
+    args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendfsync") + 1] == "always"
+    assert args[args.index("--appendonly") + 1] == "yes"
