@@ -18,7 +18,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any
 
@@ -236,8 +244,11 @@ class AsyncClient:
         )
         if helpers is not None:
             answering = _answering_batch(stream, header, inputs, helper_table(helpers))
-            async for result in answering:
-                yield result
+            try:
+                async for result in answering:
+                    yield result
+            finally:  # stopped early too: its stream and sending task end now
+                await answering.aclose()
             return
         stopped: list[BaseException] = []
         writer = asyncio.ensure_future(_write_batch(stream, header, inputs, stopped))
@@ -581,7 +592,7 @@ async def _answering_batch(
     header: pb.BatchHeader,
     inputs: Iterable[Sequence[Arg]] | AsyncIterable[Sequence[Arg]],
     table: dict[HelperKey, Callable[..., Any]],
-) -> AsyncIterator[Result]:
+) -> AsyncGenerator[Result, None]:
     """`execute_batch` with helpers: a task sends the inputs within the window, this
     generator answers helper calls and yields results."""
     header.helper_numbers.extend(key for key in table if isinstance(key, int))

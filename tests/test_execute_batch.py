@@ -403,3 +403,25 @@ def test_a_batch_offering_helpers_refuses_a_client_too_far_ahead(
                 assert message.WhichOneof("message") in (None, "helper_call")
     assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "keeps at most 8192 ahead" in failed.value.details()
+
+
+def test_an_async_batch_with_helpers_stopped_early_ends_its_call(server: RunningServer) -> None:
+    async def main() -> list[int]:
+        async with AsyncClient(server.address, timeout=TIMEOUT) as bpf:
+            module = await bpf.load(PEEK)
+            batch = bpf.execute_batch(module, None, ([n, 0] for n in itertools.count()),
+                                      helpers={100: peek})  # fmt: skip
+            taken = []
+            async for result in batch:
+                taken.append(result.return_value)
+                if len(taken) == 3:
+                    break
+            await batch.aclose()  # type: ignore[attr-defined]
+            # The call ends now, not when the loop shuts its generators down.
+            deadline = time.monotonic() + STOP_BUDGET * 5
+            while in_flight(server) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert in_flight(server) == 0
+            return taken
+
+    assert asyncio.run(main()) == [0, 3, 6]
