@@ -19,7 +19,7 @@ import asyncio
 import logging
 import sys
 from array import array
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -253,15 +253,10 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
         )
         try:
             self._check_start(start)
-            session = RemoteHelpers(
+            session = self._remote_helpers(
                 start.helper_numbers,
                 start.helper_names,
-                shadows=self._service.provides,
-                timeout=self._service.remote_helper_timeout,
-                metrics=self._service.metrics,
-                send=lambda call: outbox.put_nowait(_helper_call(call)),
-                loop=asyncio.get_running_loop(),
-                max_read=self.max_memory_read_bytes,
+                lambda call: outbox.put_nowait(pb.ExecuteStreamResponse(helper_call=call)),
             )
             args = arguments(start.request.args)
         except Exception as exc:
@@ -344,17 +339,10 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
                 module_id=header.module_id, function=header.function, state_name=header.state
             )
             if header.helper_numbers or header.helper_names:
-                session = RemoteHelpers(
+                session = self._remote_helpers(
                     header.helper_numbers,
                     header.helper_names,
-                    shadows=self._service.provides,
-                    timeout=self._service.remote_helper_timeout,
-                    metrics=self._service.metrics,
-                    send=lambda call: outbox.put_nowait(
-                        pb.ExecuteBatchResponse(helper_call=_helper_call(call).helper_call)
-                    ),
-                    loop=asyncio.get_running_loop(),
-                    max_read=self.max_memory_read_bytes,
+                    lambda call: outbox.put_nowait(pb.ExecuteBatchResponse(helper_call=call)),
                 )
             batch = await self._service.start_batch(
                 header.module_id,
@@ -396,6 +384,21 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
             if session is not None and pump is not None:
                 session.cancel()
                 pump.cancel()
+
+    def _remote_helpers(
+        self, numbers: Iterable[int], names: Iterable[str], send: Callable[[pb.HelperCall], None]
+    ) -> RemoteHelpers:
+        """The helpers a client offers on its stream; `send` writes each call to it."""
+        return RemoteHelpers(
+            numbers,
+            names,
+            shadows=self._service.provides,
+            timeout=self._service.remote_helper_timeout,
+            metrics=self._service.metrics,
+            send=lambda call: send(_helper_call(call)),
+            loop=asyncio.get_running_loop(),
+            max_read=self.max_memory_read_bytes,
+        )
 
     def _batch_chunks(
         self, message: pb.ExecuteBatchRequest, index: int
@@ -769,13 +772,13 @@ def _kind(message: pb.ExecuteStreamRequest | None) -> str:
     return f"a `{kind}` message" if kind else "an empty message"
 
 
-def _helper_call(call: HelperCall) -> pb.ExecuteStreamResponse:
+def _helper_call(call: HelperCall) -> pb.HelperCall:
     message = pb.HelperCall(call_id=call.call_id, args=call.args)
     if isinstance(call.helper, str):
         message.name = call.helper
     else:
         message.number = call.helper
-    return pb.ExecuteStreamResponse(helper_call=message)
+    return message
 
 
 def arguments(args: Sequence[pb.Argument]) -> list[Argument]:
