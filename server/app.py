@@ -37,7 +37,8 @@ from bpfexec.server.request_log import RequestLogInterceptor
 from bpfexec.server.service import ExecutorServicer, add_to_server
 from bpfexec.server.settings import Settings
 from bpfexec.server.state_files import StateFiles
-from bpfexec.server.states import StateRegistry
+from bpfexec.server.states import SharedStates, StateRegistry, StateStoreUnavailable
+from bpfexec.server.states_redis import RedisStates
 from bpfexec.server.store import ModuleStorage, ModuleStore
 from bpfexec.server.store_redis import RedisModuleStore, StoreUnavailable, is_redis_url, redacted
 
@@ -125,8 +126,9 @@ async def start(settings: Settings, worker: int | None = None) -> RunningServer:
             max_states_bytes=settings.max_states_bytes,
             max_states=settings.max_states,
             files=StateFiles(state_directory(settings.store, worker))
-            if settings.store and not is_redis_url(settings.store)
+            if settings.store and not is_redis_url(settings.store) and not settings.state_store
             else None,
+            shared=open_state_store(settings),
         ),
     )
     if service.store is not None:
@@ -229,6 +231,19 @@ def open_module_store(location: str, metrics: Metrics) -> ModuleStorage | None:
     except StoreUnavailable as exc:
         log.warning("%s", exc)
     return store
+
+
+def open_state_store(settings: Settings) -> SharedStates | None:
+    """The shared state store of `--state-store`, or None. An unreachable Redis is
+    logged, not fatal: requests naming a state are UNAVAILABLE until it is back."""
+    if not settings.state_store:
+        return None
+    states = RedisStates(settings.state_store, lease_seconds=settings.state_lease_seconds)
+    try:
+        states.check()
+    except StateStoreUnavailable as exc:
+        log.warning("%s", exc)
+    return states
 
 
 def _redacted_store(location: str) -> str:

@@ -50,7 +50,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence, Sized
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -62,10 +62,9 @@ from bpfexec.server.cache import CachedModule, ModuleCache
 from bpfexec.server.metrics import Metrics
 from bpfexec.server.states import (
     MapContents,
-    State,
     StateKey,
-    StateNotFound,
     StateRegistry,
+    StateSummary,
     check_state_name,
     map_contents,
     new_map_set,
@@ -193,8 +192,9 @@ class _Run:
     fuel: int
     resolver: HelperResolver
     interrupt: Interrupt
-    state: State | None  # the named state whose maps it runs on; None: fresh maps
+    state: StateKey | None  # the named state whose maps it runs on; None: fresh maps
     dump_maps: bool
+    wait: float | None = None  # how long it may wait for its state (its deadline)
 
 
 @dataclass(frozen=True)
@@ -415,15 +415,15 @@ class ExecutionService:
 
     # Named states (`bpfexec.server.states`): every method is for the caller's tenant.
 
-    def list_states(self, tenant: str = "", module_id: str = "") -> list[State]:
-        return self.states.states(tenant, module_id)
+    async def list_states(self, tenant: str = "", module_id: str = "") -> list[StateSummary]:
+        return await asyncio.to_thread(self.states.summaries, tenant, module_id)
 
     async def get_state(
         self, module_id: str, name: str, map_name: str = "", tenant: str = ""
-    ) -> tuple[State, dict[str, MapContents]]:
-        """A state and its maps' contents (every map, or `map_name`'s)."""
-        state = self.states.get(StateKey(tenant, module_id, name))
-        return state, await asyncio.to_thread(self.states.read, state, map_name or None)
+    ) -> tuple[StateSummary, dict[str, MapContents]]:
+        """A state and its maps' contents (every map, or `map_name`'s), as last committed."""
+        key = StateKey(tenant, module_id, name)
+        return await asyncio.to_thread(self.states.read, key, map_name or None)
 
     async def update_entries(
         self,
@@ -436,21 +436,22 @@ class ExecutionService:
     ) -> tuple[list[int], bool]:
         """Set entries of a state's map (each one's errno result); a state that does not
         exist is created for the module first (seeding). (results, whether created)."""
-        key = StateKey(tenant, module_id, name)
         check_state_name(name)
-        try:
-            state, created = self.states.get(key), False
-        except StateNotFound:
-            module = await self.get(module_id, tenant)
-            state, created = self.states.open(StateKey(tenant, module.id, name), module.program)
-        results = await asyncio.to_thread(self.states.update, state, map_name, entries, flags)
-        return results, created
+        module = await self.get(module_id, tenant)
+        key = StateKey(tenant, module.id, name)
+        return await asyncio.to_thread(
+            self.states.update, key, module.program, map_name, entries, flags
+        )
 
     async def delete_entries(
         self, module_id: str, name: str, map_name: str, keys: Sequence[bytes], tenant: str = ""
     ) -> list[int]:
-        state = self.states.get(StateKey(tenant, module_id, name))
-        return await asyncio.to_thread(self.states.delete_entries, state, map_name, keys)
+        try:
+            program = (await self.get(module_id, tenant)).program
+        except ModuleNotFound:
+            program = None  # only a state kept here can be found
+        key = StateKey(tenant, module_id, name)
+        return await asyncio.to_thread(self.states.delete_entries, key, program, map_name, keys)
 
     async def delete_state(self, module_id: str, name: str, tenant: str = "") -> None:
         await asyncio.to_thread(self.states.delete, StateKey(tenant, module_id, name))
@@ -528,18 +529,18 @@ class ExecutionService:
                 self._record(quick, time.perf_counter() - start)
                 return Execution(quick)
         program = module.program
+        key = StateKey(tenant, module.id, state) if state is not None else None
         try:
-            shared = (
-                self.states.open(StateKey(tenant, module.id, state), program)[0]
-                if state is not None
-                else None
-            )
+            if key is not None:
+                self.states.open(key, program)  # StateLimit before the pool
         except BaseException:
             self._slots.release()
             raise
         resolver = self._helpers if helpers is None else HelperChain(self._helpers, helpers)
         interrupt = Interrupt()
-        run_one = _Run(program, function, args, budget, resolver, interrupt, shared, dump_maps)
+        run_one = _Run(
+            program, function, args, budget, resolver, interrupt, key, dump_maps, timeout
+        )
         try:
             job = self._pool.submit(self._run, run_one, on_event)
         except BaseException:
@@ -563,14 +564,29 @@ class ExecutionService:
             raise DeadlineExceeded(done.result)
         return done
 
+    @contextlib.contextmanager
+    def _maps(self, job: _Run, fresh: bool) -> Iterator[MapSet | None]:
+        """The maps `job` runs on: its state's, held alone and committed at the end of
+        the block (`StateRegistry.hold`); else fresh ones if `fresh`, or None."""
+        if job.state is None:
+            yield new_map_set(job.program) if fresh else None
+            return
+        with self.states.hold(
+            job.state, job.program, wait=job.wait, interrupt=job.interrupt
+        ) as state:
+            yield state.maps
+        self.metrics.state_executions.inc()
+
     def _run(self, job: _Run, on_event: Callable[[Event], None] | None) -> Execution:
+        with self._maps(job, job.dump_maps) as maps:
+            return self._run_on(job, maps, on_event)
+
+    def _run_on(
+        self, job: _Run, maps: MapSet | None, on_event: Callable[[Event], None] | None
+    ) -> Execution:
         self.metrics.in_flight.inc()
         start = time.perf_counter()
         program = job.program
-        if job.state is not None:
-            maps: MapSet | None = job.state.maps
-        else:
-            maps = new_map_set(program) if job.dump_maps else None
         try:
             machine = prepare(
                 program, job.function, job.args, fuel=job.fuel, helpers=job.resolver,
@@ -585,9 +601,6 @@ class ExecutionService:
         if job.dump_maps:
             run_maps = machine.context.maps
             dumped = {m.spec.name: map_contents(m) for m in run_maps.maps} if run_maps else {}
-        if job.state is not None:
-            self.metrics.state_executions.inc()
-            self.states.changed(job.state)  # on disk before the answer, with a store
         return Execution(result, dumped)
 
     async def start_batch(
@@ -622,8 +635,10 @@ class ExecutionService:
         pipe: BatchPipe[BatchChunk, BatchOut] = BatchPipe(asyncio.get_running_loop())
         batch = RunningBatch(pipe, Interrupt(), self.metrics)
 
-        def submit(shared: State | None) -> Future[None]:
-            job = _Run(program, function, (), budget, resolver, batch.interrupt, shared, False)
+        def submit(key: StateKey | None) -> Future[None]:
+            job = _Run(
+                program, function, (), budget, resolver, batch.interrupt, key, False, timeout
+            )
             return self._pool.submit(self._run_batch, job, batch.pipe)
 
         self._start_worker(batch, module, tenant, state, timeout, submit)
@@ -634,19 +649,20 @@ class ExecutionService:
         self.metrics.in_flight.inc()
         error: Exception | None = None
         try:
-            results = run_chunks(
-                job.program, job.function, pipe.chunks(), fuel=job.fuel, helpers=job.resolver,
-                limits=self.limits, engine=self._engine_for(job.program),
-                interrupt=job.interrupt, maps=job.state.maps if job.state else None,
-                linux=self._linux,
-            )  # fmt: skip
-            for result in results:
-                pipe.add(result)
-        except Exception as exc:  # PipeClosed too: the state is stored all the same
+            with self._maps(job, False) as maps:
+                results = run_chunks(
+                    job.program, job.function, pipe.chunks(), fuel=job.fuel,
+                    helpers=job.resolver, limits=self.limits,
+                    engine=self._engine_for(job.program), interrupt=job.interrupt, maps=maps,
+                    linux=self._linux,
+                )  # fmt: skip
+                for result in results:
+                    pipe.add(result)
+        except Exception as exc:  # PipeClosed too: the state is committed all the same
             error = exc
         finally:
             self.metrics.in_flight.dec()
-        self._end_worker(job, pipe, error)
+        self._end_worker(pipe, error)
 
     async def start_test_run(
         self,
@@ -685,10 +701,11 @@ class ExecutionService:
         pipe: BatchPipe[list[bytes], PacketResult] = BatchPipe(loop, size_of=_packet_result_size)
         running = RunningTestRun(pipe, Interrupt(), self.metrics, kind)
 
-        def submit(shared: State | None) -> Future[None]:
+        def submit(key: StateKey | None) -> Future[None]:
             job = _Run(
-                whole, program, (), budget, self._helpers, running.interrupt, shared, dump_maps
-            )
+                whole, program, (), budget, self._helpers, running.interrupt, key, dump_maps,
+                timeout,
+            )  # fmt: skip
             engine = self._test_run_engine(whole, rewritten)
             return self._pool.submit(self._run_test_run, job, running, engine, repeat)
 
@@ -703,21 +720,19 @@ class ExecutionService:
         tenant: str,
         state: str | None,
         timeout: float | None,
-        submit: Callable[[State | None], Future[None]],
+        submit: Callable[[StateKey | None], Future[None]],
     ) -> None:
         """Start a batch's or test run's worker: take an execution slot (Overloaded when
-        none is free), open `state`'s maps, `submit` the worker with them (the slot is
-        given back when it ends), and stop it at `timeout`."""
+        none is free), check `state` can be opened (StateLimit), `submit` the worker
+        for it (the slot is given back when it ends), and stop it at `timeout`."""
         if not self._slots.acquire(blocking=False):
             self.metrics.rejected.inc()
             raise Overloaded(self.max_concurrent)
         try:
-            shared = (
-                self.states.open(StateKey(tenant, module.id, state), module.program)[0]
-                if state is not None
-                else None
-            )
-            work = submit(shared)
+            key = StateKey(tenant, module.id, state) if state is not None else None
+            if key is not None:
+                self.states.open(key, module.program)
+            work = submit(key)
         except BaseException:
             self._slots.release()
             raise
@@ -747,34 +762,29 @@ class ExecutionService:
 
     def _run_test_run(self, job: _Run, running: RunningTestRun, engine: str, repeat: int) -> None:
         pipe = running.pipe
-        maps = job.state.maps if job.state is not None else new_map_set(job.program)
         self.metrics.in_flight.inc()
         error: Exception | None = None
         try:
-            packets = itertools.chain.from_iterable(pipe.chunks())
-            results = run_packets(
-                job.program, job.function, packets, fuel=job.fuel, helpers=job.resolver,
-                limits=self.limits, engine=engine, interrupt=job.interrupt, maps=maps,
-                linux=self._linux, repeat=repeat,
-            )  # fmt: skip
-            for result in results:
-                pipe.add(result)
-            if job.dump_maps:  # read by the loop once the end below has reached it
-                running.maps = {m.spec.name: map_contents(m) for m in maps.maps}
-        except Exception as exc:  # PipeClosed too: the state is stored all the same
+            with self._maps(job, True) as maps:
+                assert maps is not None
+                packets = itertools.chain.from_iterable(pipe.chunks())
+                results = run_packets(
+                    job.program, job.function, packets, fuel=job.fuel, helpers=job.resolver,
+                    limits=self.limits, engine=engine, interrupt=job.interrupt, maps=maps,
+                    linux=self._linux, repeat=repeat,
+                )  # fmt: skip
+                for result in results:
+                    pipe.add(result)
+                if job.dump_maps:  # read by the loop once the end below has reached it
+                    running.maps = {m.spec.name: map_contents(m) for m in maps.maps}
+        except Exception as exc:  # PipeClosed too: the state is committed all the same
             error = exc
         finally:
             self.metrics.in_flight.dec()
-        self._end_worker(job, pipe, error)
+        self._end_worker(pipe, error)
 
-    def _end_worker(self, job: _Run, pipe: BatchPipe[Any, Any], error: Exception | None) -> None:
-        """A batch's or test run's worker is done: store its state, then end its results."""
-        if job.state is not None:
-            self.metrics.state_executions.inc()
-            try:
-                self.states.changed(job.state)  # on disk before the end is sent
-            except Exception as exc:
-                error = error or exc
+    def _end_worker(self, pipe: BatchPipe[Any, Any], error: Exception | None) -> None:
+        """A batch's or test run's worker is done (its state committed): end its results."""
         if not isinstance(error, PipeClosed):  # closed: the call is over, nobody to tell
             with contextlib.suppress(PipeClosed):
                 pipe.finish(error)
@@ -791,6 +801,8 @@ class ExecutionService:
         if self._compiles is not None:
             self._compiles.close()
         self._pool.shutdown(wait=wait, cancel_futures=True)
+        if wait and self.states.shared is not None:
+            self.states.shared.close()
 
 
 class RunningBatch(Generic[Chunk, Out]):

@@ -57,10 +57,12 @@ from bpfexec.server.states import (
     InvalidEntry,
     MapContents,
     MapNotFound,
-    State,
+    StateBusy,
     StateLimit,
     StateNotFound,
     StateNotSaved,
+    StateStoreUnavailable,
+    StateSummary,
 )
 from bpfexec.server.store_redis import StoreUnavailable
 from bpfexec.vm import (
@@ -603,7 +605,7 @@ class ExecutorServicer(pb_grpc.ExecutorServicer):
     ) -> pb.ListStatesResponse:
         try:
             self._check_names(module_id=request.module_id)
-            found = self._service.list_states(self._tenant(context), request.module_id)
+            found = await self._service.list_states(self._tenant(context), request.module_id)
         except Exception as exc:
             await _abort(context, exc)
         return pb.ListStatesResponse(states=[_state(state) for state in found])
@@ -948,7 +950,7 @@ def _dumps(contents: dict[str, MapContents]) -> dict[str, pb.MapDump]:
     }
 
 
-def _state(state: State) -> pb.State:
+def _state(state: StateSummary) -> pb.State:
     return pb.State(
         name=state.key.name,
         module_id=state.key.module_id,
@@ -994,6 +996,8 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode, str]] = [
     (MapNotFound, grpc.StatusCode.NOT_FOUND, "MAP_NOT_FOUND"),
     (StateLimit, grpc.StatusCode.RESOURCE_EXHAUSTED, "STATE_LIMIT"),
     (StateNotSaved, grpc.StatusCode.INTERNAL, "STATE_NOT_SAVED"),
+    (StateStoreUnavailable, grpc.StatusCode.UNAVAILABLE, "STATE_STORE_UNAVAILABLE"),
+    (StateBusy, grpc.StatusCode.DEADLINE_EXCEEDED, "STATE_BUSY"),
     (InvalidEntry, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_MAP_ENTRY"),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_EXECUTIONS"),
     (TooManyRequests, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_REQUESTS"),

@@ -133,6 +133,17 @@ class Settings:
         "(redis://[user:password@]HOST:PORT/DB, rediss:// with TLS) keeping the modules, "
         "shared by every replica (empty: memory only)",
     )
+    state_store: str = _knob(
+        "",
+        "Redis URL (redis://[user:password@]HOST:PORT/DB, rediss:// with TLS) keeping every "
+        "named state, shared by every worker and replica, one request at a time per state "
+        "(empty: states kept by the server itself, docs/state.md)",
+    )
+    state_lease_seconds: float = _knob(
+        5.0,
+        "with --state-store: how long a state stays leased to a server that stopped renewing "
+        "it (killed, frozen or cut off) before another may take it",
+    )
     max_state_bytes: int = _knob(
         64 << 20,
         "map memory of one named state, in bytes (the values of its module's maps); a state "
@@ -193,6 +204,16 @@ class Settings:
             raise ValueError(f"jit_compile_timeout must be positive, got {timeout}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.state_store and not self.state_store.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"state_store {self.state_store!r} is not a Redis URL (redis://HOST:PORT/DB)"
+            )
+        if self.state_lease_seconds < 0.1:
+            raise ValueError(
+                f"state_lease_seconds must be at least 0.1, got {self.state_lease_seconds}"
+            )
         for name in ("grace_period", "auth_reload_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")

@@ -33,7 +33,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from bpfexec.server.store import sync_directory, write_atomically
@@ -118,8 +118,38 @@ class StateFiles:
 
     @staticmethod
     def _name(key: StateKey) -> str:
-        text = json.dumps([key.tenant, key.module_id, key.name])
-        return hashlib.sha256(text.encode()).hexdigest() + ".json"
+        return state_digest(key) + ".json"
+
+
+def state_digest(key: StateKey) -> str:
+    """The sha256 (hex) of a state's key: its name in a store, whatever the key holds."""
+    text = json.dumps([key.tenant, key.module_id, key.name])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def pack_entries(spec: MapSpec, entries: Entries) -> bytes:
+    """A map's entries as bytes: each key then its value, at the map's fixed sizes."""
+    return b"".join(key + value for key, value in entries)
+
+
+def unpack_entries(spec: MapSpec, data: bytes) -> Entries:
+    """The entries `pack_entries` packed; ValueError if `data` does not fit `spec`."""
+    size = spec.key_size + spec.value_size
+    if size <= 0 or len(data) % size:
+        raise ValueError(f"map {spec.name!r}: {len(data)} bytes are not whole entries")
+    return [
+        (data[n : n + spec.key_size], data[n + spec.key_size : n + size])
+        for n in range(0, len(data), size)
+    ]
+
+
+def specs_json(specs: tuple[MapSpec, ...]) -> str:
+    """A state's map definitions as JSON (`specs_from_json` reads them back)."""
+    return json.dumps([list(astuple(spec)) for spec in specs], separators=(",", ":"))
+
+
+def specs_from_json(text: str | bytes) -> tuple[MapSpec, ...]:
+    return tuple(MapSpec(str(s[0]), *(int(n) for n in s[1:])) for s in json.loads(text))
 
 
 def encode(key: StateKey, specs: tuple[MapSpec, ...], entries: list[Entries]) -> bytes:

@@ -71,6 +71,18 @@ class StoreUnavailable(ServiceError):
         super().__init__(f"the module store (Redis) is unavailable: {what} failed: {error}")
 
 
+def redis_client(url: str) -> redis.Redis:
+    """A client of the Redis at `url`, with the stores' timeouts and retries."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), RETRIES),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=30,
+    )
+
+
 def is_redis_url(location: str) -> bool:
     return location.startswith(("redis://", "rediss://", "unix://"))
 
@@ -79,14 +91,7 @@ class RedisModuleStore:
     """The `bpfexec.server.store.ModuleStore` interface on Redis."""
 
     def __init__(self, url: str, metrics: Metrics, prefix: str = "bpfexec:") -> None:
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=SOCKET_TIMEOUT,
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            retry=Retry(ExponentialBackoff(cap=0.25, base=0.05), RETRIES),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            health_check_interval=30,
-        )
+        self._client = redis_client(url)
         self._metrics = metrics
         self._prefix = prefix
         self._remove_tenant = self._client.register_script(_REMOVE_TENANT)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from redis_process import REDIS, RedisServer
 
 from bpfexec.vm.machine import available_engines
 
@@ -138,3 +139,15 @@ def no_compiler_faults(request: pytest.FixtureRequest, caplog: pytest.LogCapture
     for record in caplog.get_records("call"):
         if record.name == "bpfexec.vm.jit.runtime" and record.levelno >= logging.ERROR:
             pytest.fail(f"{record.getMessage()}: {record.exc_info and record.exc_info[1]!r}")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A `RedisServer` for one test (skipped without `redis-server`), killed after it."""
+    if REDIS is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path)
+    try:
+        yield server
+    finally:
+        server.kill()

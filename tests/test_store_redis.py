@@ -8,15 +8,13 @@ restarted, it still has every module it acknowledged.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from redis_process import REDIS, RedisServer
 from server_process import ServerProcess
-from support import free_port, wait_until
+from support import free_port
 
 from bpfexec.client.client import Client
 from bpfexec.client.errors import NotFound, Unavailable
@@ -24,57 +22,10 @@ from bpfexec.server.metrics import Metrics
 from bpfexec.server.store_redis import RedisModuleStore, StoreUnavailable, redacted
 from bpfexec.vm.program import content_id
 
-REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
 TIMEOUT = 20.0
 ADD_ONE = b"r0 = r1\nr0 += 1\nexit\n"
 TIMES_TWO = b"r0 = r1\nr0 *= 2\nexit\n"
-
-
-class RedisServer:
-    """`redis-server` on a free port, its data in `directory`; `kill()` and `start()` again."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        assert REDIS is not None
-        command = [
-            REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-            "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        wait_until(lambda: _pings(client), timeout=TIMEOUT, what="redis-server")
-        client.close()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=TIMEOUT)
-            self.process = None
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def test_modules_are_stored_with_their_tenants(redis_server: RedisServer) -> None:
