@@ -392,7 +392,7 @@ def test_a_batch_offering_helpers_refuses_a_client_too_far_ahead(
 ) -> None:
     module = client.load(PEEK)
     header = pb.BatchHeader(module_id=module.id, helper_numbers=[100])
-    words = array("Q", [1, 0, 0, 0, 0] * 4096).tobytes()
+    words = array("Q", [1, 8, 0, 0, 0] * 4096).tobytes()  # r2 != 0: every input calls 100
     requests = [pb.ExecuteBatchRequest(header=header)]
     requests += [pb.ExecuteBatchRequest(packed=pb.PackedInputs(words=words))] * 4
     with grpc.insecure_channel(server.address) as channel:
