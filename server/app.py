@@ -35,12 +35,13 @@ from bpfexec.server.metrics import Metrics
 from bpfexec.server.registry import build_registry
 from bpfexec.server.request_log import RequestLogInterceptor
 from bpfexec.server.service import ExecutorServicer, add_to_server
-from bpfexec.server.settings import Settings
+from bpfexec.server.settings import Settings, is_redis_url
 from bpfexec.server.state_files import StateFiles
 from bpfexec.server.states import SharedStates, StateRegistry, StateStoreUnavailable
+from bpfexec.server.states_directory import DirectoryStates
 from bpfexec.server.states_redis import RedisStates
 from bpfexec.server.store import ModuleStorage, ModuleStore
-from bpfexec.server.store_redis import RedisModuleStore, StoreUnavailable, is_redis_url, redacted
+from bpfexec.server.store_redis import RedisModuleStore, StoreUnavailable, redacted
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,12 @@ class RunningServer:
             self.metrics_http.server_close()
 
 
-async def start(settings: Settings, worker: int | None = None) -> RunningServer:
+async def start(settings: Settings, worker_states: str | None = None) -> RunningServer:
     """Build and start the gRPC server (and the metrics HTTP server) for `settings`;
-    `worker` is the index of this process under `--workers N` (its own named states)."""
+    `worker_states` is the directory the processes of `--workers N` share their
+    named states in (`bpfexec.server.states_directory`)."""
     metrics = Metrics()
+    shared = open_state_store(settings, worker_states)
     authenticator = (
         Authenticator.from_file(settings.auth_tokens_file, settings.auth_reload_interval)
         if settings.auth_tokens_file
@@ -125,10 +128,10 @@ async def start(settings: Settings, worker: int | None = None) -> RunningServer:
             max_state_bytes=settings.max_state_bytes,
             max_states_bytes=settings.max_states_bytes,
             max_states=settings.max_states,
-            files=StateFiles(state_directory(settings.store, worker))
-            if settings.store and not is_redis_url(settings.store) and not settings.state_store
+            files=StateFiles(state_directory(settings.store))
+            if settings.store and not is_redis_url(settings.store) and not shared
             else None,
-            shared=open_state_store(settings),
+            shared=shared,
         ),
     )
     if service.store is not None:
@@ -233,11 +236,15 @@ def open_module_store(location: str, metrics: Metrics) -> ModuleStorage | None:
     return store
 
 
-def open_state_store(settings: Settings) -> SharedStates | None:
-    """The shared state store of `--state-store`, or None. An unreachable Redis is
-    logged, not fatal: requests naming a state are UNAVAILABLE until it is back."""
+def open_state_store(settings: Settings, worker_states: str | None) -> SharedStates | None:
+    """The states this process shares: on Redis with `--state-store` (an unreachable
+    Redis is logged, not fatal: requests naming a state are UNAVAILABLE until it is
+    back), else in `worker_states` under `--workers N`; None: its own."""
     if not settings.state_store:
-        return None
+        if worker_states is None:
+            return None
+        durable = bool(settings.store) and not is_redis_url(settings.store)
+        return DirectoryStates(worker_states, durable=durable)
     states = RedisStates(settings.state_store, lease_seconds=settings.state_lease_seconds)
     try:
         states.check()
@@ -250,17 +257,17 @@ def _redacted_store(location: str) -> str:
     return redacted(location) if is_redis_url(location) else location
 
 
-def state_directory(store: str, worker: int | None = None) -> Path:
-    """Where the named states of `--store DIR` live: `DIR/states`, or with `--workers N`
-    `DIR/states/worker-<n>` (each worker process has states of its own)."""
-    states = Path(store) / "states"
-    return states if worker is None else states / f"worker-{worker}"
+def state_directory(store: str) -> Path:
+    """Where the named states of `--store DIR` live: `DIR/states` (one process), or
+    `DIR/states/workers` (the directory the processes of `--workers N` share)."""
+    return Path(store) / "states"
 
 
-async def serve(settings: Settings, worker: int | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the tokens."""
+async def serve(settings: Settings, worker_states: str | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the tokens.
+    `worker_states`: as for `start`."""
     sys.setswitchinterval(SWITCH_INTERVAL)
-    running = await start(settings, worker)
+    running = await start(settings, worker_states)
     log.info(
         "serving %s on %s with the %s engine (metrics: %s)",
         SERVICE_NAME,

@@ -38,6 +38,11 @@ ENGINES = available_engines()
 LOG_FORMATS = ("text", "json")
 
 
+def is_redis_url(location: str) -> bool:
+    """Whether a `--store` or `--state-store` location names a Redis."""
+    return location.startswith(("redis://", "rediss://", "unix://"))
+
+
 def _knob(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
@@ -204,9 +209,7 @@ class Settings:
             raise ValueError(f"jit_compile_timeout must be positive, got {timeout}")
         if self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
-        if self.state_store and not self.state_store.startswith(
-            ("redis://", "rediss://", "unix://")
-        ):
+        if self.state_store and not is_redis_url(self.state_store):
             raise ValueError(
                 f"state_store {self.state_store!r} is not a Redis URL (redis://HOST:PORT/DB)"
             )

@@ -1,9 +1,9 @@
 """`StateFiles`: named states on disk, so a restarted server still has them.
 
-With `--store DIR` every named state is one file in `DIR/states/` (with
-`--workers N`, `DIR/states/worker-<n>/`: each worker process keeps its own
-states). The file name is the sha256 of the state's key, so any tenant,
-module id and state name make a safe file name:
+With `--store DIR` (one process; the workers of `--workers N` share theirs
+through `bpfexec.server.states_directory`) every named state is one file in
+`DIR/states/`. The file name is the sha256 of the state's key, so any
+tenant, module id and state name make a safe file name:
 
     <sha256 of JSON [tenant, module id, name]>.json
 
@@ -22,12 +22,17 @@ Writes are atomic (`bpfexec.server.store.write_atomically`: temporary file,
 fsync, rename, fsync of the directory). A file that cannot be read back is
 renamed `<name>.corrupt` and logged, never served.
 
+It also has what the shared stores use to name and pack a state: its digest
+(`state_digest`), one map's entries as bytes (`pack_entries`) and the maps'
+definitions as JSON (`specs_json`).
+
 This module converts states to bytes and back; it never decides when a state
 is written (`bpfexec.server.states.StateRegistry` does).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -143,6 +148,7 @@ def unpack_entries(spec: MapSpec, data: bytes) -> Entries:
     ]
 
 
+@functools.lru_cache(maxsize=1024)
 def specs_json(specs: tuple[MapSpec, ...]) -> str:
     """A state's map definitions as JSON (`specs_from_json` reads them back)."""
     return json.dumps([list(astuple(spec)) for spec in specs], separators=(",", ":"))

@@ -35,7 +35,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -217,10 +217,17 @@ class SharedStates(Protocol):
         """Give the lease back, committing nothing."""
         ...
 
-    def commit(self, lease: Lease, specs: tuple[MapSpec, ...], maps: dict[int, bytes]) -> Version:
-        """Write the maps that changed (index -> `pack_entries`), creating the state if
-        new, and release the lease, all at once; the new version. StateStoreUnavailable,
-        committing nothing, if the lease was lost."""
+    def commit(
+        self,
+        lease: Lease,
+        specs: tuple[MapSpec, ...],
+        packed: list[bytes],
+        changed: Collection[int],
+    ) -> Version:
+        """Write the maps (each one's `pack_entries`; those in `changed` differ from the
+        last commit), creating the state if new, and release the lease, all at once;
+        the new version. StateStoreUnavailable, committing nothing, if the lease was
+        lost."""
         ...
 
     def delete(self, lease: Lease) -> bool:
@@ -344,11 +351,13 @@ class StateRegistry:
         wait: float | None = None,
         interrupt: Interrupt | None = None,
         create: bool = True,
+        commit: bool = True,
     ) -> Iterator[State]:
         """Hold the state of `key` alone for the `with` block and commit its changes at
-        the end, however the block ends (docs/state.md). Waits for other holders at
-        most `wait` seconds (StateBusy). `program` creates the state if it is new
-        (with `create`; else StateNotFound); None: only an existing one is held."""
+        the end, however the block ends (docs/state.md; not `commit`: the block only
+        reads). Waits for other holders at most `wait` seconds (StateBusy). `program`
+        creates the state if it is new (with `create`; else StateNotFound); None:
+        only an existing one is held."""
         deadline = time.monotonic() + (STATE_WAIT if wait is None else max(wait, 0.0))
         state = self._take(key, program, deadline, interrupt, create)
         try:
@@ -356,9 +365,9 @@ class StateRegistry:
             try:
                 yield state
             except BaseException:
-                self._commit(state, lease, quiet=True)
+                self._end(state, lease, commit, quiet=True)
                 raise
-            self._commit(state, lease)
+            self._end(state, lease, commit)
         finally:
             state.lock.release()
 
@@ -427,6 +436,14 @@ class StateRegistry:
         state.digests = [_digest(packed) for packed in _packed(state)]
         state.version = version
 
+    def _end(self, state: State, lease: Lease | None, commit: bool, quiet: bool = False) -> None:
+        if commit:
+            self._commit(state, lease, quiet)
+        elif lease is not None:
+            assert self.shared is not None
+            with contextlib.suppress(StateError):
+                self.shared.release(lease)
+
     def _commit(self, state: State, lease: Lease | None, quiet: bool = False) -> None:
         """The end of a hold: the state's changes committed (StateNotSaved or
         StateStoreUnavailable if they cannot be; logged instead when `quiet`)."""
@@ -435,23 +452,16 @@ class StateRegistry:
                 self.changed(state)
                 return
             assert self.shared is not None
-            if quiet and lease.version.epoch is None:
-                self.shared.release(lease)  # a request that failed creates no state
-                return
             packed = _packed(state)
             digests = [_digest(p) for p in packed]
             if lease.version.epoch is not None and digests == state.digests:
                 self.shared.release(lease)  # nothing changed: no new version
                 return
-            new = lease.version.epoch is None or state.digests is None
-            changed = {
-                n: data
-                for n, data in enumerate(packed)
-                if new or digests[n] != state.digests[n]  # type: ignore[index]
-            }
+            known = state.digests if lease.version.epoch is not None else None
+            changed = [n for n, d in enumerate(digests) if known is None or d != known[n]]
             start = time.perf_counter()
             try:
-                state.version = self.shared.commit(lease, state.specs, changed)
+                state.version = self.shared.commit(lease, state.specs, packed, changed)
             except BaseException:
                 state.digests = None  # the maps hold what was not committed: read again
                 state.version = Version()
@@ -591,7 +601,7 @@ class StateRegistry:
             if map_name and not contents:
                 raise MapNotFound(key, map_name, summary.map_names)
         else:
-            with self.hold(key, None, wait=wait) as state:
+            with self.hold(key, None, wait=wait, commit=False) as state:
                 summary = StateSummary(key, state.specs)
                 contents = state.contents(map_name)
         self._count_read(contents)

@@ -46,7 +46,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import cast
 
 import redis
@@ -180,13 +180,19 @@ class RedisStates:
         with self._available(f"releasing state {lease.key.name!r}"):
             self._renew(keys=[lease_key], args=[lease.token, 0])
 
-    def commit(self, lease: Lease, specs: tuple[MapSpec, ...], maps: dict[int, bytes]) -> Version:
+    def commit(
+        self,
+        lease: Lease,
+        specs: tuple[MapSpec, ...],
+        packed: list[bytes],
+        changed: Collection[int],
+    ) -> Version:
         key = lease.key
         digest = state_digest(key)
         lease_key = self._unhold(lease)
         fields: list[bytes | str] = []
-        for n, data in sorted(maps.items()):
-            fields += [f"map:{n}", data]
+        for n in sorted(changed):
+            fields += [f"map:{n}", packed[n]]
         args = [
             lease.token,
             secrets.token_hex(8),
@@ -280,7 +286,11 @@ class RedisStates:
     def _available(self, what: str) -> Iterator[None]:
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+        except redis.ResponseError as exc:
+            if "LEASE_LOST" in str(exc):
+                raise  # for `_fenced`
+            raise StateStoreUnavailable(f"the state store (Redis) refused {what}: {exc}") from None
+        except redis.RedisError as exc:  # down, restarting, too slow, out of memory...
             raise StateStoreUnavailable(
                 f"the state store (Redis) is unavailable: {what} failed: {exc}"
             ) from None

@@ -224,20 +224,23 @@ class ModuleStore:
         sync_directory(self.directory)
 
 
-def write_atomically(directory: Path, name: str, data: bytes) -> None:
+def write_atomically(directory: Path, name: str, data: bytes, durable: bool = True) -> None:
     """Atomically replace `directory/name` by `data`: temporary file, fsync, rename,
-    fsync the directory (also what `bpfexec.server.state_files` writes with)."""
+    fsync the directory (also what `bpfexec.server.state_files` writes with). Not
+    `durable`: no fsync (the rename is still atomic for readers; a crash may lose it)."""
     fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(temporary, directory / name)
     except BaseException:
         _unlink(Path(temporary))
         raise
-    sync_directory(directory)
+    if durable:
+        sync_directory(directory)
 
 
 def sync_directory(directory: Path) -> None:

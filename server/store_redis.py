@@ -83,10 +83,6 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
-def is_redis_url(location: str) -> bool:
-    return location.startswith(("redis://", "rediss://", "unix://"))
-
-
 class RedisModuleStore:
     """The `bpfexec.server.store.ModuleStore` interface on Redis."""
 

@@ -8,9 +8,10 @@ This is the pattern of grpcio's multiprocessing example. Workers are started
 with the "spawn" method, so no gRPC state crosses a fork. Any worker may answer
 any request: a client whose module is not cached by the worker it reached gets
 NOT_FOUND and uploads it again, as with replicas. Named states
-(`bpfexec.server.states`) are per worker process too: a state is the one of
-the worker a connection reached (with `--store`, each worker keeps its own in
-`DIR/states/worker-<n>/`); docs/states.md says what that means for clients.
+(`bpfexec.server.states`) are one per name across the workers: they share a
+directory (`bpfexec.server.states_directory`), `DIR/states/workers/` with
+`--store DIR`, else a temporary one the parent makes and removes; with
+`--state-store redis://` they are in Redis instead (docs/state.md).
 
 Metrics: before starting the workers the parent points prometheus_client's
 multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`) at a fresh directory, where the
@@ -54,7 +55,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from bpfexec.server.request_log import configure_logging
-from bpfexec.server.settings import Settings
+from bpfexec.server.settings import Settings, is_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def serve_workers(settings: Settings) -> int:
     handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: see above
     metrics_dir = tempfile.mkdtemp(prefix="bpfexec-metrics-")
     os.environ[MULTIPROC_DIR_ENV] = metrics_dir
+    states_dir, temporary_states = _worker_states(settings)
     try:
         with _reserve_port(settings.host, settings.port) as port:
             worker_settings = dataclasses.replace(settings, port=port, metrics_port=0)
@@ -83,7 +85,7 @@ def serve_workers(settings: Settings) -> int:
             workers = [
                 context.Process(
                     target=_run_worker,
-                    args=(worker_settings, level, n),
+                    args=(worker_settings, level, states_dir),
                     name=f"bpfexec-worker-{n}",
                 )
                 for n in range(settings.workers)
@@ -111,6 +113,8 @@ def serve_workers(settings: Settings) -> int:
             signal.signal(sig, handler)
         os.environ.pop(MULTIPROC_DIR_ENV, None)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        if temporary_states and states_dir is not None:
+            shutil.rmtree(states_dir, ignore_errors=True)
     codes = [worker.exitcode for worker in workers]
     log.info("stopped (worker exit codes %s)", codes)
     if failed:
@@ -124,14 +128,26 @@ def serve_workers(settings: Settings) -> int:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _run_worker(settings: Settings, level: int = logging.INFO, index: int = 0) -> None:
-    """The body of worker `index`: a complete server until SIGTERM or SIGINT."""
+def _worker_states(settings: Settings) -> tuple[str | None, bool]:
+    """The directory the workers share their named states in; whether it is temporary
+    (removed when they stop). None with `--state-store` (states in Redis)."""
+    if settings.state_store:
+        return None, False
+    if settings.store and not is_redis_url(settings.store):
+        return os.path.join(settings.store, "states", "workers"), False
+    return tempfile.mkdtemp(prefix="bpfexec-states-"), True
+
+
+def _run_worker(
+    settings: Settings, level: int = logging.INFO, states_dir: str | None = None
+) -> None:
+    """The body of a worker: a complete server until SIGTERM or SIGINT."""
     from bpfexec.server.app import serve
     from bpfexec.server.registry import HelperConfigError
 
     configure_logging(settings.log_format, level, text_format=LOG_FORMAT)
     try:
-        asyncio.run(serve(settings, worker=index))
+        asyncio.run(serve(settings, states_dir))
     except (ValueError, HelperConfigError, OSError) as exc:
         log.error("cannot serve: %s", exc)
         sys.exit(EXIT_WORKER_CONFIG)

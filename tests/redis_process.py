@@ -22,12 +22,15 @@ TIMEOUT = 20.0
 
 
 class RedisServer:
-    """`redis-server` on a free port, its data in `directory`; `kill()` and `start()` again."""
+    """`redis-server` on a free port, its data in `directory`; `kill()` and `start()` again.
+    With `password`, clients must give it (`url` does)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str = "") -> None:
         self.directory = directory
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        credentials = f":{password}@" if password else ""
+        self.url = f"redis://{credentials}127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -36,11 +39,12 @@ class RedisServer:
         command = [
             REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
             "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+            *(["--requirepass", self.password] if self.password else []),
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        client = redis.Redis(port=self.port, password=self.password or None, socket_timeout=1)
         wait_until(lambda: _pings(client), timeout=TIMEOUT, what="redis-server")
         client.close()
 

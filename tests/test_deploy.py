@@ -127,10 +127,12 @@ def test_the_redis_overlay_points_the_replicas_at_a_durable_redis() -> None:
     )
     (container,) = patch["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert "BPFEXEC_STORE" in {f"BPFEXEC_{name.upper()}" for name in Settings.__dataclass_fields__}
+    knobs = {f"BPFEXEC_{name.upper()}" for name in Settings.__dataclass_fields__}
+    assert {"BPFEXEC_STORE", "BPFEXEC_STATE_STORE"} <= knobs
     service, statefulset = sorted(load(REDIS_OVERLAY / "redis.yaml"), key=lambda d: d["kind"])
     port = service["spec"]["ports"][0]["port"]
-    assert env["BPFEXEC_STORE"] == f"redis://{service['metadata']['name']}:{port}/0"
+    url = f"redis://{service['metadata']['name']}:{port}/0"
+    assert env == {"BPFEXEC_STORE": url, "BPFEXEC_STATE_STORE": url}
     args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--appendfsync") + 1] == "always"
     assert args[args.index("--appendonly") + 1] == "yes"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_process import RedisServer
+from redis_process import REDIS, RedisServer
 from server_process import ServerProcess
 from support import free_port, wait_until
 
@@ -130,6 +130,20 @@ def test_an_unreachable_state_store_is_unavailable(redis_server: RedisServer) ->
     states = registry(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(StateStoreUnavailable, match=r"state store \(Redis\) is unavailable"):
         states.update(KEY, program, "counts", [(u32(1), u64(1))], 0)
+
+
+def test_a_redis_with_a_password_takes_it_from_the_url(tmp_path: Path) -> None:
+    if REDIS is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path, password="s3cret")
+    try:
+        program = load(COUNTER.read_bytes())
+        assert registry(server.url).update(KEY, program, "counts", [(u32(1), u64(1))], 0)[1]
+        wrong = registry(server.url.replace("s3cret", "wrong"))
+        with pytest.raises(StateStoreUnavailable, match="unavailable: reading state"):
+            wrong.read(KEY)
+    finally:
+        server.kill()
 
 
 @contextlib.contextmanager
