@@ -437,11 +437,15 @@ class ExecutionService:
         """Set entries of a state's map (each one's errno result); a state that does not
         exist is created for the module first (seeding). (results, whether created)."""
         check_state_name(name)
-        module = await self.get(module_id, tenant)
-        key = StateKey(tenant, module.id, name)
-        return await asyncio.to_thread(
-            self.states.update, key, module.program, map_name, entries, flags
-        )
+        key = StateKey(tenant, module_id, name)
+        try:
+            module = await self.get(module_id, tenant)
+            program, key = module.program, StateKey(tenant, module.id, name)
+        except ModuleNotFound:
+            if not self.states.kept_here(key):
+                raise  # creating a state needs its module
+            program = None  # an evicted module's state, kept in this process
+        return await asyncio.to_thread(self.states.update, key, program, map_name, entries, flags)
 
     async def delete_entries(
         self, module_id: str, name: str, map_name: str, keys: Sequence[bytes], tenant: str = ""

@@ -319,6 +319,10 @@ class StateRegistry:
     def total_bytes(self) -> int:
         return self._bytes
 
+    def kept_here(self, key: StateKey) -> bool:
+        """Whether this process keeps the state of `key` itself (no shared store)."""
+        return self.shared is None and key in self._states
+
     def get(self, key: StateKey) -> State:
         state = self._states.get(key)
         if state is None:
@@ -533,15 +537,16 @@ class StateRegistry:
     def update(
         self,
         key: StateKey,
-        program: Any,
+        program: Any | None,
         map_name: str,
         entries: Sequence[tuple[bytes, bytes]],
         flags: int,
         wait: float | None = None,
     ) -> tuple[list[int], bool]:
         """Set entries as `bpf_map_update_elem(map, key, value, flags)`, creating the state
-        for `program` if it is new; (each one's result, 0 or a negative errno; whether
-        created). A key or value of the wrong size changes nothing."""
+        for `program` if it is new (None: only an existing one); (each one's result, 0 or
+        a negative errno; whether created). A key or value of the wrong size changes
+        nothing."""
         created = self.shared is None and key not in self._states
         with self.hold(key, program, wait=wait) as state:
             created = created or (state.version.epoch is None and self.shared is not None)

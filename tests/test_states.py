@@ -512,3 +512,21 @@ def test_stored_entries_fill_a_map_back_in_order() -> None:
     for old, new in zip(before.maps, after.maps, strict=True):
         fill_map(new, old.entries())
     assert after.dump() == before.dump()
+
+
+def test_an_evicted_modules_state_is_still_read_and_updated() -> None:
+    # A cache of one module: loading another evicts counter.o, not its state.
+    with (
+        serve_in_thread(settings(cache_max_modules=1)) as running,
+        Client(running.address, timeout=TIMEOUT) as client,
+    ):
+        module = client.load(COUNTER.read_bytes(), "counter.o").id
+        assert client.update_state(module, "kept", "counts", [(u32(1), u64(5))]) == [0]
+        client.load(b"r0 = 1\nexit\n", "other.s")
+        with pytest.raises(NotFound, match="not cached"):
+            client.execute(module, "count", [1], state="kept")
+        assert client.update_state(module, "kept", "counts", [(u32(2), u64(6))]) == [0]
+        found = dict(client.get_state(module, "kept").maps["counts"].entries)
+        assert found == {u32(1): u64(5), u32(2): u64(6)}
+        with pytest.raises(NotFound, match="not cached"):  # a new state needs its module
+            client.update_state(module, "new", "counts", [(u32(1), u64(1))])
