@@ -51,6 +51,8 @@ def test_settings_precedence(argv, environ, expected) -> None:
         ({"BPFEXEC_ENGINE": "turbo"}, "unknown engine 'turbo'"),
         ({"BPFEXEC_MAX_CONCURRENT_EXECUTIONS": "0"}, "at least 1"),
         ({"BPFEXEC_ENTRY_POINT_HELPERS": "maybe"}, "BPFEXEC_ENTRY_POINT_HELPERS"),
+        ({"BPFEXEC_STATE_STORE": "/var/states"}, "state_store '/var/states' is not a Redis URL"),
+        ({"BPFEXEC_STATE_LEASE_SECONDS": "0"}, "state_lease_seconds must be at least 0.1"),
     ],
 )
 def test_bad_settings_name_the_knob(environ, message) -> None:
