@@ -258,8 +258,8 @@ def _redacted_store(location: str) -> str:
 
 
 def state_directory(store: str) -> Path:
-    """Where the named states of `--store DIR` live: `DIR/states` (one process), or
-    `DIR/states/workers` (the directory the processes of `--workers N` share)."""
+    """Where one process keeps the named states of `--store DIR`: `DIR/states` (the
+    processes of `--workers N` share `DIR/states/workers`: `bpfexec.server.workers`)."""
     return Path(store) / "states"
 
 
