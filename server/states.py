@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bpfexec.server.metrics import Metrics
 from bpfexec.server.state_files import (
@@ -52,6 +52,7 @@ from bpfexec.vm.machine import Interrupt
 from bpfexec.vm.maps import MAP_TYPES, BpfMap, MapSet, map_bytes
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = [
     "InvalidEntry",
@@ -74,6 +75,7 @@ __all__ = [
     "fill_map",
     "map_contents",
     "new_map_set",
+    "retry_until",
 ]
 
 
@@ -742,6 +744,30 @@ def _acquire(
                 f"state {_shown(key.name)} of module {_shown(key.module_id)} stayed in use by "
                 "other requests until this one's deadline"
             )
+
+
+def retry_until(
+    attempt: Callable[[], T | None],
+    deadline: float,
+    interrupt: Interrupt | None,
+    busy: str,
+    first_wait: float,
+    most_wait: float,
+) -> T:
+    """What `attempt()` gives once it gives something other than None, tried again after
+    waits doubling from `first_wait` to `most_wait`; StateBusy(`busy`) once `deadline`
+    (a `time.monotonic()` time) has passed or `interrupt` was requested. How the shared
+    stores wait for a lease another process holds."""
+    wait = first_wait
+    while True:
+        found = attempt()
+        if found is not None:
+            return found
+        left = deadline - time.monotonic()
+        if left <= 0 or (interrupt is not None and interrupt.reason is not None):
+            raise StateBusy(busy)
+        time.sleep(min(wait, left))
+        wait = min(wait * 2, most_wait)
 
 
 def _packed(state: State) -> list[bytes]:

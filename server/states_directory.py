@@ -32,7 +32,6 @@ import json
 import os
 import secrets
 import threading
-import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -48,16 +47,25 @@ from bpfexec.server.state_files import (
 )
 from bpfexec.server.states import (
     Lease,
-    StateBusy,
     StateStoreUnavailable,
     StateSummary,
     Version,
+    retry_until,
 )
 from bpfexec.server.store import sync_directory
 from bpfexec.vm.machine import Interrupt
 
 _FIRST_WAIT = 0.0002  # seconds between tries for a locked state: doubling up to _MOST_WAIT
 _MOST_WAIT = 0.01
+
+
+def _locked(fd: int) -> bool | None:
+    """True once this process holds the exclusive flock of `fd`; None while another does."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return None
+    return True
 
 
 class DirectoryStates:
@@ -77,22 +85,12 @@ class DirectoryStates:
             fd = os.open(self.directory / f"{digest}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise self._unavailable(f"locking state {key.name!r}", exc) from None
-        wait = _FIRST_WAIT
+        busy = (
+            f"state {key.name!r} of module {key.module_id!r} stayed in use by requests on "
+            "other worker processes until this one's deadline"
+        )
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    pass
-                left = deadline - time.monotonic()
-                if left <= 0 or (interrupt is not None and interrupt.reason is not None):
-                    raise StateBusy(
-                        f"state {key.name!r} of module {key.module_id!r} stayed in use by "
-                        "requests on other worker processes until this one's deadline"
-                    )
-                time.sleep(min(wait, left))
-                wait = min(wait * 2, _MOST_WAIT)
+            retry_until(lambda: _locked(fd), deadline, interrupt, busy, _FIRST_WAIT, _MOST_WAIT)
             meta = self._meta(digest)
         except BaseException:
             os.close(fd)  # closing releases the lock, if taken

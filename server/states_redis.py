@@ -45,7 +45,6 @@ import json
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Collection, Iterator
 from typing import cast
 
@@ -62,10 +61,10 @@ from bpfexec.server.state_files import (
 )
 from bpfexec.server.states import (
     Lease,
-    StateBusy,
     StateStoreUnavailable,
     StateSummary,
     Version,
+    retry_until,
 )
 from bpfexec.server.store_redis import redacted, redis_client
 from bpfexec.vm.machine import Interrupt
@@ -157,20 +156,16 @@ class RedisStates:
         digest = state_digest(key)
         keys = [self._lease_key(digest), self._state_key(digest)]
         token = secrets.token_hex(16)
-        wait = _FIRST_WAIT
-        while True:
+
+        def attempt() -> list[bytes | None] | None:
             with self._available(f"leasing state {key.name!r}"):
-                found = self._acquire(keys=keys, args=[token, self.lease_ms])
-            if found is not None:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0 or (interrupt is not None and interrupt.reason is not None):
-                raise StateBusy(
-                    f"state {key.name!r} of module {key.module_id!r} stayed in use by other "
-                    "requests (on this or other servers) until this one's deadline"
-                )
-            time.sleep(min(wait, left))
-            wait = min(wait * 2, _MOST_WAIT)
+                return self._acquire(keys=keys, args=[token, self.lease_ms])  # type: ignore[no-any-return]
+
+        busy = (
+            f"state {key.name!r} of module {key.module_id!r} stayed in use by other requests "
+            "(on this or other servers) until this one's deadline"
+        )
+        found = retry_until(attempt, deadline, interrupt, busy, _FIRST_WAIT, _MOST_WAIT)
         epoch, number = found
         self._hold(token, keys[0])
         return Lease(key, token, Version(_text(epoch), int(number or 0)))
