@@ -18,7 +18,7 @@ import pytest
 from conftest import CompileDirectory
 
 from bpfexec.vm.context_access import with_context
-from bpfexec.vm.errors import RequestError, VerifyError
+from bpfexec.vm.errors import RequestError, TrapKind, VerifyError
 from bpfexec.vm.loader import load
 from bpfexec.vm.maps import MapSet
 from bpfexec.vm.packet_run import PacketError, PacketResult, run_packets
@@ -352,3 +352,26 @@ def test_tc_changes_its_packets_tail(objects: Path, engine: str) -> None:
     # grow by 100, trim to 10 below the start, then 70000 and 10 bytes: -EINVAL
     assert resized.context["cb"] == [0, size + 100, 0, size - 10, 22]
     assert (resized.context["mark"], resized.data) == (22, packet[: size - 10])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_tail_call_enters_only_what_the_kernels_array_could_hold(
+    objects: Path, engine: str
+) -> None:
+    # The first payload byte picks the slot: an XDP program, one the verifier refuses, a
+    # tc program, an empty slot.
+    prog = program(objects, "xdp_tail")
+    packets = [ethernet(bytes([slot]) + bytes(40)) for slot in range(4)]
+    results = run(prog, "xdp_jump", packets, engine)
+    assert [r.verdict for r in results] == ["XDP_TX", "TRAP", "TRAP", "XDP_PASS"]
+    refused, other = results[1].trap, results[2].trap
+    assert refused is not None and other is not None
+    assert refused.kind is other.kind is TrapKind.HELPER_ERROR
+    assert refused.message.startswith("bpf_tail_call: xdp_writes_data would not load: pc ")
+    assert "(xdp_tail.c:" in refused.message
+    assert refused.message.endswith("xdp programs may not write the context field data")
+    assert other.message == (
+        "bpf_tail_call: tc_marks is of type tc, and the prog_array of a program of type xdp "
+        "holds only programs of that type"
+    )
+    assert refused.location is not None and "xdp_tail.c:" in refused.location

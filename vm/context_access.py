@@ -129,9 +129,35 @@ def _rewrite(program: Program, kind: ProgramType) -> _Rewrite:
             code[pc] = replacement
     # A packet program's numbered helpers are the kernel's, whatever else its object holds.
     rewritten = dataclasses.replace(
-        program, instructions=tuple(code), compiled={}, kernel_helpers=True
-    )
+        program, instructions=tuple(code), compiled={}, kernel_helpers=True,
+        tail_refusals=_tail_refusals(program, kind, refusals),
+    )  # fmt: skip
     return _Rewrite(rewritten, refusals)
+
+
+def _tail_refusals(program: Program, kind: ProgramType, refusals: dict[int, str]) -> dict[int, str]:
+    """Why a tail call may not enter each function that a `kind` program's array could
+    not hold: one of another type (the kernel's arrays hold one type), or one whose
+    code the kernel's verifier refuses (it would not have loaded)."""
+    reasons: dict[int, str] = {}
+    for fn in program.functions:
+        other = program_type(fn.section)
+        if other is not kind:
+            reasons[fn.pc] = (
+                f"{fn.name} is of type {other.value}, and the prog_array of a program of "
+                f"type {kind.value} holds only programs of that type"
+            )
+            continue
+        refused = sorted(pc for pc in _reachable(program, fn.pc) if pc in refusals)
+        if refused:
+            pc = refused[0]
+            where = program.location(pc)
+            reasons[fn.pc] = (
+                f"{fn.name} would not load: pc {pc}"
+                + (f" ({where})" if where else "")
+                + f": {refusals[pc]}"
+            )
+    return reasons
 
 
 def _reachable(program: Program, entry: int) -> set[int]:

@@ -311,14 +311,16 @@ def run(machine: Machine, engine: Engine) -> Result:
             value = engine.run(machine)
         except TailCall as call:  # bpf_tail_call: run the target instead, from its entry
             target = machine.program.function_at(call.entry)
-            if target is not None and target.pc == call.entry:
+            refusal = machine.program.tail_refusals.get(call.entry)
+            if target is not None and target.pc == call.entry and refusal is None:
                 machine.restart(call.entry, call.context)
                 continue
-            # A program array seeded by a client may hold any id: only entries run.
-            trap = Trap(
-                TrapKind.HELPER_ERROR,
-                f"bpf_tail_call: program id {call.entry + 1} is no function of the program",
-            ).at(call.pc, call.instruction, call.function, call.location)
+            # A program array seeded by a client may hold any id: only entries run,
+            # and of a packet program only those the kernel's array could hold.
+            refusal = refusal or f"program id {call.entry + 1} is no function of the program"
+            trap = Trap(TrapKind.HELPER_ERROR, f"bpf_tail_call: {refusal}").at(
+                call.pc, call.instruction, call.function, call.location
+            )
         except Trap as caught:
             trap = caught
         break

@@ -64,6 +64,9 @@ class Program:
     # libbpf's declarative `values = { [i] = &x }` (`bpfexec.vm.callbacks`).
     map_init: tuple[tuple[int, int, int], ...] = ()
     kernel_helpers: bool = False
+    # Entry pc -> why a tail call may not enter that function (a packet program's
+    # program array holds only programs of its type that its verifier accepts).
+    tail_refusals: Mapping[int, str] = field(default_factory=dict)
     name: str = "<program>"  # where it came from, for messages
     id: str = ""  # content hash of the bytes it was loaded from
     # Engine artifacts derived from the program (pre-decoded blocks, native code),
