@@ -1,18 +1,22 @@
 """Packets per second of `bpfexec test-run`'s engine over a large capture, side by side.
 
-    python bench/bench_test_run.py [--packets 200000] [--repeat 3]
+    python bench/bench_test_run.py [--packets 1000000] [--repeat 3]
 
 The capture (written once to a temporary pcap) mixes UDP, TCP, 802.1Q-tagged and
 IPv6 frames. The program is `xdp_count` of tests/fixtures/packets/xdp_count.c
 (parses Ethernet, a VLAN tag, IPv4 and UDP, counts protocols in an array map):
 compiled with clang when present, else the committed object. The rows, each the
-best of `--repeat` runs:
+best of `--repeat` runs, capture reading always included:
 
-- reading the capture alone (`bpfexec.client.captures`);
-- `run_packets` over the capture (reading included) on the interpreter (a tenth
-  of the packets) and on the JIT;
-- the same on the JIT with `xdp_pass` (`return XDP_PASS`): the per-packet cost of
-  the test-run path itself, which the parsing program's figure is read against;
+- reading the capture alone: with libpcap in chunks (`bpfexec.client.capture_chunks`,
+  what `test-run --engine jit` reads with when it wants no packet one by one), and
+  packet by packet with dpkt (`bpfexec.client.captures`);
+- the summary path of `test-run --engine jit` (no `--out`, no `--per-packet`):
+  libpcap chunks into `run_packet_chunks`, verdicts counted, for `xdp_count` and
+  for `xdp_pass` (`return XDP_PASS`: the path's own cost);
+- `run_packets` over the dpkt reader, a `PacketResult` a packet (what `--out`,
+  `--per-packet` and a server's TestRun take), on the JIT and on the interpreter
+  (a tenth of the packets);
 - `run_batch` of the seed's `example` on the JIT: the batch path's own overhead.
 
 Goal (issue 20): one million packets a second through the JIT on one core,
@@ -31,11 +35,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bpfexec.client.capture_chunks import LibpcapCapture, available
 from bpfexec.client.captures import Packet, read_capture, write_capture
 from bpfexec.vm import Program, load
-from bpfexec.vm.batch import run_batch
+from bpfexec.vm.batch import CHUNK, run_batch
 from bpfexec.vm.maps import MapSet
-from bpfexec.vm.packet_run import run_packets
+from bpfexec.vm.packet_run import run_packet_chunks, run_packets
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKETS = ROOT / "tests" / "fixtures" / "packets"
@@ -73,7 +78,7 @@ def best(run: Callable[[], int], repeat: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--packets", type=int, default=200_000)
+    parser.add_argument("--packets", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
@@ -101,6 +106,20 @@ def main() -> None:
         def reading() -> int:
             return sum(1 for _ in packets(capture))
 
+        def reading_chunks() -> int:
+            with LibpcapCapture(capture) as reader:
+                return sum(len(chunk) for chunk in reader.chunks(CHUNK))
+
+        def summarizing(program: Program, function: str) -> Callable[[], int]:
+            def go() -> int:
+                maps = MapSet(program.maps)
+                with LibpcapCapture(capture) as reader:
+                    chunks = reader.chunks(CHUNK)
+                    runs = run_packet_chunks(program, function, chunks, engine="jit", maps=maps)
+                    return sum(sum(r.verdicts().values()) for r in runs)
+
+            return go
+
         def running(program: Program, function: str, engine: str, path: Path) -> Callable[[], int]:
             def go() -> int:
                 maps = MapSet(parsing.maps) if program is parsing else None
@@ -113,14 +132,23 @@ def main() -> None:
             inputs = ([n % 8, n] for n in range(args.packets))
             return sum(1 for _ in run_batch(example, "example", inputs, engine="jit"))
 
-        rows = [
-            ("reading the capture", best(reading, args.repeat)),
+        rows = []
+        if available():
+            rows += [
+                ("reading: libpcap, in chunks", best(reading_chunks, args.repeat)),
+                ("xdp_count, JIT, summary", best(summarizing(parsing, "xdp_count"), args.repeat)),
+                ("xdp_pass, JIT, summary", best(summarizing(passing, "xdp_pass"), args.repeat)),
+            ]
+        rows += [
+            ("reading: dpkt, packet by packet", best(reading, args.repeat)),
             (
-                "xdp_count, interpreter",
+                "xdp_count, JIT, a PacketResult each",
+                best(running(parsing, "xdp_count", "jit", capture), args.repeat),
+            ),
+            (
+                "xdp_count, interpreter, a PacketResult each",
                 best(running(parsing, "xdp_count", "interpreter", small), args.repeat),
             ),
-            ("xdp_count, JIT", best(running(parsing, "xdp_count", "jit", capture), args.repeat)),
-            ("xdp_pass, JIT", best(running(passing, "xdp_pass", "jit", capture), args.repeat)),
             ("run_batch of example, JIT", best(batch, args.repeat)),
         ]
     print(f"{args.packets} packets (interpreter: {max(args.packets // 10, 1)})\n")

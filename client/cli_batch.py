@@ -147,8 +147,8 @@ class Progress:
         self.count = 0
         self.start = self.shown = time.monotonic()
 
-    def step(self) -> None:
-        self.count += 1
+    def step(self, count: int = 1) -> None:
+        self.count += count
         now = time.monotonic()
         if now - self.shown >= 0.5:
             self.shown = now

@@ -238,10 +238,23 @@ class _RemoteRun:
         self._client.close()
 
 
+def _natively(args: argparse.Namespace) -> bool:
+    """Whether the run can read its capture in chunks with libpcap and count verdicts
+    without a Python object a packet: a local run on the JIT that wants no packet
+    one by one (no `--out`, no `--per-packet`)."""
+    if args.server or args.engine != "jit" or args.out or args.per_packet:
+        return False
+    from bpfexec.client.capture_chunks import available
+
+    return available()
+
+
 def cmd_test_run(args: argparse.Namespace) -> int:
     from bpfexec.client.captures import CaptureError, Packet, read_capture, write_capture
 
     _check_mode(args)
+    if _natively(args):
+        return _summarize(args, _count_natively(args))
     runner: _Run = _RemoteRun(args) if args.server else _LocalRun(args)
     verdicts: Counter[str] = Counter()
     results: list[dict[str, object]] = []
@@ -292,21 +305,79 @@ def cmd_test_run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     finally:
         runner.close()
+    summary = _summary(kind, verdicts, duration, dumped)
+    if args.per_packet:
+        summary["results"] = results
+    return _summarize(args, (summary, trapped))
+
+
+def _summary(
+    kind: str, verdicts: Counter[str], duration: int, maps: dict[str, Any] | None
+) -> dict[str, object]:
+    """The JSON object of a run, without `results`."""
     summary: dict[str, object] = {
         "program_type": kind,
         "packets": sum(verdicts.values()),
         "verdicts": dict(verdicts),
         "duration_ns": duration,
     }
-    if dumped is not None:
-        summary["maps"] = dumped
-    if args.per_packet:
-        summary["results"] = results
+    if maps is not None:
+        summary["maps"] = maps
+    return summary
+
+
+def _summarize(args: argparse.Namespace, outcome: tuple[dict[str, object], bool]) -> int:
+    summary, trapped = outcome
     if args.json:
         print(json.dumps(summary))
     else:
         _print_table(args.program, summary)
     return EXIT_TRAP if trapped else EXIT_OK
+
+
+def _count_natively(args: argparse.Namespace) -> tuple[dict[str, object], bool]:
+    """The summary of a local run on the JIT, its capture read by libpcap in chunks
+    (`bpfexec.client.capture_chunks`), each run in native code
+    (`bpfexec.vm.packet_run.run_packet_chunks`); and whether a packet's run trapped."""
+    from bpfexec.client.capture_chunks import LibpcapCapture
+    from bpfexec.client.captures import CaptureError
+    from bpfexec.client.cli import _load
+    from bpfexec.vm.batch import CHUNK
+    from bpfexec.vm.context_access import context_type
+    from bpfexec.vm.maps import MapSet
+    from bpfexec.vm.packet_run import PacketError, run_packet_chunks
+
+    program = _load(args.file)
+    maps = MapSet(program.maps, init=program.map_init)
+    kind: str = context_type(program, args.program).value
+    verdicts: Counter[str] = Counter()
+    duration = 0
+    trapped = False
+    progress = Progress("packets") if sys.stderr.isatty() else None
+    try:
+        with LibpcapCapture(args.pcap) as capture:
+            if kind != "syscall" and capture.link_type != DLT_EN10MB:
+                raise UsageError(
+                    f"--pcap {args.pcap}: link type {capture.link_type} is not Ethernet "
+                    f"({DLT_EN10MB}), which {kind} programs see"
+                )
+            chunks = capture.chunks(CHUNK)
+            for runs in run_packet_chunks(
+                program, args.program, chunks, fuel=args.fuel, engine="jit", maps=maps,
+                repeat=args.repeat,
+            ):  # fmt: skip
+                verdicts += runs.verdicts()
+                duration += runs.duration_ns
+                trapped = trapped or runs.trapped
+                if progress is not None:
+                    progress.step(runs.count)
+    except CaptureError as exc:
+        raise UsageError(str(exc)) from None
+    except PacketError as exc:
+        raise UsageError(f"--pcap {args.pcap}: {exc}") from None
+    if progress is not None:
+        progress.done()
+    return _summary(kind, verdicts, duration, maps.dump() if args.dump_maps else None), trapped
 
 
 def _print_table(name: str, summary: dict[str, Any]) -> None:

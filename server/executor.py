@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import threading
 import time
@@ -86,7 +85,7 @@ from bpfexec.vm import (
     TrapKind,
     execute,
 )
-from bpfexec.vm.batch import PackedInputs, PackedResults, run_chunks
+from bpfexec.vm.batch import CHUNK, PackedInputs, PackedResults, run_chunks
 from bpfexec.vm.callbacks import MAP_NEXT
 from bpfexec.vm.context_access import context_type, with_context
 from bpfexec.vm.helpers import Event, HelperFn, HelperResolver
@@ -96,7 +95,7 @@ from bpfexec.vm.loader import load
 from bpfexec.vm.machine import Argument, get_engine, link, prepare, run
 from bpfexec.vm.maps import MapSet
 from bpfexec.vm.packet_helpers import packet_helpers
-from bpfexec.vm.packet_run import PacketResult, run_packets
+from bpfexec.vm.packet_run import PacketChunk, PacketResult, run_packet_chunks
 from bpfexec.vm.program_types import ProgramType
 
 if TYPE_CHECKING:
@@ -771,14 +770,20 @@ class ExecutionService:
         try:
             with self._maps(job, True) as maps:
                 assert maps is not None
-                packets = itertools.chain.from_iterable(pipe.chunks())
-                results = run_packets(
-                    job.program, job.function, packets, fuel=job.fuel, helpers=job.resolver,
+                # A chunk a request message (up to CHUNK packets): run once it has come.
+                chunks = (
+                    chunk
+                    for packets in pipe.chunks()
+                    for chunk in PacketChunk.chunks(packets, CHUNK)
+                )
+                pieces = run_packet_chunks(
+                    job.program, job.function, chunks, fuel=job.fuel, helpers=job.resolver,
                     limits=self.limits, engine=engine, interrupt=job.interrupt, maps=maps,
                     linux=self._linux, repeat=repeat,
                 )  # fmt: skip
-                for result in results:
-                    pipe.add(result)
+                for runs in pieces:
+                    for result in runs.results():
+                        pipe.add(result)
                 if job.dump_maps:  # read by the loop once the end below has reached it
                     running.maps = {m.spec.name: map_contents(m) for m in maps.maps}
         except Exception as exc:  # PipeClosed too: the state is committed all the same

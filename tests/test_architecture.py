@@ -22,6 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "client/cli_remote.py": VM | LIBRARY | {"bpfexec.server"},
     "client/cli_batch.py": VM | LIBRARY,  # --inputs runs locally too
     "client/cli_test_run.py": VM | LIBRARY,  # test-run runs packet programs locally
+    "client/capture_chunks.py": VM | LIBRARY,  # ...reading its capture natively for it
     "bpfexec": {"bpfexec.client"},  # __main__: the command line
 }
 

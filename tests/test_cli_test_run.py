@@ -92,25 +92,63 @@ def test_the_table_without_json(objects: Path, capture: Path) -> None:
     assert "'mark': 66" in lines[5]  # the TCP packet, marked 0x42
 
 
-def test_bad_inputs_are_one_line_errors(objects: Path, capture: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["interpreter", "jit"])
+def test_bad_inputs_are_one_line_errors(
+    objects: Path, capture: Path, tmp_path: Path, engine: str
+) -> None:
     xdp = str(objects / "xdp_count.o")
+
+    def error_of(*args: str) -> str:
+        return one_line_error(bpfexec("test-run", *args, "--engine", engine))
+
     not_a_capture = tmp_path / "notes.txt"
     not_a_capture.write_text("hello\n")
-    error = one_line_error(bpfexec("test-run", xdp, "--program", "xdp", "--pcap",
-                                   str(not_a_capture)))  # fmt: skip
-    assert "notes.txt" in error
+    assert "notes.txt" in error_of(xdp, "--program", "xdp", "--pcap", str(not_a_capture))
     runt = tmp_path / "runt.pcap"
     write_capture(runt, 1, [Packet(ethernet(tcp(1)), 0), Packet(b"\x00" * 10, 1)])
-    error = one_line_error(bpfexec("test-run", xdp, "--program", "xdp", "--pcap", str(runt)))
+    error = error_of(xdp, "--program", "xdp", "--pcap", str(runt))
     assert "packet 2: 10 bytes, shorter than an Ethernet header" in error
-    error = one_line_error(bpfexec("test-run", xdp, "--program", "nope", "--pcap",
-                                   str(capture)))  # fmt: skip
+    error = error_of(xdp, "--program", "nope", "--pcap", str(capture))
     assert "no function 'nope'" in error
     bad = str(objects / "bad_context.o")
-    error = one_line_error(bpfexec("test-run", bad, "--program", "xdp_writes_data", "--pcap",
-                                   str(capture)))  # fmt: skip
+    error = error_of(bad, "--program", "xdp_writes_data", "--pcap", str(capture))
     assert "xdp programs may not write the context field data" in error
     cooked = tmp_path / "cooked.pcap"
     write_capture(cooked, 113, [Packet(ethernet(tcp(1)), 0)])
-    error = one_line_error(bpfexec("test-run", xdp, "--program", "xdp", "--pcap", str(cooked)))
+    error = error_of(xdp, "--program", "xdp", "--pcap", str(cooked))
     assert "link type 113 is not Ethernet (1)" in error
+    truncated = tmp_path / "cut.pcap"
+    truncated.write_bytes(capture.read_bytes()[:-5])
+    assert "packet 5" in error_of(xdp, "--program", "xdp", "--pcap", str(truncated))
+
+
+def test_the_jit_summary_counts_as_the_interpreter_does(objects: Path, tmp_path: Path) -> None:
+    # Without --out and --per-packet, the JIT reads the capture with libpcap in chunks
+    # and counts the verdicts with no object a packet (where libpcap is installed).
+    path = tmp_path / "many.pcap"
+    kinds = [ethernet(udp(53)), ethernet(udp(9)), ethernet(tcp(80)), ethernet(udp(9), vlan=3)]
+    write_capture(path, 1, (Packet(kinds[n % 4], n) for n in range(1000)))
+    shown = {}
+    for engine in ("interpreter", "jit"):
+        proc = bpfexec(
+            "test-run", str(objects / "xdp_count.o"), "--program", "xdp_count", "--pcap",
+            str(path), "--dump-maps", "--engine", engine, "--json", "--repeat", "2",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        shown[engine] = json.loads(proc.stdout)
+        assert shown[engine].pop("duration_ns") > 0
+    assert shown["jit"] == shown["interpreter"]
+    assert shown["jit"]["verdicts"] == {"XDP_PASS": 500, "XDP_DROP": 500}
+    counts = {e["key"]: int.from_bytes(bytes.fromhex(e["value"]), "little")
+              for e in shown["jit"]["maps"]["protocols"]["entries"]}  # fmt: skip
+    assert counts == {"06000000": 500, "11000000": 1500}  # twice each: --repeat 2
+
+
+@pytest.mark.parametrize("engine", ["interpreter", "jit"])
+def test_a_trap_in_the_summary_exits_3(objects: Path, capture: Path, engine: str) -> None:
+    proc = bpfexec(
+        "test-run", str(objects / "xdp_count.o"), "--program", "xdp_count", "--pcap",
+        str(capture), "--fuel", "10", "--engine", engine, "--json",
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert json.loads(proc.stdout)["verdicts"] == {"TRAP": 5}

@@ -11,17 +11,29 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import tracemalloc
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from conftest import CompileDirectory
 
+from bpfexec.vm import packet_run
 from bpfexec.vm.context_access import with_context
 from bpfexec.vm.errors import RequestError, TrapKind, VerifyError
+from bpfexec.vm.limits import Limits
 from bpfexec.vm.loader import load
+from bpfexec.vm.machine import Interrupt
 from bpfexec.vm.maps import MapSet
-from bpfexec.vm.packet_run import PacketError, PacketResult, run_packets
+from bpfexec.vm.packet_run import (
+    ARENA_BYTES,
+    PacketChunk,
+    PacketError,
+    PacketResult,
+    run_packet_chunks,
+    run_packets,
+)
 from bpfexec.vm.program import Program
 
 FIXTURES = Path(__file__).parent / "fixtures" / "packets"
@@ -352,6 +364,101 @@ def test_tc_changes_its_packets_tail(objects: Path, engine: str) -> None:
     # grow by 100, trim to 10 below the start, then 70000 and 10 bytes: -EINVAL
     assert resized.context["cb"] == [0, size + 100, 0, size - 10, 22]
     assert (resized.context["mark"], resized.data) == (22, packet[: size - 10])
+
+
+# -- chunks of packets (`run_packet_chunks`) ------------------------------------------------
+
+MIXED = [
+    ethernet(udp(53)), ethernet(udp(9)), ethernet(tcp(80)), ethernet(udp(9), vlan=5),
+    ethernet(bytes(40), ethertype=0x86DD), ethernet(b"\x45")[:15], ethernet(udp(53), vlan=1),
+]  # fmt: skip
+
+
+def shown(results: Iterable[PacketResult]) -> list[tuple[object, ...]]:
+    return [(r.retval, r.verdict, r.data, r.context, r.fuel_used, r.trap) for r in results]
+
+
+@pytest.mark.parametrize(
+    ("arena", "expected"),
+    [(1, 21), (3 * 4400, 7), (ARENA_BYTES, 2)],  # a run, 3 runs (of 4,384 bytes), a chunk
+    ids=["a-run", "3-runs", "whole"],
+)
+@pytest.mark.parametrize("function", ["xdp_count", "xdp_vlan_strip"])
+def test_a_chunk_in_pieces_gives_what_the_interpreter_gives(
+    objects: Path, monkeypatch: pytest.MonkeyPatch, arena: int, expected: int, function: str
+) -> None:
+    pytest.importorskip("llvmlite")
+    prog = program(objects, "xdp_count")
+    alone_maps = MapSet(prog.maps)
+    alone = list(run_packets(prog, function, MIXED, repeat=3, maps=alone_maps))
+    monkeypatch.setattr(packet_run, "ARENA_BYTES", arena)
+    maps = MapSet(prog.maps)
+    chunks = [PacketChunk.of(MIXED[:4]), PacketChunk.of(MIXED[4:])]
+    pieces = list(run_packet_chunks(prog, function, chunks, engine="jit", repeat=3, maps=maps))
+    assert len(pieces) == expected  # 4 packets, then 3, 3 runs each
+    assert sum(p.count for p in pieces) == len(MIXED)
+    native = [r for p in pieces for r in p.results()]
+    assert shown(native) == shown(alone)
+    assert maps.dump() == alone_maps.dump()
+    counted: Counter[str] = Counter()
+    for piece in pieces:
+        counted += piece.verdicts()
+    assert counted == Counter(r.verdict for r in alone)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_verdicts_are_counted_as_the_results_say(objects: Path, engine: str) -> None:
+    # Traps (no fuel for the longer paths) and every verdict, in chunks of 3.
+    prog = program(objects, "xdp_count")
+    if engine == "quick":
+        pytest.importorskip("llvmlite")
+        from bpfexec.vm.jit import compile_program
+
+        compile_program(with_context(prog, "xdp_count"), quick=True)
+    chunks = PacketChunk.chunks(MIXED * 3, 3)
+    counted: Counter[str] = Counter()
+    results: list[PacketResult] = []
+    trapped = False
+    runner = "interpreter" if engine == "interpreter" else "jit"
+    for runs in run_packet_chunks(prog, "xdp_count", chunks, engine=runner, fuel=40):
+        counted += runs.verdicts()
+        results += runs.results()
+        trapped = trapped or runs.trapped
+    assert counted == Counter(r.verdict for r in results)
+    assert counted["TRAP"] == 9 and trapped  # the longest paths run out of fuel
+    assert counted["XDP_PASS"] == 6 and counted["XDP_DROP"] == 6
+
+
+def test_a_long_repeat_keeps_memory_bounded(objects: Path) -> None:
+    pytest.importorskip("llvmlite")
+    prog = program(objects, "xdp_count")
+    maps = MapSet(prog.maps)
+    tracemalloc.start()
+    try:
+        (result,) = run_packets(prog, "xdp_count", [MIXED[0]], repeat=20_000, engine="jit",
+                                maps=maps)  # fmt: skip
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.verdict == "XDP_PASS" and numbers(maps, "protocols") == {17: 20_000}
+    assert peak < 3 * ARENA_BYTES  # two pieces at most, not 20,000 frames (88 MB)
+
+
+@pytest.mark.parametrize("engine", ["interpreter", "jit"])
+def test_an_interrupt_ends_the_chunks_with_the_packet_it_stopped(
+    objects: Path, engine: str
+) -> None:
+    if engine == "jit":
+        pytest.importorskip("llvmlite")
+    prog = asm_program("loop:\n    goto loop\n")
+    interrupt = Interrupt()
+    interrupt.after(0.2, TrapKind.DEADLINE_EXCEEDED)
+    chunks = PacketChunk.chunks([MIXED[0]] * 10, 4)
+    pieces = list(run_packet_chunks(prog, "loop", chunks, engine=engine, interrupt=interrupt,
+                                    fuel=1 << 40, limits=Limits(max_fuel=1 << 40)))  # fmt: skip
+    results = [r for p in pieces for r in p.results()]
+    assert pieces[-1].interrupted and len(results) == 1
+    assert results[0].trap is not None and results[0].trap.kind is TrapKind.DEADLINE_EXCEEDED
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -33,6 +33,7 @@ from bpfexec.vm.helpers import HelperResolver
 from bpfexec.vm.limits import Limits
 from bpfexec.vm.machine import Argument, Engine, Interrupt, Result, get_engine, prepare, run
 from bpfexec.vm.maps import MapSet
+from bpfexec.vm.memory import MAX_BUFFERS
 from bpfexec.vm.program import Program
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def run_chunks(
     program.function(function)  # an unknown function is an error before any input
     if maps is None:
         maps = MapSet(program.maps, init=program.map_init)
-    native = _native_batch(
+    native = start_native(
         program, function, runner, fuel=fuel, helpers=helpers, limits=limits,
         interrupt=interrupt, maps=maps, linux=linux,
     )  # fmt: skip
@@ -150,6 +151,7 @@ def run_chunks(
 
 
 PACKED_INPUT_WORDS = 5  # r1..r5 of each input of `run_packed`
+BUFFER_WORDS = 2 * MAX_BUFFERS  # the native loop's buffer table: (address, length) a buffer
 PACKED_RESULT_WORDS = 3  # r0, fuel used, and the trap's `TrapKind.code` (0: none)
 
 
@@ -210,7 +212,7 @@ def run_packed(
     options: dict[str, Any] = dict(
         fuel=fuel, helpers=helpers, limits=limits, interrupt=interrupt, maps=maps, linux=linux
     )
-    native = _native_batch(program, function, runner, **options)
+    native = start_native(program, function, runner, **options)
     if native is None:
         return _packed_results(program, function, PackedInputs(inputs), runner, **options).words
     count = len(inputs) // PACKED_INPUT_WORDS
@@ -247,14 +249,17 @@ def _packed_results(
     return PackedResults(out, traps, logs)
 
 
-def _native_batch(
+def start_native(
     program: Program,
     function: str | None,
     runner: Engine,
+    context: bool = False,
     **options: Any,
 ) -> NativeBatch | None:
-    """The native loop for this batch, when the engine is the JIT and its code runs
-    the program natively (a missing helper raises here, before any input)."""
+    """The native loop for a batch (close it when done), when the engine is the JIT
+    and its code runs the program natively; else None. A missing helper raises
+    here, before any input. `options` are `prepare`'s; `context` says every input's
+    r1 will be a packet context (`bpfexec.vm.packet_run`)."""
     machine = prepare(program, function, (), **options)
     if runner.name != "jit":
         return None
@@ -262,4 +267,4 @@ def _native_batch(
     from bpfexec.vm.jit.batch_loop import native_batch
 
     compiled = best_compiled(program) or compile_best(program)
-    return native_batch(compiled, machine)
+    return native_batch(compiled, machine, context)

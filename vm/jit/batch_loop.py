@@ -35,14 +35,13 @@ loop cannot do), and runs `runs_natively` refuses.
 from __future__ import annotations
 
 import ctypes
-import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from bpfexec.vm import isa
-from bpfexec.vm.batch import PACKED_INPUT_WORDS, PACKED_RESULT_WORDS, PackedResults
+from bpfexec.vm.batch import BUFFER_WORDS, PACKED_INPUT_WORDS, PACKED_RESULT_WORDS, PackedResults
 from bpfexec.vm.builtin_helpers import bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_trace_printk
 from bpfexec.vm.callbacks import bpf_tail_call
 from bpfexec.vm.errors import RequestError, Trap, TrapKind
@@ -50,15 +49,15 @@ from bpfexec.vm.helpers import Helper, HelperContext
 from bpfexec.vm.interpreter import locate_trap
 from bpfexec.vm.isa import FRAME_POINTER, NUM_REGISTERS
 from bpfexec.vm.jit.context import FIELD_INDEX, Context, Status
+from bpfexec.vm.jit.provenance import harmless_stores
 from bpfexec.vm.jit.runtime import (
     _RUNS,
     CompiledProgram,
     NativeCode,
+    NativeFunction,
     _report_native_calls,
     _Run,
     _trap,
-    emit_object,
-    load_functions,
     native_context,
     runs_natively,
 )
@@ -72,11 +71,23 @@ from bpfexec.vm.machine import Argument, Machine, Result, encode_arguments
 from bpfexec.vm.maps import BPF_MAP_TYPE_RINGBUF
 from bpfexec.vm.memory import MAX_BUFFERS, Region
 from bpfexec.vm.native import CALLS
+from bpfexec.vm.packet_helpers import (
+    bpf_csum_diff,
+    bpf_l3_csum_replace,
+    bpf_l4_csum_replace,
+    bpf_skb_change_tail,
+    bpf_skb_pull_data,
+    bpf_skb_store_bytes,
+    bpf_skb_vlan_pop,
+    bpf_skb_vlan_push,
+    bpf_xdp_adjust_head,
+    bpf_xdp_adjust_meta,
+    bpf_xdp_adjust_tail,
+)
 from bpfexec.vm.program import Program
 
 LOOP_SYMBOL = "bpfexec_batch_loop"
 INPUT_WORDS = PACKED_INPUT_WORDS  # r1..r5 of an input
-BUFFER_WORDS = 2 * MAX_BUFFERS  # (host address, length) of each argument buffer
 RESULT_WORDS = PACKED_RESULT_WORDS  # r0, fuel used, and the Status of a trap (else 0)
 
 # Helpers that never write the program's stack or globals (they may write maps,
@@ -91,6 +102,26 @@ _NO_WRITES = frozenset(
         bpf_map_update_elem,
         bpf_map_delete_elem,
         bpf_get_smp_processor_id,
+    }
+)
+
+
+# Helpers of packet programs that write only the packet's frame and its context, the
+# context's pointers always to genuine frame addresses (`bpfexec.vm.packet_helpers`):
+# harmless to the stack and the globals where the entry's r1 is the context.
+_PACKET_WRITERS = frozenset(
+    {
+        bpf_xdp_adjust_head,
+        bpf_xdp_adjust_meta,
+        bpf_xdp_adjust_tail,
+        bpf_skb_store_bytes,
+        bpf_l3_csum_replace,
+        bpf_l4_csum_replace,
+        bpf_skb_vlan_push,
+        bpf_skb_vlan_pop,
+        bpf_skb_change_tail,
+        bpf_skb_pull_data,
+        bpf_csum_diff,
     }
 )
 
@@ -254,21 +285,8 @@ out:
 """
 
 
-_lock = threading.Lock()
-_loop: Callable[[int], int] | None = None
-_engine: object = None  # owns the machine code: alive for the process
-
-
-def _loop_function() -> Callable[[int], int]:
-    """The compiled loop, `i64 (BatchLoop *)`: compiled on first use."""
-    global _loop, _engine
-    if _loop is None:
-        with _lock:
-            if _loop is None:
-                code = emit_object(_loop_ir(), quick=False)
-                _engine, addresses = load_functions(code, [LOOP_SYMBOL])
-                _loop = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(addresses[LOOP_SYMBOL])
-    return _loop
+# The compiled loop, `i64 (BatchLoop *)`.
+_loop = NativeFunction(LOOP_SYMBOL, _loop_ir, ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p))
 
 
 def _unwrapped(helper: Helper) -> object:
@@ -276,41 +294,38 @@ def _unwrapped(helper: Helper) -> object:
 
 
 def reset_extent(program: Program, entry: int, helpers: dict[int, Helper], stack: int,
-                 frame: int) -> tuple[int, bool]:  # fmt: skip
+                 frame: int, context: bool = False) -> tuple[int, bool]:  # fmt: skip
     """What one run of the function at `entry` may have written of the stack (bytes
     below its top, of `stack`) and whether it may have written the writable globals.
 
     A run writes memory only with its own stores and its helpers. When every store
-    (atomics included) is at a constant offset from r10, and every helper called is
-    one that writes no program memory, a function reached at call depth d writes
-    nowhere below `top - d * frame + (its lowest store offset)`, and never the
-    globals. Otherwise (a store through any other register, a helper that writes,
-    a local call that is no function's entry, recursion): the whole stack and the
-    globals. docs/jit.md gives the argument; tests attack it."""
+    (atomics included) is at a constant offset from r10 or one `harmless_stores`
+    proves writes no stack, globals or context pointer (`context`: the entry's r1
+    is a packet context), and every helper called is one that writes no program
+    memory but a packet's (`_NO_WRITES`, and with `context` `_PACKET_WRITERS`), a
+    function reached at call depth d writes nowhere below `top - d * frame + (its
+    lowest r10 store offset)`, and never the globals. Otherwise (a store through any
+    other register, a helper that writes, a local call that is no function's
+    entry, recursion): the whole stack and the globals. docs/jit.md gives the
+    argument; tests attack it."""
     code = program.instructions
     everything = (stack, True)
-    if any(_unwrapped(helpers[pc]) not in _NO_WRITES for pc in helpers):
+    allowed = _NO_WRITES | _PACKET_WRITERS if context else _NO_WRITES
+    if any(_unwrapped(helpers[pc]) not in allowed for pc in helpers):
         return everything
     starts = {fn.pc: fn for fn in program.functions}
-    lowest: dict[int, int | None] = {}  # function pc -> its lowest r10 store offset
     callees: dict[int, set[int]] = {}
     for fn in program.functions:
-        low: int | None = None
         callees[fn.pc] = set()
         for pc in range(fn.pc, fn.pc + fn.size):
             insn = code[pc]
-            if insn.cls in (isa.ST, isa.STX):
-                if insn.dst != FRAME_POINTER:
-                    return everything
-                low = insn.offset if low is None else min(low, insn.offset)
-            elif insn.opcode == isa.OP_CALLX:
+            if insn.opcode == isa.OP_CALLX:
                 return everything  # a helper chosen at run time
-            elif insn.opcode == isa.OP_CALL and insn.src == 1:
+            if insn.opcode == isa.OP_CALL and insn.src == 1:
                 target = pc + insn.imm + 1
                 if target not in starts:
                     return everything
                 callees[fn.pc].add(target)
-        lowest[fn.pc] = low
     depth: dict[int, int] = {}  # function pc -> the deepest call depth it is reached at
 
     def visit(pc: int, d: int, path: frozenset[int]) -> bool:
@@ -323,9 +338,25 @@ def reset_extent(program: Program, entry: int, helpers: dict[int, Helper], stack
 
     if not visit(entry, 0, frozenset()):
         return everything
+    # The entry's r1 is the context only if no call reaches the entry again.
+    context = context and not any(entry in callees[pc] for pc in depth)
+    lookups = frozenset(pc for pc in helpers if _unwrapped(helpers[pc]) is bpf_map_lookup_elem)
     written = 0
-    for pc, d in depth.items():
-        low = lowest[pc]
+    for start, d in depth.items():  # the functions a run may reach
+        fn = starts[start]
+        low: int | None = None
+        harmless: frozenset[int] | None = None  # computed at the function's first need
+        for pc in range(fn.pc, fn.pc + fn.size):
+            insn = code[pc]
+            if insn.cls not in (isa.ST, isa.STX):
+                continue
+            if insn.dst == FRAME_POINTER:
+                low = insn.offset if low is None else min(low, insn.offset)
+                continue
+            if harmless is None:
+                harmless = harmless_stores(code, fn.pc, fn.size, lookups, context and d == 0)
+            if pc not in harmless:
+                return everything
         if low is not None:
             written = max(written, d * frame - low)
     return min(stack, max(0, written)), False
@@ -340,7 +371,21 @@ class _Chunk:
     buffers: array[int] | None  # BUFFER_WORDS an input (None: no input has a buffer)
     results: array[int]  # RESULT_WORDS an input
     arena: bytearray
-    spans: list[list[tuple[int, int]]]  # each input's buffers: (offset in arena, length)
+    spans: Sequence[list[tuple[int, int]]]  # each input's buffers: (offset in arena, length)
+
+
+class _TableSpans(Sequence[list[tuple[int, int]]]):
+    """The spans of inputs laid out by their caller: read from the buffer table."""
+
+    def __init__(self, table: array[int], base: int) -> None:
+        self.table, self.base = table, base
+
+    def __len__(self) -> int:
+        return len(self.table) // BUFFER_WORDS
+
+    def __getitem__(self, index: int) -> list[tuple[int, int]]:  # type: ignore[override]
+        row = self.table[index * BUFFER_WORDS : (index + 1) * BUFFER_WORDS]
+        return [(row[k] - self.base, row[k + 1]) for k in range(0, BUFFER_WORDS, 2) if row[k + 1]]
 
 
 class _BatchRun(_Run):
@@ -382,9 +427,12 @@ class _BatchRun(_Run):
         )  # fmt: skip
 
 
-def native_batch(compiled: CompiledProgram, template: Machine) -> NativeBatch | None:
+def native_batch(
+    compiled: CompiledProgram, template: Machine, context: bool = False
+) -> NativeBatch | None:
     """A NativeBatch running inputs as `template` (a prepared Machine with no
-    arguments, on the batch's maps) would run, or None if native code cannot."""
+    arguments, on the batch's maps) would run, or None if native code cannot.
+    `context`: every input's r1 is a packet context (`reset_extent`)."""
     program = template.program
     if not runs_natively(compiled, template):
         return None
@@ -394,13 +442,13 @@ def native_batch(compiled: CompiledProgram, template: Machine) -> NativeBatch | 
         return None
     code = compiled.code_for(template)
     assert code is not None
-    return NativeBatch(template, code)
+    return NativeBatch(template, code, context)
 
 
 class NativeBatch:
     """Runs chunks of inputs on native code; `close()` it when the batch ends."""
 
-    def __init__(self, template: Machine, code: NativeCode) -> None:
+    def __init__(self, template: Machine, code: NativeCode, context: bool = False) -> None:
         self.template = template
         self.code = code
         limits = template.limits
@@ -413,7 +461,7 @@ class NativeBatch:
         self._stack = (ctypes.c_char * len(stack)).from_buffer(stack)
         reset, globals_written = reset_extent(
             template.program, template.entry, template.helpers, len(stack),
-            limits.stack_frame_size,
+            limits.stack_frame_size, context,
         )  # fmt: skip
         loop = self.loop = BatchLoop()
         loop.entry = ctypes.cast(code.entry, ctypes.c_void_p).value  # type: ignore[arg-type]
@@ -438,7 +486,7 @@ class NativeBatch:
         template.interrupt.listeners.append(self._stop)
         if template.interrupt.reason is not None:
             flag.value = 1
-        self._function = _loop_function()
+        self._function = _loop
 
     def _stop(self, reason: TrapKind) -> None:
         self.flag.value = 1
@@ -537,18 +585,49 @@ class NativeBatch:
         `TrapKind.code`. Returns how many inputs ran (fewer when interrupted).
         With `traps` and `logs`, each input's Trap and log lines go there."""
         count = len(inputs) // INPUT_WORDS
+        spans: list[list[tuple[int, int]]] = [[]] * count
+        return self._words(_Chunk(count, inputs, None, out, bytearray(), spans), traps, logs)
+
+    def in_arena(
+        self,
+        inputs: array[int],
+        table: array[int],
+        arena: bytearray,
+        out: array[int],
+        traps: dict[int, Trap] | None = None,
+        logs: dict[int, tuple[str, ...]] | None = None,
+    ) -> int:
+        """`packed`, for inputs whose argument buffers are laid out in `arena` already:
+        `table` has BUFFER_WORDS words an input (each buffer's host address in the
+        arena and its length; 0 and 0 after the last). The program writes them in
+        place."""
+        count = len(inputs) // INPUT_WORDS
+        view = (ctypes.c_char * max(1, len(arena))).from_buffer(arena)
+        try:
+            spans = _TableSpans(table, ctypes.addressof(view))
+            return self._words(_Chunk(count, inputs, table, out, arena, spans), traps, logs)
+        finally:
+            del view
+
+    def _words(
+        self,
+        chunk: _Chunk,
+        traps: dict[int, Trap] | None,
+        logs: dict[int, tuple[str, ...]] | None,
+    ) -> int:
+        count, inputs, out = chunk.count, chunk.inputs, chunk.results
         loop, run = self.loop, self.run
         self._unmap_buffers()
-        loop.inputs, loop.buffers = inputs.buffer_info()[0], None
+        loop.inputs = inputs.buffer_info()[0]
+        loop.buffers = chunk.buffers.buffer_info()[0] if chunk.buffers is not None else None
         loop.results, loop.count = out.buffer_info()[0], count
-        spans: list[list[tuple[int, int]]] = [[]] * count
-        run.chunk = _Chunk(count, inputs, None, out, bytearray(), spans)
-        run.view, run.machines, run.error = memoryview(b""), {}, None
+        run.chunk = chunk
+        run.view, run.machines, run.error = memoryview(chunk.arena), {}, None
         start = 0
         try:
             while start < count:
                 loop.first = start
-                done = self._function(ctypes.addressof(loop))
+                done: int = self._function(ctypes.addressof(loop))
                 if logs is not None:
                     logs.update((i, tuple(m.log)) for i, m in run.machines.items() if m.log)
                 at = RESULT_WORDS * done - 1
@@ -565,6 +644,7 @@ class NativeBatch:
                 start = done
             return count
         finally:
+            self._unmap_buffers()
             run.chunk, run.view, run.machines = None, None, {}
             self._report_calls()
 

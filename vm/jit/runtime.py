@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import llvmlite.binding as llvm
 
@@ -454,6 +455,29 @@ def load_functions(
     if missing:
         raise RuntimeError(f"the object code has no {', '.join(missing)}")
     return engine, addresses
+
+
+class NativeFunction:
+    """One function of LLVM IR, `symbol` in the text `ir()` returns, compiled on its first
+    call (once per process, its engine kept for the process) and called as `prototype`
+    says (a ctypes CFUNCTYPE): the native loops of batches, test runs and captures."""
+
+    def __init__(self, symbol: str, ir: Callable[[], str], prototype: Any) -> None:
+        self.symbol, self.ir, self.prototype = symbol, ir, prototype
+        self._lock = threading.Lock()
+        self._function: Callable[..., Any] | None = None
+        self._engine: object = None  # owns the machine code
+
+    def __call__(self, *args: Any) -> Any:
+        function = self._function
+        if function is None:
+            with self._lock:
+                if self._function is None:
+                    code = emit_object(self.ir(), quick=False)
+                    self._engine, addresses = load_functions(code, [self.symbol])
+                    self._function = self.prototype(addresses[self.symbol])
+                function = self._function
+        return function(*args)
 
 
 def _optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine, quick: bool) -> None:
