@@ -710,7 +710,9 @@ class ExecutionService:
                 timeout,
             )  # fmt: skip
             engine = self._test_run_engine(whole, rewritten)
-            return self._pool.submit(self._run_test_run, job, running, engine, repeat)
+            # On the interpreter until the native code is ready, then on the JIT.
+            ready = (lambda: self._engine_for(rewritten) == "jit") if engine != "jit" else None
+            return self._pool.submit(self._run_test_run, job, running, engine, repeat, ready)
 
         self._start_worker(running, module, tenant, state, timeout, submit)
         self.metrics.test_runs.inc()
@@ -763,7 +765,14 @@ class ExecutionService:
             self._queue_compile(rewritten, quick=True)
         return self._engine_for(rewritten)
 
-    def _run_test_run(self, job: _Run, running: RunningTestRun, engine: str, repeat: int) -> None:
+    def _run_test_run(
+        self,
+        job: _Run,
+        running: RunningTestRun,
+        engine: str,
+        repeat: int,
+        ready: Callable[[], bool] | None,
+    ) -> None:
         pipe = running.pipe
         self.metrics.in_flight.inc()
         error: Exception | None = None
@@ -779,7 +788,7 @@ class ExecutionService:
                 pieces = run_packet_chunks(
                     job.program, job.function, chunks, fuel=job.fuel, helpers=job.resolver,
                     limits=self.limits, engine=engine, interrupt=job.interrupt, maps=maps,
-                    linux=self._linux, repeat=repeat,
+                    linux=self._linux, repeat=repeat, jit_ready=ready,
                 )  # fmt: skip
                 for runs in pieces:
                     for result in runs.results():

@@ -482,3 +482,26 @@ def test_a_tail_call_enters_only_what_the_kernels_array_could_hold(
         "holds only programs of that type"
     )
     assert refused.location is not None and "xdp_tail.c:" in refused.location
+
+
+def test_a_run_on_the_interpreter_moves_to_the_jit_once_it_is_ready(objects: Path) -> None:
+    # A server starts a module's first test run on the interpreter while its native
+    # code compiles, then moves on to the JIT between two chunks.
+    pytest.importorskip("llvmlite")
+    prog = program(objects, "xdp_count")
+    asked: list[int] = []
+
+    def ready() -> bool:
+        asked.append(1)
+        return len(asked) >= 2  # from the second chunk on
+
+    maps = MapSet(prog.maps)
+    chunks = PacketChunk.chunks(MIXED * 3, 5)
+    pieces = list(run_packet_chunks(prog, "xdp_count", chunks, maps=maps, jit_ready=ready))
+    alone_maps = MapSet(prog.maps)
+    alone = list(run_packets(prog, "xdp_count", MIXED * 3, maps=alone_maps))
+    assert shown(r for p in pieces for r in p.results()) == shown(alone)
+    assert maps.dump() == alone_maps.dump()
+    assert len(asked) == 2  # not asked again once on the JIT
+    kinds = [type(p).__name__ for p in pieces]
+    assert kinds == ["_ListedRuns", "_NativeRuns", "_NativeRuns", "_NativeRuns", "_NativeRuns"]

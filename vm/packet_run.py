@@ -39,7 +39,7 @@ import struct
 import time
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -337,13 +337,17 @@ def run_packet_chunks(
     maps: MapSet | None = None,
     linux: HelperResolver | None = None,
     repeat: int = 1,
+    jit_ready: Callable[[], bool] | None = None,
 ) -> Iterator[PacketRuns]:
     """`run_packets` over packets that come in chunks: a `PacketRuns` a chunk, each
     yielded before the next chunk is read (fewer packets than its chunk's when
     interrupted, and then the last). On the JIT, the frames of a chunk are built
     and its runs made in native code (`bpfexec.vm.jit.packet_frames`,
     `bpfexec.vm.jit.batch_loop`), with no Python object per packet until its
-    PacketRuns is asked for its `results()`. Raises as `run_packets` does."""
+    PacketRuns is asked for its `results()`. On the interpreter, `jit_ready` is
+    asked before each chunk: once it says True (the program's native code is
+    ready), the chunks after run on the JIT, whose results are the same. Raises
+    as `run_packets` does."""
     if repeat < 1:
         raise RequestError(f"repeat must be at least 1, got {repeat}")
     kind = context_type(program, function)
@@ -374,6 +378,9 @@ def run_packet_chunks(
         for chunk in chunks:
             if interrupt.reason is not None:
                 return
+            if jit_ready is not None and native is None and kind in KINDS and jit_ready():
+                jit_ready, runner = None, get_engine("jit")
+                native = start_native(rewritten, function, runner, context=True, **options)
             short = chunk.first_shorter_than(ETH_HLEN) if kind is not ProgramType.SYSCALL else None
             whole = chunk if short is None else chunk.head(short)
             if len(whole):
