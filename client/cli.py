@@ -480,6 +480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED if args.command == "conformance-plugin" else EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read the output stopped (`| head`): stop too, quietly, and keep the
+        # interpreter's last flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except Exception as exc:
         remote = sys.modules.get("bpfexec.client.errors")  # loaded only if a server was asked
         if remote is not None and isinstance(exc, remote.BpfexecError):

@@ -4,6 +4,8 @@ files, its JSON and table, --out captures, and its one-line errors."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,20 @@ def test_a_trap_in_the_summary_exits_3(objects: Path, capture: Path, engine: str
     )  # fmt: skip
     assert proc.returncode == 3, proc.stderr
     assert json.loads(proc.stdout)["verdicts"] == {"TRAP": 5}
+
+
+def test_a_reader_that_stops_early_stops_the_command_quietly(objects: Path, tmp_path: Path) -> None:
+    # `bpfexec test-run ... --per-packet --json | head -c 100`: no error, no traceback.
+    path = tmp_path / "many.pcap"
+    write_capture(path, 1, (Packet(ethernet(udp(53)), n) for n in range(20_000)))
+    command = [
+        sys.executable, "-m", "bpfexec.client.cli", "test-run", str(objects / "xdp_count.o"),
+        "--program", "xdp_count", "--pcap", str(path), "--per-packet", "--json",
+    ]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(100).startswith(b'{"program_type": "xdp"')
+        proc.stdout.close()
+        errors = proc.stderr.read()
+        assert proc.wait(timeout=60) == 1
+    assert errors == b""
