@@ -12,6 +12,7 @@ from __future__ import annotations
 from array import array
 
 import pytest
+from test_packet_run import asm_program
 
 pytest.importorskip("llvmlite")
 
@@ -19,7 +20,7 @@ from bpfexec.vm.batch import BUFFER_WORDS
 from bpfexec.vm.jit.packet_frames import build_frames
 from bpfexec.vm.machine import Unpassed
 from bpfexec.vm.packet_helpers import MAX_SKB_LEN
-from bpfexec.vm.packet_run import PacketChunk, _arguments, frame_size
+from bpfexec.vm.packet_run import PacketChunk, _arguments, frame_size, run_packet_chunks
 from bpfexec.vm.program_types import CONTEXT_SIZE, ProgramType
 
 HOST, OTHER = bytes(6), b"\x02\x00\x00\x00\x00\x01"
@@ -64,3 +65,27 @@ def test_every_run_is_what_python_builds(
         assert bytes(arena[at : at + CONTEXT_SIZE]) == context, (slot, packet[:16].hex())
         built = bytes(arena[at + CONTEXT_SIZE : at + CONTEXT_SIZE + len(frame)])
         assert built == bytes(frame), (slot, packet[:16].hex())
+
+
+@pytest.mark.parametrize(
+    "offsets",
+    [[0, 60, 20], [0, 60, 10_000], [0, 60, 70]],
+    ids=["backwards", "beyond-the-bytes", "a-runt"],
+)
+def test_a_chunk_that_does_not_hold_together_is_refused(offsets: list[int]) -> None:
+    data = bytes(120) + b"\0\0"
+    arena = bytearray(2 * 4400)
+    table = array("Q", bytes(8 * BUFFER_WORDS * 2))
+    with pytest.raises(ValueError, match="packet 1 of the chunk is out of its bounds"):
+        build_frames(ProgramType.TC, data, array("Q", offsets), 0, 2, 1, arena, 4400, table)
+    assert arena[4400:] == bytes(4400)  # nothing laid out for the bad packet
+
+
+def test_a_chunk_that_lies_about_its_longest_packet_is_refused() -> None:
+    # A PacketChunk made by hand with `longest` too small: its stride would not hold
+    # the frame of the longer packet; the loop stops before writing past it.
+    good = PacketChunk.of([PACKETS[0], PACKETS[-1]])
+    lying = PacketChunk(good.data, good.offsets, longest=60, shortest=good.shortest)
+    program = asm_program("r0 = 2\nexit\n")  # XDP_PASS
+    with pytest.raises(ValueError, match="packet 1 of the chunk is out of its bounds"):
+        list(run_packet_chunks(program, None, [lying], engine="jit"))

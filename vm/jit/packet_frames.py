@@ -67,10 +67,8 @@ class PacketFrames(ctypes.Structure):
         ("table", ctypes.c_void_p),  # BUFFER_WORDS u64 a run (only the first 4 written)
         ("kind", ctypes.c_int64),  # KINDS
         ("tailroom", ctypes.c_int64),  # a tc frame has room for a packet this long
+        ("bytes_end", ctypes.c_int64),  # where the packets' bytes end (the padding starts)
     ]
-
-
-_INDEX = {field[0]: i for i, field in enumerate(PacketFrames._fields_)}
 
 
 def _offset(fields: tuple[Field, ...], name: str) -> int:
@@ -101,7 +99,7 @@ declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)
 declare void @llvm.memcpy.p0.p0.i64(ptr, ptr, i64, i1)
 declare i16 @llvm.bswap.i16(i16)
 
-define void @{FRAMES_SYMBOL}(ptr noalias %s) nounwind {{
+define i64 @{FRAMES_SYMBOL}(ptr noalias %s) nounwind {{
 start:
 {loads}
   %is_xdp = icmp eq i64 %kind, {KINDS[ProgramType.XDP]}
@@ -135,6 +133,19 @@ body:
   %slot.o = mul i64 %r, %stride
   %slot = getelementptr i8, ptr %arena, i64 %slot.o
   %used = add i64 %size, {CONTEXT_SIZE}
+  ; A packet within the bytes, an Ethernet header at least, its slot within the stride:
+  ; or the loop stops here (the caller made the chunk wrong).
+  %backwards = icmp ugt i64 %from, %to
+  %beyond = icmp ugt i64 %to, %bytes_end
+  %runt = icmp ult i64 %len, {ETH_HLEN}
+  %overflows = icmp ugt i64 %used, %stride
+  %bad1 = or i1 %backwards, %beyond
+  %bad2 = or i1 %runt, %overflows
+  %bad = or i1 %bad1, %bad2
+  br i1 %bad, label %refused, label %fill
+refused:
+  ret i64 %r
+fill:
   call void @llvm.memset.p0.i64(ptr %slot, i8 0, i64 %used, i1 false)
   %frame = getelementptr i8, ptr %slot, i64 {CONTEXT_SIZE}
   %dst = getelementptr i8, ptr %frame, i64 %head
@@ -200,12 +211,14 @@ done:
   %next = add i64 %r, 1
   br label %loop
 out:
-  ret void
+  ret i64 %runs
 }}
 """
 
 
-_frames = NativeFunction(FRAMES_SYMBOL, _frames_ir, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+_frames = NativeFunction(
+    FRAMES_SYMBOL, _frames_ir, ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
+)
 
 
 def build_frames(
@@ -222,11 +235,17 @@ def build_frames(
 ) -> None:
     """Lay out runs `first`..`first + runs - 1` of the packets, each run `repeat`
     times (`offsets`: a word a packet and one for the end; `packets` ends in PADDING
-    bytes), in `arena`, `stride` bytes a run, and their rows in `table`."""
+    bytes), in `arena`, `stride` bytes a run, and their rows in `table`. ValueError
+    for a chunk or an arena that does not hold together (checked before any write
+    outside its run's slot: the loop checks each packet before laying it out)."""
     count = len(offsets) - 1
-    assert first >= 0 and first + runs <= count * repeat and len(arena) >= runs * stride
-    assert len(packets) >= offsets[-1] + PADDING
-    assert len(table) >= runs * BUFFER_WORDS and kind in KINDS
+    if not (
+        kind in KINDS and repeat >= 1 and first >= 0 and runs >= 0
+        and first + runs <= count * repeat and len(arena) >= runs * stride
+        and len(table) >= runs * BUFFER_WORDS and len(packets) >= PADDING
+        and offsets.typecode == "Q"
+    ):  # fmt: skip
+        raise ValueError("build_frames: the chunk, arena or table does not fit together")
     spec = PacketFrames()
     source = ctypes.c_char_p(packets)  # read only: no copy of the bytes
     view = (ctypes.c_char * len(arena)).from_buffer(arena)
@@ -241,6 +260,10 @@ def build_frames(
         spec.table = table.buffer_info()[0]
         spec.kind = KINDS[kind]
         spec.tailroom = tailroom
-        _frames(ctypes.addressof(spec))
+        spec.bytes_end = len(packets) - PADDING
+        built = _frames(ctypes.addressof(spec))
     finally:
         del view
+    if built != runs:
+        packet = (first + built) // repeat
+        raise ValueError(f"build_frames: packet {packet} of the chunk is out of its bounds")
