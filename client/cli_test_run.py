@@ -254,7 +254,7 @@ def cmd_test_run(args: argparse.Namespace) -> int:
 
     _check_mode(args)
     if _natively(args):
-        return _summarize(args, _count_natively(args))
+        return _summarize(args, *_count_natively(args))
     runner: _Run = _RemoteRun(args) if args.server else _LocalRun(args)
     verdicts: Counter[str] = Counter()
     results: list[dict[str, object]] = []
@@ -308,7 +308,7 @@ def cmd_test_run(args: argparse.Namespace) -> int:
     summary = _summary(kind, verdicts, duration, dumped)
     if args.per_packet:
         summary["results"] = results
-    return _summarize(args, (summary, trapped))
+    return _summarize(args, summary, trapped)
 
 
 def _summary(
@@ -326,8 +326,8 @@ def _summary(
     return summary
 
 
-def _summarize(args: argparse.Namespace, outcome: tuple[dict[str, object], bool]) -> int:
-    summary, trapped = outcome
+def _summarize(args: argparse.Namespace, summary: dict[str, object], trapped: bool) -> int:
+    """Print the summary as asked; the exit status."""
     if args.json:
         print(json.dumps(summary))
     else:

@@ -274,7 +274,7 @@ class _NativeRuns(PacketRuns):
             yield _frame_outcome(kind, made, context, view[at + CONTEXT_SIZE : at + stride], mean)
 
     def verdicts(self) -> Counter[str]:
-        if self.interrupted or any(run in self.traps for run in self._ends):
+        if self.interrupted or self.trapped:
             return super().verdicts()
         # Each packet's last run, with no Python object a packet: counted in C.
         values = self.words[RESULT_WORDS * self._skip :: RESULT_WORDS * self.repeat]
@@ -293,7 +293,7 @@ class _NativeRuns(PacketRuns):
 
     @property
     def trapped(self) -> bool:
-        return any(run in self.traps for run in self._ends)
+        return bool(self.traps) and any(run in self.traps for run in self._ends)
 
 
 def run_packets(
